@@ -1,0 +1,363 @@
+"""Llama in Flax linen, numerically the same function as Hugging Face's LlamaForCausalLM.
+
+Architecture (Touvron et al. 2023, "Llama 2"; Grattafiori et al. 2024, "The Llama 3 Herd of
+Models"): pre-norm decoder blocks with RMSNorm, rotary position embeddings (rotate-half
+convention, as Hugging Face stores q/k weights), grouped-query attention, SwiGLU MLP, no
+biases, optional tied input/output embeddings, and Llama-3 frequency-dependent RoPE scaling.
+
+Beyond the reference, attention respects packed rows: ``segment_ids`` [B, L] mark which
+document each token belongs to (0 = padding); a token attends only to earlier tokens of its
+own document and its rotary position restarts at 0 with every document.
+
+Every parameter and the main activations carry logical axis names (``embed``, ``heads``,
+``kv_heads``, ``head_dim``, ``mlp``, ``vocab``, ``batch``, ``length``, ``layers``); a rule set in
+the config (see ``cpt_jax.sharding``) decides how they map onto the device mesh.
+
+Parameter tree (``L`` = n_layers, stacked by ``nn.scan`` so compile time does not grow with
+depth)::
+
+    embed/embedding                 [V, D]
+    layers/attn_norm/scale          [L, D]
+    layers/attn/{q,k,v}/kernel      [L, D, H|KV, Dh]
+    layers/attn/o/kernel            [L, H, Dh, D]
+    layers/mlp_norm/scale           [L, D]
+    layers/mlp/{gate,up}/kernel     [L, D, F]
+    layers/mlp/down/kernel          [L, F, D]
+    final_norm/scale                [D]
+    lm_head/kernel                  [D, V]   (absent when tie_embeddings)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama model. Field names follow the papers, not HF."""
+
+    vocab_size: int = 32000
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    d_ff: int = 11008
+    head_dim: int | None = None  # default d_model // n_heads
+    rope_theta: float = 10000.0
+    # Llama-3 style scaling: None, or dict(factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings).
+    rope_scaling: dict | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+        if self.rope_scaling is not None:
+            missing = {"factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings"} - set(self.rope_scaling)
+            if missing:
+                raise ValueError(f"rope_scaling lacks {sorted(missing)} (Llama-3 style scaling)")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, _FrozenDict):
+            object.__setattr__(self, "rope_scaling", _FrozenDict(self.rope_scaling))
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d) -> "LlamaConfig":
+        """Build from a mapping (e.g. an ml_collections ConfigDict); unknown keys are an error."""
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig field(s) {unknown}; valid: {sorted(names)}")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = dict(d["rope_scaling"])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        d, f, h, kv, dh = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.dim_per_head
+        per_layer = d * dh * (2 * h + 2 * kv) + 3 * d * f + 2 * d
+        n = self.n_layers * per_layer + d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return n + (emb if include_embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * (matmul params) + 12 * n_layers * seq_len * H * Dh.
+
+        The first term counts forward (2) and backward (4) FLOPs of every weight matmul,
+        output projection included and the embedding lookup excluded (it is a gather). The
+        second is attention's QK^T and AV, counted over the full L x L square as in PaLM
+        (Chowdhery et al. 2022, appendix B), i.e. without halving for the causal mask.
+        """
+        matmul_params = self.num_params(include_embedding=False) + self.vocab_size * self.d_model
+        attn = 12 * self.n_layers * seq_len * self.n_heads * self.dim_per_head
+        return 6.0 * matmul_params + attn
+
+
+class _FrozenDict(dict):
+    """A hashable dict so that LlamaConfig stays hashable (usable as a jit static arg)."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
+
+    def __setitem__(self, *_):
+        raise TypeError("rope_scaling is immutable")
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rope_inv_freq(config: LlamaConfig) -> Array:
+    """Inverse frequencies [Dh/2] (float32), with Llama-3 frequency-dependent scaling."""
+    dh = config.dim_per_head
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (low frequencies) are slowed down by `factor`, short ones are kept,
+    # and the band between is interpolated smoothly.
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BLHD: Array, positions_BL: Array, inv_freq: Array) -> Array:
+    """Rotate-half rotary embedding; angles computed in float32, result in x's dtype."""
+    angles = positions_BL[..., None].astype(jnp.float32) * inv_freq  # [B, L, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, Dh]
+    cos, sin = jnp.cos(angles).astype(x_BLHD.dtype), jnp.sin(angles).astype(x_BLHD.dtype)
+    half = x_BLHD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BLHD[..., half:], x_BLHD[..., :half]], axis=-1)
+    return x_BLHD * cos + rotated * sin
+
+
+def positions_from_segments(segment_ids_BL: Array) -> Array:
+    """Per-document positions: the index of each token within its own segment."""
+    L = segment_ids_BL.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), segment_ids_BL.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BL[:, :1], dtype=bool),
+         segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - first
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _dense_init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in float32 and cast back (as Hugging Face does)."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+        c = self.config
+        dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        dh = c.dim_per_head
+
+        def proj(name, n, axes):
+            return nn.DenseGeneral(
+                (n, dh), axis=-1, use_bias=False, dtype=dtype, param_dtype=pdt, name=name,
+                kernel_init=nn.with_logical_partitioning(_dense_init(c.init_std), axes))(x_BLD)
+
+        q = proj("q", c.n_heads, ("embed", "heads", "head_dim"))
+        k = proj("k", c.n_kv_heads, ("embed", "kv_heads", "head_dim"))
+        v = proj("v", c.n_kv_heads, ("embed", "kv_heads", "head_dim"))
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+
+        inv_freq = rope_inv_freq(c)
+        q = apply_rope(q, positions_BL, inv_freq)
+        k = apply_rope(k, positions_BL, inv_freq)
+
+        out = dot_product_attention(q, k, v, segment_ids_BL)  # [B, L, H, Dh]
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out = nn.DenseGeneral(
+            c.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdt, name="o",
+            kernel_init=nn.with_logical_partitioning(
+                _dense_init(c.init_std / math.sqrt(2 * c.n_layers)), ("heads", "head_dim", "embed")),
+        )(out)
+        return out
+
+
+def dot_product_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
+    """Causal grouped-query attention restricted to each token's own segment.
+
+    Scores and softmax are computed in float32 whatever the compute dtype, as in the
+    reference implementation.
+    """
+    B, L, H, D = q_BLHD.shape
+    K = k_BLKD.shape[2]
+    q = q_BLHD.reshape(B, L, K, H // K, D)  # query heads grouped by their shared kv head
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BLKD,
+                        preferred_element_type=jnp.float32) / math.sqrt(D)
+    causal = jnp.tril(jnp.ones((L, L), dtype=bool))
+    same_doc = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]  # [B, L, S]
+    mask = (causal[None] & same_doc)[:, None, None]  # [B, 1, 1, L, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BLKD.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BLKD)
+    return out.reshape(B, L, H, D)
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BLD):
+        c = self.config
+        dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+
+        def dense(name, features, axes, std, inp):
+            return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=pdt, name=name,
+                            kernel_init=nn.with_logical_partitioning(_dense_init(std), axes))(inp)
+
+        gate = dense("gate", c.d_ff, ("embed", "mlp"), c.init_std, x_BLD)
+        up = dense("up", c.d_ff, ("embed", "mlp"), c.init_std, x_BLD)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense("down", c.d_model, ("mlp", "embed"), c.init_std / math.sqrt(2 * c.n_layers), h)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer. Signature (carry, _) -> (carry, None) so nn.scan can stack it."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, carry, _):
+        x, segment_ids, positions = carry
+        c = self.config
+        dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        h = RMSNorm(c.norm_eps, dtype, pdt, name="attn_norm")(x)
+        x = x + Attention(c, name="attn")(h, segment_ids, positions)
+        h = RMSNorm(c.norm_eps, dtype, pdt, name="mlp_norm")(x)
+        x = x + MLP(c, name="mlp")(h)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, segment_ids, positions), None
+
+
+class Llama(nn.Module):
+    """Llama causal LM. __call__(tokens [B, L], segment_ids [B, L] | None) -> logits [B, L, V] f32."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+        c = self.config
+        dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones_like(tokens_BL, dtype=jnp.int32)
+        if positions_BL is None:
+            positions_BL = positions_from_segments(segment_ids_BL)
+
+        embed = nn.Embed(
+            c.vocab_size, c.d_model, dtype=dtype, param_dtype=pdt, name="embed",
+            embedding_init=nn.with_logical_partitioning(_dense_init(c.init_std), ("vocab", "embed")))
+        x = embed(tokens_BL)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        carry = (x, segment_ids_BL, positions_BL)
+        if c.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            carry, _ = stack(c, name="layers")(carry, None)
+        else:
+            for i in range(c.n_layers):
+                carry, _ = block(c, name=f"layers_{i}")(carry, None)
+        x = RMSNorm(c.norm_eps, dtype, pdt, name="final_norm")(carry[0])
+
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                c.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdt, name="lm_head",
+                kernel_init=nn.with_logical_partitioning(_dense_init(c.init_std), ("embed", "vocab")),
+            )(x)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits
+
+
+def init_params(config: LlamaConfig, key: Array, boxed: bool = False):
+    """Random parameters. With boxed=True the leaves keep their nn.Partitioned axis names."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = Llama(config).init(key, tokens)["params"]
+    return params if boxed else nn.meta.unbox(params)
+
+
+def param_logical_axes(config: LlamaConfig):
+    """PartitionSpec of logical axis names for every parameter (computed abstractly)."""
+    abstract = jax.eval_shape(functools.partial(init_params, config, boxed=True), jax.random.key(0))
+    return nn.get_partition_spec(abstract)
+
+
+def forward(config: LlamaConfig, params, tokens, segment_ids=None, positions=None) -> Array:
+    """Logits [B, L, V] in float32 for tokens [B, L] (int). Pure function of its inputs."""
+    return Llama(config).apply({"params": params}, tokens, segment_ids, positions)
