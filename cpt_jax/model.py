@@ -194,6 +194,27 @@ def _dense_init(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+def _param(module: nn.Module, name: str, shape, axes, std: float, param_dtype):
+    """A weight `name`/kernel of `shape` with logical `axes`, drawn from N(0, std^2)."""
+    sub = _Kernel(shape=tuple(shape), axes=tuple(axes), std=std, param_dtype=param_dtype,
+                  name=name)
+    return sub()
+
+
+class _Kernel(nn.Module):
+    """Holds one weight under `<name>/kernel` (the tree layout in the module docstring)."""
+
+    shape: tuple
+    axes: tuple
+    std: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        init = nn.with_logical_partitioning(_dense_init(self.std), self.axes)
+        return self.param("kernel", init, self.shape, self.param_dtype)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale, computed in float32 and cast back (as Hugging Face does)."""
 
@@ -219,14 +240,16 @@ class Attention(nn.Module):
         dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         dh = c.dim_per_head
 
-        def proj(name, n, axes):
-            return nn.DenseGeneral(
-                (n, dh), axis=-1, use_bias=False, dtype=dtype, param_dtype=pdt, name=name,
-                kernel_init=nn.with_logical_partitioning(_dense_init(c.init_std), axes))(x_BLD)
+        def kernel(name, shape, axes, std):
+            return _param(self, name, shape, axes, std, pdt).astype(dtype)
 
-        q = proj("q", c.n_heads, ("embed", "heads", "head_dim"))
-        k = proj("k", c.n_kv_heads, ("embed", "kv_heads", "head_dim"))
-        v = proj("v", c.n_kv_heads, ("embed", "kv_heads", "head_dim"))
+        x = x_BLD.astype(dtype)
+        q = jnp.einsum("bld,dhk->blhk", x, kernel("q", (c.d_model, c.n_heads, dh),
+                                                   ("embed", "heads", "head_dim"), c.init_std))
+        k = jnp.einsum("bld,dhk->blhk", x, kernel("k", (c.d_model, c.n_kv_heads, dh),
+                                                   ("embed", "kv_heads", "head_dim"), c.init_std))
+        v = jnp.einsum("bld,dhk->blhk", x, kernel("v", (c.d_model, c.n_kv_heads, dh),
+                                                   ("embed", "kv_heads", "head_dim"), c.init_std))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -237,12 +260,9 @@ class Attention(nn.Module):
 
         out = dot_product_attention(q, k, v, segment_ids_BL)  # [B, L, H, Dh]
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out = nn.DenseGeneral(
-            c.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdt, name="o",
-            kernel_init=nn.with_logical_partitioning(
-                _dense_init(c.init_std / math.sqrt(2 * c.n_layers)), ("heads", "head_dim", "embed")),
-        )(out)
-        return out
+        o = kernel("o", (c.n_heads, dh, c.d_model), ("heads", "head_dim", "embed"),
+                   c.init_std / math.sqrt(2 * c.n_layers))
+        return jnp.einsum("blhk,hkd->bld", out, o)
 
 
 def dot_product_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
@@ -273,14 +293,16 @@ class MLP(nn.Module):
         c = self.config
         dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
 
-        def dense(name, features, axes, std, inp):
-            return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=pdt, name=name,
-                            kernel_init=nn.with_logical_partitioning(_dense_init(std), axes))(inp)
+        def kernel(name, shape, axes, std):
+            return _param(self, name, shape, axes, std, pdt).astype(dtype)
 
-        gate = dense("gate", c.d_ff, ("embed", "mlp"), c.init_std, x_BLD)
-        up = dense("up", c.d_ff, ("embed", "mlp"), c.init_std, x_BLD)
+        x = x_BLD.astype(dtype)
+        gate = x @ kernel("gate", (c.d_model, c.d_ff), ("embed", "mlp"), c.init_std)
+        up = x @ kernel("up", (c.d_model, c.d_ff), ("embed", "mlp"), c.init_std)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return dense("down", c.d_model, ("mlp", "embed"), c.init_std / math.sqrt(2 * c.n_layers), h)
+        down = kernel("down", (c.d_ff, c.d_model), ("mlp", "embed"),
+                      c.init_std / math.sqrt(2 * c.n_layers))
+        return h @ down
 
 
 class Block(nn.Module):
@@ -337,10 +359,9 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(
-                c.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdt, name="lm_head",
-                kernel_init=nn.with_logical_partitioning(_dense_init(c.init_std), ("embed", "vocab")),
-            )(x)
+            head = _param(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"),
+                          c.init_std, pdt)
+            logits = x @ head.astype(dtype)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return logits
 

@@ -1,0 +1,109 @@
+"""Device mesh, logical-axis rules and shardings.
+
+The model names every parameter and activation axis logically (``embed``, ``heads``, ...);
+the rules here, taken from the config, map those names onto the mesh axes ``data``,
+``fsdp`` and ``tensor``. Rules are applied in order and a mesh axis already used by an
+earlier dimension of the same array is skipped (Flax's priority semantics), so ``embed`` is
+sharded over ``fsdp`` in weights but not in activations, whose ``batch`` takes ``fsdp`` first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (logical name, mesh axes). Order matters: the first applicable rule wins.
+DEFAULT_RULES: tuple[tuple[str, object], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("length", None),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(axes: dict, n_devices: int) -> tuple[int, ...]:
+    """Resolve a {data, fsdp, tensor} -> size mapping where one size may be -1 (the rest)."""
+    unknown = sorted(set(axes) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh axes {unknown} unknown; use {MESH_AXES}")
+    sizes = [int(axes.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(axes)}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"mesh {dict(axes)}: {n_devices} devices not divisible by {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(
+            f"mesh {dict(axes)} needs {math.prod(sizes)} devices but {n_devices} are present; "
+            "set one axis to -1 to take the remaining devices")
+    return tuple(sizes)
+
+
+def make_mesh(axes: dict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh over all (or the given) devices with axes (data, fsdp, tensor)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(axes, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
+    """Config rules are a list of [name, mesh_axis | [mesh_axes] | None]; tuples for Flax."""
+    if rules is None:
+        return DEFAULT_RULES
+    out = []
+    for name, axes in rules:
+        out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(out)
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh, rules) -> object:
+    """Map a pytree of logical PartitionSpecs to NamedShardings on mesh."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dimension over (data, fsdp); other dimensions replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """The global batch must be a multiple of this (the number of batch shards)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def maybe_initialize_distributed(config) -> None:
+    """Join a multi-process JAX run (TPU pod slice, multi-node GPU) when the config says so.
+
+    ``config.distributed`` may hold coordinator_address, num_processes and process_id; on
+    TPU VMs and under Slurm they are discovered automatically when left unset.
+    """
+    dist = config.get("distributed") if hasattr(config, "get") else None
+    if not dist or not dist.get("enabled", False):
+        return
+    kwargs = {k: dist[k] for k in ("coordinator_address", "num_processes", "process_id",
+                                     "local_device_ids") if dist.get(k) is not None}
+    jax.distributed.initialize(**kwargs)

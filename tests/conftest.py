@@ -1,0 +1,5 @@
+"""Test setup: CPU backend with 8 forced host devices, set before jax is imported."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
