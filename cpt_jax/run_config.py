@@ -42,4 +42,58 @@ def default_config() -> ml_collections.ConfigDict:
         lr=3e-4, min_lr_ratio=0.1, warmup_frac=0.01, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.1, clip_norm=1.0))
     c.optim.warmup_steps = ml_collections.FieldReference(None, field_type=int)
+
+    # Data: named text domains (cpt_jax.data.sources), prepared once into a cache.
+    c.data = ml_collections.ConfigDict(dict(
+        domains=[],  # e.g. [{"name": "en", "kind": "jsonl", "pattern": "...", "field": "text"}]
+        cache_dir="",  # "" = <workdir>/data
+        val_fraction=0.05, split_seed=0))
+    # Tokenizer: an existing sentencepiece .model, or one trained on all domains.
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        path="", model_type="bpe", character_coverage=0.9995, sample_chars=2_000_000))
+    # Tasks in order: {"domain": name, "steps": n} or {"domain": name, "tokens": n}.
+    c.tasks = []
+    # Replay (Abbes et al. 2025): fraction of each batch drawn from earlier tasks.
+    c.replay = ml_collections.ConfigDict(dict(rate=0.0, accounting="additive"))
+    c.eval = ml_collections.ConfigDict(dict(every=100, max_rows=64, batch=16))
+    # Starting point: fresh init, or parameters from a Hugging Face / orbax directory.
+    c.init = ml_collections.ConfigDict(dict(hf="", orbax=""))
+    c.name = ""
+    c.log_every = 10
+    c.save_final_params = False
     return c
+
+
+def check_config(c) -> None:
+    """Reject configs that cannot run, naming the key and the fix."""
+    if not 0.0 <= c.replay.rate <= 1.0:
+        raise ValueError(f"replay.rate={c.replay.rate} must be in [0, 1] "
+                         "(the fraction of each batch replayed from earlier tasks)")
+    if c.replay.accounting not in ("additive", "compute_equivalent"):
+        raise ValueError(f"replay.accounting={c.replay.accounting!r}: use 'additive' or "
+                         "'compute_equivalent'")
+    names = [d["name"] for d in c.data.domains]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"data.domains: duplicate domain name(s) {dup}; names must be unique")
+    if not c.tasks:
+        raise ValueError("tasks is empty: list the domains to train on, in order")
+    tnames = [t.get("domain") for t in c.tasks]
+    dup = sorted({n for n in tnames if tnames.count(n) > 1})
+    if dup:
+        raise ValueError(f"tasks: domain(s) {dup} appear twice; each task trains on its own "
+                         "domain once")
+    for t in c.tasks:
+        unknown = sorted(set(t) - {"domain", "steps", "tokens"})
+        if unknown:
+            raise ValueError(f"task {t}: unknown key(s) {unknown}; use domain, steps or tokens")
+        if t.get("domain") not in names:
+            raise ValueError(f"task {t}: domain {t.get('domain')!r} is not in data.domains "
+                             f"{names}")
+        if ("steps" in t) == ("tokens" in t):
+            raise ValueError(f"task {t}: give exactly one budget, steps or tokens")
+    if c.global_batch % c.microbatches:
+        raise ValueError(f"global_batch={c.global_batch} is not divisible by "
+                         f"microbatches={c.microbatches}")
+    if c.seq_len > c.model.max_seq_len:
+        raise ValueError(f"seq_len={c.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")

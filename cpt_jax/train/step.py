@@ -127,7 +127,11 @@ def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainSta
         with mesh_context(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
-    step.jitted = jitted
+    def lower(state, batch):
+        with mesh_context(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(state, batch)
+
+    step.lower = lower
     return step
 
 

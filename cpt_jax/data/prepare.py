@@ -1,0 +1,376 @@
+"""Tokenize and pack a domain into fixed-length rows stored as array_record files.
+
+Each document becomes ``[BOS] doc [EOS]``; the token streams of a split's documents are
+concatenated and cut into rows of ``seq_len + 1`` tokens (the model reads ``row[:-1]`` and
+predicts ``row[1:]``). Alongside the tokens each row has segment ids: 1, 2, 3, ... for the
+documents within that row (a document that overflows a row continues in the next row under
+that row's first segment id), and 0 for the padding at the end of the last row of a split,
+the only padding there is. Padding tokens are the tokenizer's pad id (0 if it has none).
+
+The train/validation split is by document: a document goes to validation when a seeded
+hash of its text falls below ``val_fraction`` (so identical documents never straddle the
+split, and adding documents does not move the others). If that leaves validation empty
+but the domain has at least two documents, the train document with the smallest hash is
+moved to validation, so there is at least one validation row whenever possible.
+
+Layout, one folder per (domain, source content, tokenizer, seq_len, split settings)::
+
+    <data_dir>/<domain name>-<key[:12]>/train.array_record   one record per row:
+    <data_dir>/<domain name>-<key[:12]>/val.array_record       int32 [2, seq_len + 1] bytes
+    <data_dir>/<domain name>-<key[:12]>/meta.json              (tokens, segment_ids)
+
+``key`` hashes the normalized domain spec, the source fingerprint (file sizes/mtimes, TFDS
+files, or Python version for demos), the tokenizer's sha256 and the packing settings, so
+preparation is skipped when the same folder exists, and redone when anything changes. A
+folder is written under a temporary name and renamed when complete, so a failure (or a
+concurrent writer) never leaves a half-written dataset. In a multi-host run call it on
+every host with a shared data_dir (the rename makes that safe) or on one host first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cpt_jax.data import sources
+from cpt_jax.data.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+WRITER_OPTIONS = "group_size:1"  # one row per chunk: cheap random access to single rows
+SPLITS = ("train", "val")
+
+
+class PrepareError(ValueError):
+    """Preparation cannot proceed; the message names the domain and the fix."""
+
+
+# ---------------------------------------------------------------------------------------
+# Packing (pure)
+
+
+class RowPacker:
+    """Streams documents' token ids into rows of ``row_len`` tokens with segment ids.
+
+    ``add(ids)`` appends one already-wrapped document; ``pop_rows()`` returns the complete
+    rows so far as (tokens [N, row_len] int32, segment_ids [N, row_len] int32);
+    ``finish()`` pads and returns the last partial row (if any).
+    """
+
+    def __init__(self, row_len: int, pad_id: int):
+        self.row_len = int(row_len)
+        self.pad_id = int(pad_id)
+        self._tokens: list[np.ndarray] = []
+        self._docs: list[np.ndarray] = []
+        self._size = 0
+        self._doc_counter = 0
+
+    def add(self, ids: Sequence[int]) -> None:
+        ids = np.asarray(ids, dtype=np.int32)
+        self._tokens.append(ids)
+        self._docs.append(np.full(ids.shape, self._doc_counter, dtype=np.int64))
+        self._doc_counter += 1
+        self._size += ids.size
+
+    def pending(self) -> int:
+        """Number of complete rows waiting in the buffer."""
+        return self._size // self.row_len
+
+    def pop_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self._size // self.row_len
+        tokens = np.concatenate(self._tokens) if self._tokens else np.zeros(0, np.int32)
+        docs = np.concatenate(self._docs) if self._docs else np.zeros(0, np.int64)
+        cut = n * self.row_len
+        self._tokens, self._docs = [tokens[cut:]], [docs[cut:]]
+        self._size -= cut
+        return tokens[:cut].reshape(n, self.row_len), _segments(
+            docs[:cut].reshape(n, self.row_len))
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """Complete rows plus the padded last row; the packer is empty afterwards."""
+        full_t, full_s = self.pop_rows()
+        rest = self._size
+        if rest == 0:
+            return full_t, full_s
+        tokens = np.full((1, self.row_len), self.pad_id, np.int32)
+        docs = np.zeros((1, self.row_len), np.int64)
+        tokens[0, :rest] = self._tokens[0]
+        docs[0, :rest] = self._docs[0]
+        segs = _segments(docs)
+        segs[0, rest:] = 0
+        self._tokens, self._docs, self._size = [], [], 0
+        return np.concatenate([full_t, tokens]), np.concatenate([full_s, segs])
+
+
+def _segments(docs_NL: np.ndarray) -> np.ndarray:
+    """Segment ids 1, 2, ... numbering the distinct documents of each row, left to right."""
+    change = np.zeros(docs_NL.shape, np.int32)
+    change[:, 1:] = docs_NL[:, 1:] != docs_NL[:, :-1]
+    return (1 + np.cumsum(change, axis=1)).astype(np.int32)
+
+
+def pack_documents(docs_ids: Iterable[Sequence[int]], seq_len: int, bos_id: int,
+                   eos_id: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Packs token-id lists as [BOS] doc [EOS] into rows; returns (tokens, segment_ids).
+
+    Both arrays are int32 [N, seq_len + 1]. In-memory version of what prepare writes.
+    """
+    packer = RowPacker(seq_len + 1, pad_id)
+    for ids in docs_ids:
+        packer.add([bos_id, *ids, eos_id])
+    return packer.finish()
+
+
+def split_score(text: str, seed: int) -> float:
+    """A uniform number in [0, 1) from a seeded hash of the document text."""
+    digest = hashlib.sha256(f"{int(seed)}\0".encode() + text.encode("utf-8", "replace"))
+    return int.from_bytes(digest.digest()[:8], "little") / 2.0 ** 64
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+class PackedRows:
+    """Random access to the rows of one prepared split (``train`` or ``val``).
+
+    ``read(indices)`` returns (tokens [N, L+1] int32, segment_ids [N, L+1] int32) for any
+    int array of row indices (repeats allowed, any order). Picklable: the file is
+    (re)opened lazily in each process.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise PrepareError(f"Packed rows {self.path!r} do not exist; run "
+                               f"prepare_domains(...) or scripts/prepare_data.py first.")
+        meta_path = os.path.join(os.path.dirname(self.path), "meta.json")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.seq_len = int(self.meta["seq_len"])
+        self.row_len = self.seq_len + 1
+        split = os.path.basename(self.path).split(".")[0]
+        self.num_rows = int(self.meta["splits"][split]["rows"])
+        self._source = None
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def _data_source(self):
+        if self._source is None:
+            from array_record.python.array_record_data_source import (  # pylint: disable=import-outside-toplevel
+                ArrayRecordDataSource)
+            self._source = ArrayRecordDataSource([self.path])
+        return self._source
+
+    def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_rows):
+            raise IndexError(f"Row indices must be in [0, {self.num_rows}) for {self.path}, "
+                             f"got min {idx.min()} max {idx.max()}.")
+        if idx.size == 0:
+            empty = np.zeros((0, self.row_len), np.int32)
+            return empty, empty.copy()
+        records = self._data_source().__getitems__(idx.tolist())
+        rows = np.frombuffer(b"".join(records), dtype=np.int32).reshape(
+            idx.size, 2, self.row_len)
+        return rows[:, 0].copy(), rows[:, 1].copy()
+
+    def __repr__(self):
+        return f"PackedRows({self.path!r}, rows={self.num_rows}, seq_len={self.seq_len})"
+
+
+# ---------------------------------------------------------------------------------------
+# Preparing
+
+
+def dataset_key(domain: Any, tokenizer: Tokenizer, seq_len: int, val_fraction: float,
+                seed: int) -> str:
+    """sha256 of everything a prepared domain depends on (see the module docstring)."""
+    d = sources.normalize_domain(domain)
+    record = {"format": FORMAT_VERSION, "domain": d,
+              "source": sources.source_fingerprint(d), "tokenizer": tokenizer.sha256,
+              "seq_len": int(seq_len), "val_fraction": float(val_fraction),
+              "seed": int(seed), "writer": WRITER_OPTIONS}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()
+                          ).hexdigest()
+
+
+def prepare_domain(domain: Any, tokenizer: Tokenizer, data_dir: str, seq_len: int,
+                   val_fraction: float = 0.01, seed: int = 0, progress: bool = True
+                   ) -> dict[str, PackedRows]:
+    """Prepares one domain (or reuses it) and returns {"train": PackedRows, "val": ...}."""
+    d = sources.normalize_domain(domain)
+    if int(seq_len) < 1:
+        raise PrepareError(f"seq_len must be >= 1, got {seq_len}.")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise PrepareError(f"Domain {d['name']!r}: val_fraction must be in [0, 1), got "
+                           f"{val_fraction}.")
+    key = dataset_key(d, tokenizer, seq_len, val_fraction, seed)
+    final = os.path.join(os.path.expanduser(data_dir), f"{d['name']}-{key[:12]}")
+    if not _is_complete(final, key):
+        if os.path.exists(final):
+            raise PrepareError(f"Domain {d['name']!r}: {final} exists but is not a complete "
+                               f"prepared dataset for these inputs (no or another "
+                               f"meta.json); delete that folder and run again.")
+        _build(d, tokenizer, final, key, int(seq_len), float(val_fraction), int(seed),
+               progress)
+    return {split: PackedRows(os.path.join(final, f"{split}.array_record"))
+            for split in SPLITS}
+
+
+def prepare_domains(domains: Sequence[Any], tokenizer: Tokenizer, data_dir: str,
+                    seq_len: int, val_fraction: float = 0.01, seed: int = 0,
+                    progress: bool = True) -> dict[str, dict[str, PackedRows]]:
+    """Prepares every domain; returns {name: {"train": PackedRows, "val": PackedRows}}."""
+    specs = [sources.normalize_domain(d) for d in domains]
+    names = [d["name"] for d in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PrepareError(f"Domain names must be unique, {dupes} appear twice; give each "
+                           f"domain its own \"name\".")
+    return {d["name"]: prepare_domain(d, tokenizer, data_dir, seq_len, val_fraction, seed,
+                                      progress)
+            for d in specs}
+
+
+def _is_complete(folder: str, key: str) -> bool:
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        return False
+    with open(meta_path) as f:
+        return json.load(f).get("key") == key
+
+
+def _batched(docs: Iterable[str], max_docs: int = 256, max_chars: int = 4_000_000
+             ) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if len(batch) >= max_docs or size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _SplitWriter:
+    """Packs one split's documents and writes complete rows as they appear."""
+
+    def __init__(self, path: str, row_len: int, pad_id: int):
+        from array_record.python.array_record_module import (  # pylint: disable=import-outside-toplevel
+            ArrayRecordWriter)
+        self.writer = ArrayRecordWriter(path, WRITER_OPTIONS)
+        self.packer = RowPacker(row_len, pad_id)
+        self.stats = {"rows": 0, "docs": 0, "tokens": 0, "chars": 0, "pad_tokens": 0}
+
+    def add(self, ids: list[int], n_chars: int) -> None:
+        self.packer.add(ids)
+        self.stats["docs"] += 1
+        self.stats["tokens"] += len(ids)
+        self.stats["chars"] += n_chars
+        if self.packer.pending() >= 64:
+            self._write(*self.packer.pop_rows())
+
+    def _write(self, tokens: np.ndarray, segs: np.ndarray) -> None:
+        rows = np.stack([tokens, segs], axis=1).astype(np.int32)  # [N, 2, L+1]
+        for row in rows:
+            self.writer.write(row.tobytes())
+        self.stats["rows"] += len(rows)
+        self.stats["pad_tokens"] += int((segs == 0).sum())
+
+    def close(self) -> dict:
+        self._write(*self.packer.finish())
+        self.writer.close()
+        return self.stats
+
+
+def _build(d: dict, tok: Tokenizer, final: str, key: str, seq_len: int,
+           val_fraction: float, seed: int, progress: bool) -> None:
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        meta = _write_splits(d, tok, tmp, seq_len, val_fraction, seed, progress, None)
+        if meta["splits"]["val"]["docs"] == 0 and val_fraction > 0 and meta["n_documents"] > 1:
+            # Rare (tiny domains): redo with the lowest-scoring document forced to val.
+            shutil.rmtree(tmp)
+            os.makedirs(tmp)
+            meta = _write_splits(d, tok, tmp, seq_len, val_fraction, seed, progress,
+                                 meta["min_score_doc"])
+        meta.pop("min_score_doc")
+        meta["key"] = key
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete(final, key):  # lost a race only if the winner is complete
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fraction: float,
+                  seed: int, progress: bool, force_val: int | None) -> dict:
+    pad_id = tok.pad_id if tok.pad_id >= 0 else 0
+    writers = {s: _SplitWriter(os.path.join(folder, f"{s}.array_record"), seq_len + 1, pad_id)
+               for s in SPLITS}
+    content = hashlib.sha256()
+    n_docs = n_empty = 0
+    min_score, min_doc = 2.0, None
+    bar = tqdm(desc=f"prepare {d['name']}", unit=" doc", disable=not progress,
+               mininterval=1.0)
+    try:
+        for batch in _batched(sources.iter_documents(d)):
+            kept = [doc for doc in batch if doc]
+            n_empty += len(batch) - len(kept)
+            for doc, ids in zip(kept, tok.encode_batch(kept)):
+                content.update(len(doc.encode("utf-8", "replace")).to_bytes(8, "little"))
+                content.update(doc.encode("utf-8", "replace"))
+                score = split_score(doc, seed)
+                is_val = score < val_fraction or n_docs == force_val
+                if not is_val and score < min_score:
+                    min_score, min_doc = score, n_docs
+                writers["val" if is_val else "train"].add(
+                    [tok.bos_id, *ids, tok.eos_id], len(doc))
+                n_docs += 1
+            bar.update(len(batch))
+    except BaseException:
+        for w in writers.values():
+            w.writer.close()
+        raise
+    finally:
+        bar.close()
+    stats = {s: w.close() for s, w in writers.items()}
+    if n_docs == 0:
+        raise PrepareError(f"Domain {d['name']!r} has no non-empty document "
+                           f"({n_empty} empty); check its source.")
+    if stats["train"]["rows"] == 0:
+        raise PrepareError(f"Domain {d['name']!r}: no training rows (all {n_docs} documents "
+                           f"went to validation); lower val_fraction={val_fraction}.")
+    return {"format": FORMAT_VERSION, "name": d["name"], "domain": d,
+            "seq_len": seq_len, "row_len": seq_len + 1,
+            "record": "int32 [2, seq_len + 1]: tokens, segment_ids (0 = padding)",
+            "tokenizer_sha256": tok.sha256, "tokenizer_path": tok.path,
+            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "pad_id": pad_id, "val_fraction": val_fraction, "seed": seed,
+            "content_sha256": content.hexdigest(), "n_documents": n_docs,
+            "n_empty_documents": n_empty,
+            "n_tokens": sum(s["tokens"] for s in stats.values()),
+            "n_rows": sum(s["rows"] for s in stats.values()),
+            "splits": stats, "min_score_doc": min_doc}

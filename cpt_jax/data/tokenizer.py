@@ -1,0 +1,226 @@
+"""SentencePiece tokenizers: train one on a run's domains, or load an existing model.
+
+``train_tokenizer`` trains a byte-fallback BPE (or unigram) model on a deterministic sample
+of all the run's domains, so every string is encodable (unseen characters become UTF-8
+byte pieces) and the same inputs always give the same model bytes. The id layout follows
+Llama-2 (unk=0, bos=1, eos=2) with pad=3. The normalizer is the identity and spaces are
+kept as they are, so ``decode(encode(text)) == text`` and code indentation survives; the
+sample is fed in multi-line chunks so newlines (and e.g. "):\\n") can become pieces.
+
+``load_tokenizer`` loads any standard SentencePiece ``.model`` (a Llama-2
+``tokenizer.model`` included; a directory holding ``tokenizer.model`` works too).
+Llama-3 tokenizers are tiktoken-based and not supported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+from cpt_jax.data import sources
+
+# The sample is fed to the trainer as chunks of at most this many characters,
+# cut at line boundaries (spm ignores "sentences" longer than max_sentence_length bytes).
+_CHUNK_CHARS = 2000
+_MAX_SENTENCE_BYTES = 4 * _CHUNK_CHARS + 16
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be trained/loaded or does not fit the model; says how to fix it."""
+
+
+class Tokenizer:
+    """A thin wrapper around a SentencePieceProcessor with the ids the pipeline needs.
+
+    Attributes: ``path`` (the .model file or None), ``sha256`` (hash of the serialized
+    model, part of every prepared-data key), ``vocab_size``, ``bos_id``, ``eos_id``,
+    ``pad_id`` (-1 when the model has none, as in Llama-2), ``unk_id``.
+    """
+
+    def __init__(self, model_proto: bytes, path: str | None = None):
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.path = path
+        self.sha256 = hashlib.sha256(model_proto).hexdigest()
+        self.vocab_size = int(self.sp.vocab_size())
+        self.bos_id = int(self.sp.bos_id())
+        self.eos_id = int(self.sp.eos_id())
+        self.pad_id = int(self.sp.pad_id())
+        self.unk_id = int(self.sp.unk_id())
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added)."""
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None
+                     ) -> list[list[int]]:
+        """Token ids of several texts, encoded in parallel C++ threads."""
+        return self.sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (special ids such as BOS/EOS/pad decode to nothing)."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def __repr__(self):
+        return (f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, "
+                f"bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})")
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Loads a SentencePiece model file (or a directory containing ``tokenizer.model``)."""
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise TokenizerError(f"Tokenizer model {path!r} does not exist; give the path of a "
+                             f"SentencePiece .model file or train one with "
+                             f"train_tokenizer(...).")
+    with open(path, "rb") as f:
+        proto = f.read()
+    try:
+        tok = Tokenizer(proto, path=path)
+    except RuntimeError as e:
+        raise TokenizerError(f"{path!r} is not a SentencePiece model ({e}). Llama-3 "
+                             f"(tiktoken) tokenizers are not supported.") from None
+    if tok.bos_id < 0 or tok.eos_id < 0:
+        raise TokenizerError(f"Tokenizer {path!r} has no BOS or EOS piece (bos={tok.bos_id},"
+                             f" eos={tok.eos_id}); documents are packed as [BOS] doc [EOS]"
+                             f", so use a model with both.")
+    return tok
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Raises TokenizerError unless the model's vocabulary equals the tokenizer's."""
+    if int(model_vocab_size) != tokenizer.vocab_size:
+        raise TokenizerError(
+            f"The tokenizer {tokenizer.path or ''} has {tokenizer.vocab_size} pieces but the "
+            f"model has vocab_size={model_vocab_size}. Set model.vocab_size="
+            f"{tokenizer.vocab_size}, or train/load a tokenizer with {model_vocab_size} "
+            f"pieces.")
+
+
+def _chunks(doc: str) -> Iterator[str]:
+    """Multi-line chunks of at most _CHUNK_CHARS chars (long lines are cut)."""
+    buf, size = [], 0
+    for line in doc.split("\n"):
+        while len(line) > _CHUNK_CHARS:
+            if buf:
+                yield "\n".join(buf)
+                buf, size = [], 0
+            yield line[:_CHUNK_CHARS]
+            line = line[_CHUNK_CHARS:]
+        if size + len(line) + 1 > _CHUNK_CHARS and buf:
+            yield "\n".join(buf)
+            buf, size = [], 0
+        buf.append(line)
+        size += len(line) + 1
+    if buf:
+        text = "\n".join(buf)
+        if text.strip():
+            yield text
+
+
+def sample_text(domains: Sequence[Any], sample_chars: int) -> list[str]:
+    """The tokenizer training sample: ``sample_chars // len(domains)`` chars per domain.
+
+    Each domain contributes its first documents (in source order) until its share is full,
+    so a large domain cannot crowd out a small one. Deterministic given the domains.
+    """
+    if not domains:
+        raise TokenizerError("train_tokenizer needs at least one domain.")
+    share = max(1, int(sample_chars) // len(domains))
+    out = []
+    for domain in domains:
+        d = sources.normalize_domain(domain)
+        taken = 0
+        for doc in sources.iter_documents(d):
+            for chunk in _chunks(doc):
+                out.append(chunk)
+                taken += len(chunk)
+                if taken >= share:
+                    break
+            if taken >= share:
+                break
+        if taken == 0:
+            raise TokenizerError(f"Domain {d['name']!r} has no text to train the tokenizer "
+                                 f"on; check its source.")
+    return out
+
+
+def train_tokenizer(domains: Sequence[Any], out_prefix: str, vocab_size: int,
+                    model_type: str = "bpe", character_coverage: float = 0.9995,
+                    sample_chars: int = 10_000_000, num_threads: int = 4) -> Tokenizer:
+    """Trains (or reuses) ``<out_prefix>.model`` on a sample of ``domains``; returns it.
+
+    The model is written atomically (temp file, then rename) next to
+    ``<out_prefix>.json``, which records what it was trained on; a later call with the same
+    inputs loads the existing model instead of training again. The sample may include
+    documents that prepare() later assigns to the validation split (a negligible leak that
+    every tokenizer trained on a corpus has).
+
+    ``num_threads`` is part of the inputs: SentencePiece partitions the sample per thread,
+    so the model bytes depend on it. It is therefore a fixed default, not the machine's
+    core count, which keeps the tokenizer identical across machines.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
+    if int(vocab_size) < 300:
+        raise TokenizerError(f"vocab_size={vocab_size} is too small: byte fallback alone "
+                             f"takes 256 + 4 special pieces; use at least 300.")
+    specs = [sources.normalize_domain(d) for d in domains]
+    args = dict(vocab_size=int(vocab_size), model_type=model_type,
+                character_coverage=float(character_coverage),
+                byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+                input_sentence_size=0, shuffle_input_sentence=False,
+                max_sentence_length=_MAX_SENTENCE_BYTES, num_threads=int(num_threads),
+                minloglevel=2)
+    record = {"domains": specs,
+              "sources": [sources.source_fingerprint(d) for d in specs],
+              "sample_chars": int(sample_chars), "trainer": args,
+              "sentencepiece": spm.__version__}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    model_path, info_path = out_prefix + ".model", out_prefix + ".json"
+    if os.path.isfile(model_path) and os.path.isfile(info_path):
+        with open(info_path) as f:
+            if json.load(f).get("key") == key:
+                return load_tokenizer(model_path)
+
+    sample = sample_text(specs, sample_chars)
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sample), model_writer=proto,
+                                       **args)
+    except RuntimeError as e:
+        names = [d["name"] for d in specs]
+        raise TokenizerError(f"SentencePiece training on domains {names} failed: {e}. If "
+                             f"the vocabulary is too large for the sample, lower "
+                             f"vocab_size={vocab_size} or raise sample_chars / add "
+                             f"text.") from None
+    _atomic_write(model_path, proto.getvalue())
+    tok = Tokenizer(proto.getvalue(), path=model_path)
+    info = {"key": key, "sha256": tok.sha256, "vocab_size": tok.vocab_size, **record}
+    _atomic_write(info_path, json.dumps(info, indent=1, sort_keys=True, default=str).encode())
+    return tok
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Writes ``data`` to a temp file in the same folder, then renames it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

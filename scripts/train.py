@@ -1,0 +1,35 @@
+"""Continual pre-training through a task sequence.
+
+    python scripts/train.py --config configs/demo.py --workdir runs/demo \
+        [--config.replay.rate=0.5 --config.global_batch=32 ...]
+
+Writes WORKDIR/results.json (loss matrix, eval curve, metrics, config), metrics.jsonl
+(training scalars) and loss_curves.png. An unknown --config key is an error.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cpt_jax.train.loop import run
+
+config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    results = run(FLAGS.config, FLAGS.workdir)
+    print("loss matrix (row: after task, column: domain " + ", ".join(results["tasks"]) + "):")
+    for task, row in zip(results["tasks"], results["loss_matrix"]):
+        print(f"  {task:>14}: " + "  ".join(f"{x:.3f}" for x in row))
+    print("metrics:", {k: round(v, 4) if isinstance(v, float) else v
+                       for k, v in results["metrics"].items()})
+    print(f"wrote {FLAGS.workdir}/results.json and loss_curves.png")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,250 @@
+"""Tokenize + pack: no token lost, segment ids, splits, caching, atomicity, TFDS domains."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from cpt_jax.data import prepare, sources
+from cpt_jax.data import tokenizer as tk
+from cpt_jax.data.prepare import PackedRows, pack_documents
+
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    domains = [{"kind": "demo", "demo": name, "max_chars": 20_000}
+               for name in ("python_docs", "python_code")]
+    return tk.train_tokenizer(domains, str(tmp_path_factory.mktemp("tok") / "t"), 400,
+                              sample_chars=40_000)
+
+
+def _docs(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "x = 1", "\n", "déjà", "🦙"]
+    return [" ".join(rng.choice(words, size=rng.integers(1, 30))) for _ in range(n)]
+
+
+def _write_docs(folder, docs):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(docs):
+        (folder / f"{i:04d}.txt").write_text(doc)
+    return {"name": "toy", "kind": "text_glob", "pattern": str(folder / "*.txt")}
+
+
+def _unpack(tokens, segs):
+    """Concatenation of all rows minus padding."""
+    return tokens[segs > 0]
+
+
+# ---------------------------------------------------------------------------------------
+# Packing
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 7, 16])
+def test_pack_loses_and_duplicates_nothing(seq_len):
+    rng = np.random.default_rng(seq_len)
+    docs = [rng.integers(10, 100, size=rng.integers(0, 20)).tolist() for _ in range(30)]
+    tokens, segs = pack_documents(docs, seq_len, bos_id=1, eos_id=2, pad_id=0)
+    assert tokens.shape == segs.shape == (tokens.shape[0], seq_len + 1)
+    assert tokens.dtype == segs.dtype == np.int32
+    expected = np.concatenate([[1, *d, 2] for d in docs])
+    np.testing.assert_array_equal(_unpack(tokens, segs), expected)
+    # Padding only at the end of the last row.
+    assert (segs[:-1] > 0).all()
+    last = segs[-1]
+    assert (last[: (last > 0).sum()] > 0).all() and (tokens[-1][last == 0] == 0).all()
+    assert tokens.shape[0] == -(-len(expected) // (seq_len + 1))
+
+
+def test_segment_ids_number_documents_within_each_row():
+    tokens, segs = pack_documents([[5, 5, 5], [6], [7, 7, 7, 7, 7, 7]], seq_len=5,
+                                  bos_id=1, eos_id=2, pad_id=0)
+    np.testing.assert_array_equal(tokens, [[1, 5, 5, 5, 2, 1],
+                                           [6, 2, 1, 7, 7, 7],
+                                           [7, 7, 7, 2, 0, 0]])
+    np.testing.assert_array_equal(segs, [[1, 1, 1, 1, 1, 2],
+                                         [1, 1, 2, 2, 2, 2],
+                                         [1, 1, 1, 1, 0, 0]])
+
+
+def test_exact_fit_has_no_padding_row():
+    tokens, segs = pack_documents([[5, 5]], seq_len=3, bos_id=1, eos_id=2)
+    assert tokens.shape == (1, 4) and (segs == 1).all()
+
+
+# ---------------------------------------------------------------------------------------
+# prepare_domain
+
+
+def test_prepare_roundtrip_and_split(tok, tmp_path):
+    docs = _docs(60)
+    domain = _write_docs(tmp_path / "src", docs)
+    out = prepare.prepare_domain(domain, tok, str(tmp_path / "data"), SEQ_LEN,
+                                 val_fraction=0.2, seed=3, progress=False)
+    folder = os.path.dirname(out["train"].path)
+    assert os.path.basename(folder).startswith("toy-") and len(os.path.basename(folder)) == 16
+    assert sorted(os.listdir(folder)) == ["meta.json", "train.array_record",
+                                          "val.array_record"]
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["seq_len"] == SEQ_LEN and meta["vocab_size"] == tok.vocab_size
+    assert meta["tokenizer_sha256"] == tok.sha256 and meta["n_documents"] == 60
+
+    by_split = {"train": [], "val": []}
+    for doc in docs:
+        split = "val" if prepare.split_score(doc, 3) < 0.2 else "train"
+        by_split[split].append(doc)
+    assert by_split["val"] and by_split["train"]  # the split is non-trivial
+    for split, rows in out.items():
+        assert len(rows) == meta["splits"][split]["rows"] > 0
+        tokens, segs = rows.read(np.arange(len(rows)))
+        expected = np.concatenate([[tok.bos_id, *tok.encode(d), tok.eos_id]
+                                   for d in by_split[split]])
+        np.testing.assert_array_equal(_unpack(tokens, segs), expected)
+        assert meta["splits"][split]["tokens"] == len(expected)
+        assert meta["splits"][split]["docs"] == len(by_split[split])
+        # Random access with repeats, any order.
+        t2, s2 = rows.read([len(rows) - 1, 0, 0])
+        np.testing.assert_array_equal(t2, tokens[[-1, 0, 0]])
+        np.testing.assert_array_equal(s2, segs[[-1, 0, 0]])
+    # Train and validation documents are disjoint.
+    assert not set(by_split["train"]) & set(by_split["val"])
+    with pytest.raises(IndexError, match=r"\[0, "):
+        out["train"].read([len(out["train"])])
+    # PackedRows survives pickling (worker processes).
+    clone = pickle.loads(pickle.dumps(out["val"]))
+    np.testing.assert_array_equal(clone.read([0])[0], out["val"].read([0])[0])
+
+
+def test_at_least_one_validation_row_when_possible(tok, tmp_path):
+    docs = _docs(3, seed=1)
+    domain = _write_docs(tmp_path / "src", docs)
+    fraction = 1e-9  # no document would score below this
+    assert all(prepare.split_score(d, 0) >= fraction for d in docs)
+    out = prepare.prepare_domain(domain, tok, str(tmp_path / "data"), SEQ_LEN,
+                                 val_fraction=fraction, progress=False)
+    assert len(out["val"]) >= 1 and len(out["train"]) >= 1
+    assert out["val"].meta["splits"]["val"]["docs"] == 1
+    no_val = prepare.prepare_domain(domain, tok, str(tmp_path / "data"), SEQ_LEN,
+                                    val_fraction=0.0, progress=False)
+    assert len(no_val["val"]) == 0
+    assert no_val["val"].read([])[0].shape == (0, SEQ_LEN + 1)
+
+
+def test_prepare_is_skipped_the_second_time(tok, tmp_path, monkeypatch):
+    domain = _write_docs(tmp_path / "src", _docs(10))
+    data_dir = str(tmp_path / "data")
+    first = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, progress=False)
+    meta_path = os.path.join(os.path.dirname(first["train"].path), "meta.json")
+    mtime = os.stat(meta_path).st_mtime_ns
+
+    calls = []
+    real = sources.iter_documents
+    monkeypatch.setattr(sources, "iter_documents",
+                        lambda d: (calls.append(d), real(d))[1])
+    again = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, progress=False)
+    assert calls == [] and os.stat(meta_path).st_mtime_ns == mtime
+    assert again["train"].path == first["train"].path
+    # A change of the source, seq_len or split makes a new folder.
+    (tmp_path / "src" / "9999.txt").write_text("a new document")
+    changed = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, progress=False)
+    assert calls and changed["train"].path != first["train"].path
+    other = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN + 1, progress=False)
+    assert other["train"].seq_len == SEQ_LEN + 1
+    assert len(os.listdir(data_dir)) == 3
+    # A tampered folder is reported, not silently overwritten.
+    os.remove(os.path.join(os.path.dirname(other["train"].path), "meta.json"))
+    with pytest.raises(prepare.PrepareError, match=r"exists but is not a complete"):
+        prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN + 1, progress=False)
+
+
+def test_failure_mid_way_leaves_no_output(tok, tmp_path, monkeypatch):
+    domain = _write_docs(tmp_path / "src", _docs(700))
+
+    def broken(d):
+        for i, doc in enumerate(sources._iter_text_glob(sources.normalize_domain(d))):
+            if i == 600:  # after some rows were written
+                raise OSError("disk on fire")
+            yield doc
+
+    monkeypatch.setattr(sources, "iter_documents", broken)
+    data_dir = tmp_path / "data"
+    with pytest.raises(OSError, match="disk on fire"):
+        prepare.prepare_domain(domain, tok, str(data_dir), SEQ_LEN, progress=False)
+    assert os.listdir(data_dir) == []
+
+
+def test_prepare_domains_and_errors(tok, tmp_path):
+    a = _write_docs(tmp_path / "a", _docs(5, 1))
+    b = dict(_write_docs(tmp_path / "b", _docs(5, 2)), name="other")
+    out = prepare.prepare_domains([a, b], tok, str(tmp_path / "data"), SEQ_LEN,
+                                  progress=False)
+    assert list(out) == ["toy", "other"]
+    assert all(isinstance(v, PackedRows) for s in out.values() for v in s.values())
+    with pytest.raises(prepare.PrepareError, match=r"\['toy'\] appear twice"):
+        prepare.prepare_domains([a, a], tok, str(tmp_path / "data"), SEQ_LEN)
+    empty = _write_docs(tmp_path / "e", ["", ""])
+    with pytest.raises(prepare.PrepareError, match=r"'toy' has no non-empty document"):
+        prepare.prepare_domain(empty, tok, str(tmp_path / "data2"), SEQ_LEN,
+                               progress=False)
+    assert not [f for f in os.listdir(tmp_path / "data2")]
+    with pytest.raises(prepare.PrepareError, match=r"val_fraction must be in"):
+        prepare.prepare_domain(a, tok, str(tmp_path / "data"), SEQ_LEN, val_fraction=1.0)
+    with pytest.raises(prepare.PrepareError, match=r"do not exist"):
+        PackedRows(str(tmp_path / "nope" / "train.array_record"))
+
+
+def test_tokenizer_without_pad_id_pads_with_zero(tmp_path):
+    """Llama-2 style models (unk=0, bos=1, eos=2, no pad) load and pack."""
+    import io
+
+    import sentencepiece as spm
+    text = _docs(400)
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=proto,
+                                   vocab_size=280, byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(proto.getvalue())
+    llama_like = tk.load_tokenizer(str(tmp_path))
+    assert (llama_like.unk_id, llama_like.bos_id, llama_like.eos_id,
+            llama_like.pad_id) == (0, 1, 2, -1)
+    domain = _write_docs(tmp_path / "src", ["abc"])
+    out = prepare.prepare_domain(domain, llama_like, str(tmp_path / "data"), SEQ_LEN,
+                                 val_fraction=0.0, progress=False)
+    tokens, segs = out["train"].read([0])
+    assert (tokens[segs == 0] == 0).all() and out["train"].meta["pad_id"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Determinism and the CLI
+
+
+def test_preparation_is_deterministic(tok, tmp_path):
+    domain = _write_docs(tmp_path / "src", _docs(50))
+    a = prepare.prepare_domain(domain, tok, str(tmp_path / "a"), SEQ_LEN, progress=False)
+    b = prepare.prepare_domain(domain, tok, str(tmp_path / "b"), SEQ_LEN, progress=False)
+    for split in ("train", "val"):
+        assert open(a[split].path, "rb").read() == open(b[split].path, "rb").read()
+    assert a["train"].meta["content_sha256"] == b["train"].meta["content_sha256"]
+
+
+def test_prepare_data_script(tmp_path, capsys):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "prepare_data.py")
+    spec = importlib.util.spec_from_file_location("prepare_data_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    src = _write_docs(tmp_path / "src", _docs(20))
+    summary = script.main(["--demo", "--demo_max_chars", "15000", "--domain", json.dumps(src),
+                           "--data_dir", str(tmp_path / "data"), "--vocab_size", "400",
+                           "--seq_len", "32", "--no_progress"])
+    assert list(summary) == ["toy", "python_docs", "python_code", "unicode_table"]
+    assert all(v["train_rows"] > 0 and v["val_rows"] > 0 for v in summary.values())
+    assert os.path.isfile(tmp_path / "data" / "tokenizer-400.model")
+    assert '"domain": "unicode_table"' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--tokenizer PATH"):
+        script.main(["--demo", "--data_dir", str(tmp_path / "d"), "--seq_len", "8"])
+
