@@ -7,13 +7,52 @@ then continually trained on code and the table with 25% replay of earlier tasks
 (Abbes et al. 2025), additive accounting. Runs in minutes on 2 CPU cores, no download.
 
     python scripts/train.py --config configs/demo.py --workdir runs/demo
-    python scripts/train.py --config configs/demo.py --workdir runs/demo_seq --config.replay.rate=0
+    python scripts/train.py --config configs/demo.py:mer25 --workdir runs/mer25
+
+The part after ':' picks a method from METHODS below (default: replay25). Periods are
+scaled to the demo: the paper's Reptile period of 500 steps is ~4% of a 100B-token task
+(~12k steps at 4096 x 2048 tokens per batch); 4% of a 120-step demo task is 5 steps.
 """
 
 from cpt_jax.run_config import default_config
 
 
-def get_config():
+def _reptile(c, *periods):
+    c.method.reptile = [{"every": k, "meta_lr": eps} for k, eps in periods]
+
+
+# method -> edits of the base config (which has 25% replay).
+METHODS = {
+    "seq": lambda c: c.replay.update(dict(rate=0.0)),  # sequential fine-tuning
+    "replay25": lambda c: None,
+    "replay50": lambda c: c.replay.update(dict(rate=0.5)),
+    # Reptile alone (no replay), and MER = 25% replay + Reptile (Abbes et al. 2025).
+    "reptile": lambda c: (c.replay.update(dict(rate=0.0)), _reptile(c, (5, 0.1))),
+    "mer25": lambda c: _reptile(c, (5, 0.1)),
+    # Original MER (Riemer et al. 2019): within-batch Reptile (beta) nested in an
+    # across-batch one (gamma), here over steps: beta = 0.3 every 2, gamma = 0.1 every 10.
+    "mer_original": lambda c: _reptile(c, (2, 0.3), (10, 0.1)),
+    # A-GEM: replayed rows give the reference gradient only (Chaudhry et al. 2019).
+    "agem": lambda c: c.method.agem.update(dict(enabled=True, add_replay=False)),
+    # EWC with the Fisher estimated on replay-buffer rows at each task end; no replay.
+    "ewc": lambda c: (c.replay.update(dict(rate=0.0)), c.method.ewc.update(dict(lam=1e3))),
+    # L2 toward the previous task's final weights; no replay.
+    "l2": lambda c: (c.replay.update(dict(rate=0.0)),
+                     c.method.l2.update(dict(weight=1e-2, anchor="task_start"))),
+    # Logit distillation on replayed rows from a teacher frozen at each task boundary.
+    "distill": lambda c: c.method.distill.update(dict(weight=1.0, temperature=2.0)),
+    # Mix-review (He et al. 2021): replay decaying 0.25 -> 0.05 over each task, plus a weak
+    # L2 pull toward the pre-trained (task-0-start) weights.
+    "mixreview": lambda c: (c.replay.update(dict(schedule="exp_decay", end_rate=0.05)),
+                            c.method.l2.update(dict(weight=1e-4, anchor="init"))),
+    # Joint training on the union of all three domains: the upper reference.
+    "joint": lambda c: c.update(dict(joint=True)),
+}
+
+
+def get_config(method: str = "replay25"):
+    if method not in METHODS:
+        raise ValueError(f"unknown demo method {method!r}; choose one of {sorted(METHODS)}")
     c = default_config()
     c.name = "demo"
     c.model.update(dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -34,4 +73,6 @@ def get_config():
                {"domain": "unicode", "steps": 120}]
     c.replay.rate = 0.25
     c.eval.update(dict(every=40, max_rows=32, batch=32))
+    c.method.name = method
+    METHODS[method](c)
     return c

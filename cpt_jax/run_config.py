@@ -40,7 +40,10 @@ def default_config() -> ml_collections.ConfigDict:
     # warmup 1% then cosine to min_lr over the whole task sequence.
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-4, min_lr_ratio=0.1, warmup_frac=0.01, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.1, clip_norm=1.0))
+        weight_decay=0.1, clip_norm=1.0,
+        # "cosine" (one over the whole sequence), "rewarm_cosine" (per task, Ibrahim et al.
+        # 2024) or "infinite" (warmup, cooldown, constant, anneal at each task's end).
+        schedule="cosine", cooldown_frac=0.1, constant_lr_ratio=0.5, anneal_frac=0.1))
     c.optim.warmup_steps = ml_collections.FieldReference(None, field_type=int)
 
     # Data: named text domains (cpt_jax.data.sources), prepared once into a cache.
@@ -54,7 +57,26 @@ def default_config() -> ml_collections.ConfigDict:
     # Tasks in order: {"domain": name, "steps": n} or {"domain": name, "tokens": n}.
     c.tasks = []
     # Replay (Abbes et al. 2025): fraction of each batch drawn from earlier tasks.
-    c.replay = ml_collections.ConfigDict(dict(rate=0.0, accounting="additive"))
+    # schedule: "constant", or "linear_decay" / "exp_decay" from rate to end_rate over each
+    # task (mix-review, He et al. 2021).
+    c.replay = ml_collections.ConfigDict(dict(rate=0.0, accounting="additive",
+                                              schedule="constant", end_rate=0.0))
+    # Joint training on the union of all tasks' data (the upper reference): one task.
+    c.joint = False
+    # Continual-learning method (cpt_jax.optim.builder): a few keys, not a new trainer.
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "replay"  # a label for reports
+    # Per-source gradient weights (current, replay); None = token-proportional, i.e. the
+    # gradient of the mixed batch's mean loss.
+    c.method.mix_weights = ml_collections.FieldReference(None, field_type=list)
+    c.method.agem = ml_collections.ConfigDict(dict(enabled=False, add_replay=False))
+    # MER / Reptile: a list of {"every": k, "meta_lr": eps}; two entries = original MER.
+    c.method.reptile = []
+    c.method.reptile_reset_moments = False
+    c.method.l2 = ml_collections.ConfigDict(dict(weight=0.0, anchor="init"))  # or task_start
+    c.method.ewc = ml_collections.ConfigDict(dict(lam=0.0, decay=1.0, rows=64, chunk=4))
+    # Logit distillation on replayed rows from a teacher snapshot taken at each task boundary.
+    c.method.distill = ml_collections.ConfigDict(dict(weight=0.0, temperature=2.0))
     c.eval = ml_collections.ConfigDict(dict(every=100, max_rows=64, batch=16))
     # Starting point: fresh init, or parameters from a Hugging Face / orbax directory.
     c.init = ml_collections.ConfigDict(dict(hf="", orbax=""))
@@ -92,6 +114,12 @@ def check_config(c) -> None:
                              f"{names}")
         if ("steps" in t) == ("tokens" in t):
             raise ValueError(f"task {t}: give exactly one budget, steps or tokens")
+    if c.method.l2.anchor not in ("init", "task_start"):
+        raise ValueError(f"method.l2.anchor={c.method.l2.anchor!r}: use 'init' (the weights the "
+                         "run starts from) or 'task_start'")
+    for r in c.method.reptile:
+        if set(r) != {"every", "meta_lr"} or int(r["every"]) < 1:
+            raise ValueError(f"method.reptile entry {r}: give {{'every': k >= 1, 'meta_lr': eps}}")
     if c.global_batch % c.microbatches:
         raise ValueError(f"global_batch={c.global_batch} is not divisible by "
                          f"microbatches={c.microbatches}")

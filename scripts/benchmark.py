@@ -84,10 +84,10 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
     total = steps + warmup + 1
-    tx = make_optimizer(config.optim, total)
+    schedule = make_schedule(config.optim, total)
+    tx = make_optimizer(config, schedule)
     state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed))
-    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches,
-                           make_schedule(config.optim, total))
+    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule)
     batch = random_batch(config, jax.random.key(1))
 
     t0 = time.perf_counter()

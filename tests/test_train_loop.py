@@ -91,3 +91,34 @@ def test_cli_rejects_unknown_config_key(tmp_path):
     assert proc.returncode != 0
     assert "ratee" in proc.stderr
     assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_boundary_methods_run_through_the_loop(tmp_path):
+    """EWC, distillation, L2-to-task-start, a decaying replay rate and nested Reptile
+    together: the loop completes, replayed rows carry a distillation term, and the decaying
+    schedule replays fewer rows than a constant 25% would."""
+    c = _config(tmp_path)
+    c.method.ewc.update(dict(lam=10.0, rows=8, chunk=4))
+    c.method.distill.update(dict(weight=0.5, temperature=2.0))
+    c.method.l2.update(dict(weight=1e-3, anchor="task_start"))
+    c.method.reptile = [{"every": 2, "meta_lr": 0.5}, {"every": 4, "meta_lr": 0.5}]
+    c.replay.update(dict(schedule="linear_decay", end_rate=0.0))
+    c.replay.accounting = "compute_equivalent"
+    res = run(c, str(tmp_path / "work"))
+    assert len(res["loss_matrix"]) == 3
+    stats = res["task_stats"]
+    assert [t["steps"] for t in stats] == [8, 4, 4]
+    # rate 0.25 -> 0 linearly over 4 steps: round(B * r) for r = .25, .1875, .125, .0625
+    assert stats[1]["replay_tokens"] == (2 + 2 + 1 + 1) * 32
+    logged = [json.loads(l) for l in open(tmp_path / "work" / "metrics.jsonl")]
+    assert any("distill_replay" in m and m["distill_replay"] > 0 for m in logged)
+
+
+def test_joint_training_is_one_task_over_the_union(tmp_path):
+    c = _config(tmp_path)
+    c.joint = True
+    res = run(c, str(tmp_path / "work"))
+    assert res["tasks"] == ["joint"]
+    assert res["task_stats"][0]["steps"] == 8 + 4 + 4 and res["task_stats"][0]["replay_tokens"] == 0
+    assert len(res["loss_matrix"]) == 1 and len(res["loss_matrix"][0]) == 3
+    assert set(res["metrics"]) == {"retained_loss", "retained_ppl"}

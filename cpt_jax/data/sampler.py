@@ -131,13 +131,23 @@ class BatchIndex:
 Rate = float | Callable[[int], float]
 
 
+def replay_positions(batch: int, n_replay: int) -> np.ndarray:
+    """Rows of a batch that hold replay: evenly spread, floor((2j + 1) * B / (2 n)).
+
+    A function of (B, n) alone, so the train step can split a batch into its replay and
+    current rows statically, and every contiguous data-parallel shard gets its share.
+    """
+    return (2 * np.arange(n_replay, dtype=np.int64) + 1) * batch // (2 * max(n_replay, 1))
+
+
 class ReplaySampler:
     """Computes the global batch of any (task, step) directly; holds no iteration state.
 
     Args:
       train_rows: number of training rows of each task's domain, in task order.
       global_batch: rows per global batch (B).
-      rate: replay fraction in [0, 1], or a schedule ``step_within_task -> fraction``.
+      rate: replay fraction in [0, 1], or a schedule ``step_within_task -> fraction``,
+        or a list with one of those per task (e.g. a mix-review decay over each task).
       accounting: "additive" or "compute_equivalent" (see the module docstring).
       seed: the data order seed.
       names: optional task names, used in error messages.
@@ -163,12 +173,16 @@ class ReplaySampler:
         self.train_rows = [int(n) for n in train_rows]
         self.global_batch = int(global_batch)
         self.rate = rate
+        if isinstance(rate, (list, tuple)) and len(rate) != len(train_rows):
+            raise ValueError(f"{len(rate)} replay rates for {len(train_rows)} tasks; give one "
+                             "rate (or schedule) per task.")
         self.accounting = accounting
         self.seed = int(seed)
         self._starts = np.concatenate([[0], np.cumsum(self.train_rows)]).astype(np.int64)
-        if not callable(rate):
-            self._check_rate(rate, None)
-        self._replay_cum = np.zeros(1, np.int64)  # cumulative replay rows of a task k > 0
+        for k in range(len(train_rows)):
+            if not callable(self._rate_of(k)):
+                self._check_rate(self._rate_of(k), None)
+        self._replay_cum = {}  # task -> cumulative replay rows under a rate schedule
 
     @property
     def num_tasks(self) -> int:
@@ -188,6 +202,9 @@ class ReplaySampler:
             raise ValueError(f"Replay rate{where} must be in [0, 1], got {value}.")
         return value
 
+    def _rate_of(self, task: int):
+        return self.rate[task] if isinstance(self.rate, (list, tuple)) else self.rate
+
     def _count(self, rate: float) -> int:
         return int(math.floor(rate * self.global_batch + 0.5))
 
@@ -200,10 +217,11 @@ class ReplaySampler:
     def n_replay(self, task: int, step: int) -> int:
         """Replay rows in the batch of (task, step): round(rate(step) * B), 0 for task 0."""
         self._check(task, step)
-        return 0 if task == 0 else self._scheduled_count(int(step))
+        return 0 if task == 0 else self._scheduled_count(int(task), int(step))
 
-    def _scheduled_count(self, step: int) -> int:
-        rate = self.rate(step) if callable(self.rate) else self.rate
+    def _scheduled_count(self, task: int, step: int) -> int:
+        rate = self._rate_of(task)
+        rate = rate(step) if callable(rate) else rate
         return self._count(self._check_rate(rate, step))
 
     def replay_rows_before(self, task: int, step: int) -> int:
@@ -211,14 +229,15 @@ class ReplaySampler:
         self._check(task, step)
         if task == 0 or step == 0:
             return 0
-        if not callable(self.rate):
-            return int(step) * self._count(self.rate)
-        cum = self._replay_cum
+        rate = self._rate_of(task)
+        if not callable(rate):
+            return int(step) * self._count(rate)
+        cum = self._replay_cum.get(task, np.zeros(1, np.int64))
         if len(cum) <= step:  # memoised prefix sums of the schedule (a pure function)
             upto = max(int(step) + 1, 2 * len(cum))
-            counts = [self._scheduled_count(s) for s in range(len(cum) - 1, upto - 1)]
+            counts = [self._scheduled_count(task, s) for s in range(len(cum) - 1, upto - 1)]
             cum = np.concatenate([cum, cum[-1] + np.cumsum(counts, dtype=np.int64)])
-            self._replay_cum = cum
+            self._replay_cum[task] = cum
         return int(cum[step])
 
     def new_rows_before(self, task: int, step: int) -> int:
@@ -256,7 +275,7 @@ class ReplaySampler:
             flat = self._stream("replay", task, self.replay_rows_before(task, step), n_rep,
                                 pool)
             owner = np.searchsorted(self._starts, flat, side="right") - 1
-            pos = (2 * np.arange(n_rep, dtype=np.int64) + 1) * size // (2 * n_rep)
+            pos = replay_positions(size, n_rep)
             is_replay[pos] = True
             domain[pos] = owner
             row[pos] = flat - self._starts[owner]
@@ -294,10 +313,10 @@ class ReplaySampler:
             rows = int(math.ceil(budget_steps)) * size
         if self.accounting == "compute_equivalent" or task == 0:
             return math.ceil(rows / size)
-        if not callable(self.rate):
-            n_new = size - self._count(self.rate)
+        if not callable(self._rate_of(task)):
+            n_new = size - self._count(self._rate_of(task))
             if n_new == 0:
-                raise ValueError(f"{self._labels[task]}: replay rate {self.rate} leaves no new "
+                raise ValueError(f"{self._labels[task]}: replay rate {self._rate_of(task)} leaves no new "
                                  f"rows in a batch of {size}, so additive accounting never "
                                  f"covers the budget; lower the rate or use "
                                  f"accounting='compute_equivalent'.")

@@ -1,8 +1,13 @@
 """Build the optax chain of a run from its config.
 
+    [replay_mix | agem] -> [l2_anchor] -> [ewc] -> clip_by_global_norm -> AdamW(schedule)
+        -> [reptile(every_1, meta_lr_1) -> reptile(every_2, meta_lr_2) ...]
+
 The base optimizer is AdamW with global-norm clipping (Abbes et al. 2025: betas (0.9, 0.95),
-eps 1e-8, weight decay 0.1 on weight matrices only, clip 1.0, warmup then cosine). Methods
-from ``cpt_jax.optim`` wrap around it in the same ``optax.chain``.
+eps 1e-8, weight decay 0.1 on weight matrices only, clip 1.0). The first element combines
+the step's per-source gradients; regularisers add their gradients before clipping (they are
+part of the loss); Reptile acts on the optimizer's update (MER). Config keys: ``optim.*``
+for the base optimizer, ``method.*`` for the continual-learning pieces.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import jax
 import optax
 
-from cpt_jax.optim.schedules import warmup_cosine
+from cpt_jax.optim import transforms
+from cpt_jax.optim.schedules import make_lr_schedule
 
 
 def decay_mask(params):
@@ -20,17 +26,33 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_schedule(opt, total_steps: int):
-    warmup = opt.warmup_steps if opt.get("warmup_steps") is not None else round(
-        opt.warmup_frac * total_steps)
-    return warmup_cosine(opt.lr, total_steps, warmup, opt.lr * opt.min_lr_ratio)
+def make_schedule(opt, task_steps):
+    """The learning-rate schedule of ``config.optim`` for tasks of ``task_steps`` steps (an
+    int is one task): cosine over the whole sequence, re-warmed per task, or infinite."""
+    steps = [task_steps] if isinstance(task_steps, int) else list(task_steps)
+    return make_lr_schedule(opt, steps)
 
 
-def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule) from a config.optim ConfigDict."""
-    schedule = make_schedule(opt, total_steps)
-    return optax.chain(
-        optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                    weight_decay=opt.weight_decay, mask=decay_mask),
-    )
+def base_optimizer(opt, schedule) -> optax.GradientTransformation:
+    return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                       weight_decay=opt.weight_decay, mask=decay_mask)
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+    """The whole chain for a run config (``config.optim`` and ``config.method``)."""
+    opt, m = config.optim, config.method
+    weights = tuple(m.mix_weights) if m.mix_weights else None
+    chain = [transforms.agem(m.agem.add_replay, weights) if m.agem.enabled
+             else transforms.replay_mix(weights)]
+    if m.l2.weight:
+        chain.append(transforms.l2_anchor(m.l2.weight))
+    if m.ewc.lam:
+        chain.append(transforms.ewc(m.ewc.lam))
+    chain.append(optax.clip_by_global_norm(opt.clip_norm))
+    base = base_optimizer(opt, schedule)
+    if m.reptile and m.reptile_reset_moments:
+        base = transforms.reset_moments(base, every=int(m.reptile[0]["every"]))
+    chain.append(base)
+    for r in m.reptile:
+        chain.append(transforms.reptile(int(r["every"]), float(r["meta_lr"])))
+    return optax.chain(*chain)

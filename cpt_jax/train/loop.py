@@ -22,12 +22,14 @@ from cpt_jax import sharding as sharding_lib
 from cpt_jax.data import prepare as prepare_lib
 from cpt_jax.data import tokenizer as tokenizer_lib
 from cpt_jax.data.loader import BatchLoader, eval_batches
+from cpt_jax.data.mixing import ConcatRows, replay_rate_schedule
 from cpt_jax.data.sampler import ReplaySampler
 from cpt_jax.eval import metrics as metrics_lib
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim.builder import make_optimizer, make_schedule
 from cpt_jax.run_config import check_config
 from cpt_jax.train import checkpoint as checkpoint_lib
+from cpt_jax.train.methods import TaskBoundary, make_loss_fn
 from cpt_jax.train.state import create_train_state
 from cpt_jax.train.step import make_eval_step, make_train_step
 
@@ -78,6 +80,44 @@ def _check_same_shape(loaded: model_lib.LlamaConfig, wanted: model_lib.LlamaConf
                                      for k, (a, b) in diff.items()))
 
 
+def scalars(metrics: dict) -> dict:
+    """Flatten step metrics to floats; a vector v (e.g. per-layer cosines) -> key/i."""
+    out = {}
+    for key, v in metrics.items():
+        v = np.asarray(v)
+        if v.ndim:
+            out.update({f"{key}/{i}": float(x) for i, x in enumerate(v)})
+        else:
+            out[key] = float(v)
+    return out
+
+
+def nominal_steps(config, task: dict) -> int:
+    """A task's budget in replay-free steps (its step budget, or tokens / batch tokens)."""
+    if task.get("steps") is not None:
+        return int(task["steps"])
+    return -(-int(task["tokens"]) // (config.global_batch * config.seq_len))
+
+
+def replay_rates(config, tasks):
+    """The sampler's replay rate: a constant, or one decaying schedule per task."""
+    r = config.replay
+    if config.joint:
+        return 0.0
+    if r.schedule == "constant":
+        return r.rate
+    return [replay_rate_schedule(r.schedule, r.rate, nominal_steps(config, t), r.end_rate)
+            for t in tasks]
+
+
+def run_metrics(loss_matrix, init_losses) -> dict:
+    """CL metrics of a square loss matrix; a joint run (one row) reports retained loss."""
+    if len(loss_matrix) == len(loss_matrix[0]):
+        return metrics_lib.summary(loss_matrix, init_losses)
+    retained = float(np.mean(loss_matrix[-1]))
+    return {"retained_loss": retained, "retained_ppl": float(np.exp(retained))}
+
+
 def run(config, workdir: str) -> dict:
     """Run the whole task sequence; returns (and writes) the results dictionary."""
     check_config(config)
@@ -97,8 +137,13 @@ def run(config, workdir: str) -> dict:
                                            progress=is_main)
     tasks = [dict(t) for t in config.tasks]
     task_names = [t["domain"] for t in tasks]
-    sampler = ReplaySampler([len(prepared[n]["train"]) for n in task_names],
-                            config.global_batch, rate=config.replay.rate,
+    train_sources = [prepared[n]["train"] for n in task_names]
+    if config.joint:  # one task over the union of every task's rows and budget
+        train_sources = [ConcatRows(train_sources)]
+        tasks = [{"steps": sum(nominal_steps(config, t) for t in tasks)}]
+        task_names = ["joint"]
+    sampler = ReplaySampler([len(s) for s in train_sources], config.global_batch,
+                            rate=replay_rates(config, tasks),
                             accounting=config.replay.accounting, seed=config.seed,
                             names=task_names)
     steps = [sampler.steps_in_task(k, budget_tokens=t.get("tokens"),
@@ -110,14 +155,17 @@ def run(config, workdir: str) -> dict:
     mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
-    tx = make_optimizer(config.optim, total_steps)
-    schedule = make_schedule(config.optim, total_steps)
+    schedule = make_schedule(config.optim, steps)
+    tx = make_optimizer(config, schedule)
+    distill = config.method.distill.weight > 0
     state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed),
-                                          params=initial_params(config, mcfg))
+                                          params=initial_params(config, mcfg), teacher=distill)
     train_step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches,
-                                 schedule)
+                                 schedule, loss_fn=make_loss_fn(config, mcfg))
+    boundary = TaskBoundary(config, mcfg, mesh, rules, shardings, train_sources)
     eval_step = make_eval_step(mcfg, mesh, shardings, rules)
-    loader = BatchLoader(sampler, [prepared[n]["train"] for n in task_names], mesh)
+    loader = BatchLoader(sampler, train_sources, mesh)
+    eval_order = [t["domain"] for t in config.tasks]  # loss matrix columns
     eval_sets = {n: eval_batches(prepared[n]["val"], config.eval.max_rows,
                                  config.eval.batch, mesh) for n in names}
 
@@ -142,18 +190,20 @@ def run(config, workdir: str) -> dict:
     bar = tqdm(total=total_steps, disable=not is_main, dynamic_ncols=True)
     for k, task in enumerate(tasks):
         name = task_names[k]
+        if k > 0:
+            state = boundary(state, k)
         t_start = time.perf_counter()
         n_new = n_replay = 0
         window_t, window_tok = time.perf_counter(), 0
         for step, batch in enumerate(loader.iterate(k, 0, steps[k])):
-            state, m = train_step(state, batch)
-            global_step += 1
             n_rep = sampler.n_replay(k, step)
+            state, m = train_step(state, batch, n_rep)
+            global_step += 1
             n_replay += n_rep * tokens_per_row
             n_new += (config.global_batch - n_rep) * tokens_per_row
             window_tok += config.global_batch * tokens_per_row
             if global_step % config.log_every == 0 or step == steps[k] - 1:
-                m = {key: float(v) for key, v in jax.device_get(m).items()}
+                m = scalars(jax.device_get(m))
                 now = time.perf_counter()
                 m.update(step=global_step, task=name, tokens_per_s=window_tok / (now - window_t))
                 window_t, window_tok = now, 0
@@ -168,7 +218,7 @@ def run(config, workdir: str) -> dict:
                 losses = evaluate(state.params)
                 eval_curve.append({"step": global_step, "task": name, "losses": losses})
                 if end_of_task:
-                    loss_matrix.append([losses[n] for n in task_names])
+                    loss_matrix.append([losses[n] for n in eval_order])
         boundaries.append({"task": name, "end_step": global_step})
         task_stats.append({"task": name, "steps": steps[k], "new_tokens": n_new,
                            "replay_tokens": n_replay,
@@ -180,12 +230,13 @@ def run(config, workdir: str) -> dict:
     results = {
         "domains": names,
         "tasks": task_names,
+        "method": config.method.name,
         "loss_matrix": loss_matrix,
         "init_losses": init_losses,
         "eval_curve": eval_curve,
         "task_boundaries": boundaries,
         "task_stats": task_stats,
-        "metrics": metrics_lib.summary(loss_matrix, [init_losses[n] for n in task_names]),
+        "metrics": run_metrics(loss_matrix, [init_losses[n] for n in eval_order]),
         "config": json.loads(config.to_json_best_effort()),
     }
     if is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,9 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken over the whole task sequence
     params: dict
     opt_state: optax.OptState
+    # Frozen teacher for logit distillation on replayed rows (snapshot at each task
+    # boundary), sharded like params; None when no distillation is configured.
+    teacher: Any = None
 
 
 def mesh_context(mesh):
@@ -40,7 +44,7 @@ def param_shardings(config: model_lib.LlamaConfig, mesh, rules):
     return sharding_lib.logical_to_sharding(model_lib.param_logical_axes(config), mesh, rules)
 
 
-def state_shardings(config: model_lib.LlamaConfig, tx, mesh, rules):
+def state_shardings(config: model_lib.LlamaConfig, tx, mesh, rules, teacher: bool = False):
     """NamedShardings for every leaf of the TrainState (computed abstractly, no allocation)."""
     p_shard = param_shardings(config, mesh, rules)
     abstract = jax.eval_shape(functools.partial(_init_state, config, tx), jax.random.key(0))
@@ -49,29 +53,33 @@ def state_shardings(config: model_lib.LlamaConfig, tx, mesh, rules):
         tx, lambda _, s: s, abstract.opt_state, p_shard,
         transform_non_params=lambda _: rep,
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return TrainState(step=rep, params=p_shard, opt_state=opt_shard)
+    return TrainState(step=rep, params=p_shard, opt_state=opt_shard,
+                      teacher=p_shard if teacher else None)
 
 
-def _init_state(config, tx, key, params=None):
+def _init_state(config, tx, key, params=None, teacher=False):
     if params is None:
         params = model_lib.init_params(config, key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      teacher=jax.tree.map(jnp.copy, params) if teacher else None)
 
 
-def create_train_state(config: model_lib.LlamaConfig, tx, mesh, rules, key, params=None):
+def create_train_state(config: model_lib.LlamaConfig, tx, mesh, rules, key, params=None,
+                       teacher: bool = False):
     """Initialise (or adopt `params` into) a sharded TrainState; returns (state, shardings).
 
     Initialisation runs under jit with the target out_shardings, so every array is created
     directly on its devices and never materialised whole on one host. (No ambient mesh here:
     Flax's DenseGeneral initialises kernels flat, so logical constraints at init would misfire.)
     """
-    shardings = state_shardings(config, tx, mesh, rules)
+    shardings = state_shardings(config, tx, mesh, rules, teacher)
     if params is None:
-        init = jax.jit(functools.partial(_init_state, config, tx), out_shardings=shardings)
+        init = jax.jit(functools.partial(_init_state, config, tx, teacher=teacher),
+                       out_shardings=shardings)
         state = init(key)
     else:
         params = jax.device_put(params, shardings.params)
-        init = jax.jit(lambda p: _init_state(config, tx, None, p),
+        init = jax.jit(lambda p: _init_state(config, tx, None, p, teacher),
                        in_shardings=(shardings.params,), out_shardings=shardings)
         state = init(params)
     return state, shardings

@@ -4,12 +4,20 @@ A batch is a dict of global arrays sharded over the batch axes (data, fsdp):
 
     tokens       [B, L+1] int32   packed rows; inputs are [:, :-1], targets [:, 1:]
     segment_ids  [B, L+1] int32   document id within the row, 0 = padding
-    is_replay    [B]      int32   1 for rows replayed from earlier tasks (optional)
+    is_replay    [B]      int32   1 for rows replayed from earlier tasks
 
 The loss is next-token cross-entropy averaged over the tokens whose target lies in the same
-document as the input (so the loss never crosses a document and skips padding). Gradients
-are accumulated over microbatches inside the step with ``lax.scan``: the update for a
-global batch does not depend on how many microbatches it is split into.
+document as the input (the loss never crosses a document and skips padding).
+
+Per-source gradients: the sampler puts a batch's ``n_replay`` replay rows at positions
+fixed by (B, n_replay) (``replay_positions``), so the step splits the batch statically into
+its current-task and replay rows and takes the gradient of each part's mean loss. The two
+parts are disjoint, so this is one forward/backward over the mixed batch in FLOPs. Both
+gradients go to the optax chain as a ``PerSourceGrads``; its first transform (replay_mix,
+agem) combines them. Each distinct ``n_replay`` compiles once.
+
+Gradients are accumulated over microbatches inside the step with ``lax.scan``: the update
+of a global batch does not depend on how many microbatches it is split into.
 """
 
 from __future__ import annotations
@@ -18,40 +26,33 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
+from cpt_jax.data.sampler import replay_positions
+from cpt_jax.optim.transforms import PerSourceGrads, tree_dot
 from cpt_jax.train.state import TrainState, mesh_context
 
 
 def token_losses(config, params, batch):
-    """Per-token cross-entropy [B, L] (float32) and its mask [B, L] (float32)."""
+    """Per-token cross-entropy [B, L] (float32), its mask [B, L] and the logits [B, L, V]."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
     logits = model_lib.forward(config, params, tokens[:, :-1], seg[:, :-1])
     targets = tokens[:, 1:]
-    mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    mask = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return losses, mask.astype(jnp.float32)
+    return losses, mask, logits
 
 
-def loss_sums(config, params, batch):
-    """(sum of masked token losses, aux sums) for one (micro)batch; aux splits by source."""
-    losses, mask = token_losses(config, params, batch)
-    is_replay = batch.get("is_replay")
-    if is_replay is None:
-        is_replay = jnp.zeros(losses.shape[:1], jnp.int32)
-    replay = is_replay.astype(jnp.float32)[:, None] * mask
-    current = mask - replay
-    aux = {
-        "tokens": mask.sum(),
-        "loss_sum_current": (losses * current).sum(),
-        "tokens_current": current.sum(),
-        "loss_sum_replay": (losses * replay).sum(),
-        "tokens_replay": replay.sum(),
-    }
-    return (losses * mask).sum(), aux
+def ce_loss_sum(config, params, batch, teacher=None):
+    """(sum of masked token losses, {"tokens", "ce_sum"}) for one (micro)batch."""
+    del teacher
+    losses, mask, _ = token_losses(config, params, batch)
+    total = (losses * mask).sum()
+    return total, {"tokens": mask.sum(), "ce_sum": total}
 
 
 def split_microbatches(batch, n: int, mesh):
@@ -59,16 +60,28 @@ def split_microbatches(batch, n: int, mesh):
     def split(x):
         B = x.shape[0]
         if B % n:
-            raise ValueError(f"global batch {B} is not divisible by microbatches={n}")
+            raise ValueError(f"a batch part of {B} rows is not divisible by microbatches={n}; "
+                             "choose microbatches dividing both the replay and current rows")
+        shards = sharding_lib.batch_divisor(mesh)
+        if (B // n) % shards:
+            # Uneven microbatches are refused: XLA's partitioner produced NaN embedding
+            # gradients for them (1-row microbatches on a data=2 x tensor=4 mesh).
+            raise ValueError(
+                f"a batch part of {B} rows in microbatches={n} gives {B // n} rows per "
+                f"microbatch, not a multiple of the {shards} batch shards (data x fsdp); "
+                "change microbatches, global_batch or the replay rate")
         y = x.reshape(B // n, n, *x.shape[1:]).swapaxes(0, 1)
         spec = jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES)
         return jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
     return jax.tree.map(split, batch)
 
 
-def accumulate_gradients(config, params, batch, microbatches: int, mesh, param_shardings):
-    """Sum of loss gradients and aux sums over microbatches (lax.scan when more than one)."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_sums, config), has_aux=True)
+def accumulate_gradients(loss_fn, params, batch, microbatches: int, mesh, param_shardings):
+    """Sums of loss gradients and aux over microbatches (lax.scan when more than one).
+
+    `loss_fn(params, batch) -> (loss_sum, aux dict of scalars)`.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
         (_, aux), grads = grad_fn(params, batch)
         return grads, aux
@@ -83,53 +96,123 @@ def accumulate_gradients(config, params, batch, microbatches: int, mesh, param_s
         return (g_acc, jax.tree.map(jnp.add, a_acc, aux)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    aux0 = jax.tree.map(lambda _: jnp.zeros((), jnp.float32),
-                        jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))[0][1])
+    aux_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))[0][1]
+    aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
     (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), micro)
     return grads, aux
 
 
-def train_step(config, tx, mesh, param_shardings, microbatches, lr_schedule, state: TrainState,
-               batch):
-    """One optimizer step on a global batch. Returns (new state, scalar metrics)."""
-    grad_sums, aux = accumulate_gradients(config, state.params, batch, microbatches, mesh,
+def take_rows(batch, idx: np.ndarray, mesh):
+    """Rows `idx` (static) of every batch array, re-sharded over the batch axes."""
+    def take(x):
+        y = jnp.take(x, jnp.asarray(idx), axis=0)
+        if len(idx) % sharding_lib.batch_divisor(mesh):
+            return y  # uneven: leave the layout to XLA
+        return jax.lax.with_sharding_constraint(y, sharding_lib.batch_sharding(mesh, x.ndim))
+    return jax.tree.map(take, batch)
+
+
+def gradient_cosines(g_cur, g_rep) -> dict:
+    """Cosine between current-task and replay gradients: global, per layer, embeddings.
+
+    The quantity MER's objective rewards (Riemer et al. 2019). A few parameter-sized
+    reductions per step.
+    """
+    def cos(a, b):
+        return tree_dot(a, b) / jnp.maximum(jnp.sqrt(tree_dot(a, a) * tree_dot(b, b)), 1e-30)
+
+    out = {"grad_cos": cos(g_cur, g_rep)}
+    if "layers" in g_cur:  # stacked by nn.scan: leading axis = layer
+        def per_layer(a, b):
+            return sum(jnp.sum((x * y).reshape(x.shape[0], -1), axis=1)
+                       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        dot = per_layer(g_cur["layers"], g_rep["layers"])
+        norms = per_layer(g_cur["layers"], g_cur["layers"]) * per_layer(g_rep["layers"],
+                                                                      g_rep["layers"])
+        out["grad_cos_layer"] = dot / jnp.maximum(jnp.sqrt(norms), 1e-30)
+    out["grad_cos_embed"] = cos(g_cur["embed"], g_rep["embed"])
+    return out
+
+
+def train_step(config, tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
+               n_replay: int, state: TrainState, batch):
+    """One optimizer step on a global batch with `n_replay` replay rows (static)."""
+    B = batch["tokens"].shape[0]
+    if not 0 <= n_replay < B:
+        raise ValueError(f"n_replay={n_replay} must be in [0, {B}): a batch needs current rows")
+    cur_loss = functools.partial(loss_fn, teacher=None)
+    rep_loss = functools.partial(loss_fn, teacher=state.teacher)
+
+    def grads_of(fn, part):
+        g_sum, aux = accumulate_gradients(fn, state.params, part, microbatches, mesh,
                                           param_shardings)
-    n_tok = jnp.maximum(aux["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / n_tok, grad_sums)
+        n_tok = jnp.maximum(aux["tokens"], 1.0)
+        return jax.tree.map(lambda g: g / n_tok, g_sum), aux
+
+    metrics = {}
+    if n_replay == 0:
+        g_cur, aux_c = grads_of(cur_loss, batch)
+        aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
+        g_rep = None
+    else:
+        rep_idx = replay_positions(B, n_replay)
+        cur_idx = np.setdiff1d(np.arange(B), rep_idx)
+        g_cur, aux_c = grads_of(cur_loss, take_rows(batch, cur_idx, mesh))
+        g_rep, aux_r = grads_of(rep_loss, take_rows(batch, rep_idx, mesh))
+        metrics.update(gradient_cosines(g_cur, g_rep))
+
+    grads = PerSourceGrads(g_cur, g_rep, aux_c["tokens"], aux_r["tokens"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": (aux["loss_sum_current"] + aux["loss_sum_replay"]) / n_tok,
-        "loss_current": aux["loss_sum_current"] / jnp.maximum(aux["tokens_current"], 1.0),
-        "loss_replay": aux["loss_sum_replay"] / jnp.maximum(aux["tokens_replay"], 1.0),
-        "tokens": aux["tokens"],
-        "grad_norm": optax.tree.norm(grads),
+
+    tc, tr = aux_c["tokens"], aux_r["tokens"]
+    metrics.update({
+        "loss": (aux_c["ce_sum"] + aux_r["ce_sum"]) / jnp.maximum(tc + tr, 1.0),
+        "loss_current": aux_c["ce_sum"] / jnp.maximum(tc, 1.0),
+        "loss_replay": aux_r["ce_sum"] / jnp.maximum(tr, 1.0),
+        "tokens": tc + tr,
+        "grad_norm_current": optax.tree.norm(g_cur),
+        "update_norm": optax.tree.norm(updates),
         "lr": lr_schedule(state.step) if lr_schedule is not None else jnp.zeros(()),
-    }
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    })
+    for k in aux_r:
+        if k not in ("tokens", "ce_sum"):  # method-specific terms, e.g. distillation
+            metrics[f"{k}_replay"] = aux_r[k] / jnp.maximum(tr, 1.0)
+    if g_rep is not None:
+        metrics["grad_norm_replay"] = optax.tree.norm(g_rep)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
 
 def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainState, rules,
-                    microbatches: int = 1, lr_schedule=None):
-    """Jitted step(state, batch) -> (state, metrics) with explicit shardings, state donated."""
+                    microbatches: int = 1, lr_schedule=None, loss_fn=None):
+    """step(state, batch, n_replay=0) -> (state, metrics): jitted per replay count, with
+    explicit shardings and the state donated. `loss_fn(params, batch, teacher)` defaults to
+    cross-entropy; `n_replay` must match the sampler's replay count for the batch."""
+    loss_fn = loss_fn or functools.partial(ce_loss_sum, config)
     batch_shard = {
         "tokens": sharding_lib.batch_sharding(mesh, 2),
         "segment_ids": sharding_lib.batch_sharding(mesh, 2),
         "is_replay": sharding_lib.batch_sharding(mesh, 1),
     }
-    fn = functools.partial(train_step, config, tx, mesh, shardings.params, microbatches,
-                           lr_schedule)
-    jitted = jax.jit(fn, in_shardings=(shardings, batch_shard),
-                     out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+    cache = {}
 
-    def step(state, batch):
-        with mesh_context(mesh), nn.logical_axis_rules(rules):
-            return jitted(state, batch)
+    def jitted(n_replay):
+        if n_replay not in cache:
+            fn = functools.partial(train_step, config, tx, mesh, shardings.params,
+                                   microbatches, lr_schedule, loss_fn, n_replay)
+            cache[n_replay] = jax.jit(fn, in_shardings=(shardings, batch_shard),
+                                      out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                                      donate_argnums=0)
+        return cache[n_replay]
 
-    def lower(state, batch):
+    def step(state, batch, n_replay: int = 0):
         with mesh_context(mesh), nn.logical_axis_rules(rules):
-            return jitted.lower(state, batch)
+            return jitted(int(n_replay))(state, batch)
+
+    def lower(state, batch, n_replay: int = 0):
+        with mesh_context(mesh), nn.logical_axis_rules(rules):
+            return jitted(int(n_replay)).lower(state, batch)
 
     step.lower = lower
     return step
@@ -140,7 +223,7 @@ def make_eval_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, r
     batch_shard = {k: sharding_lib.batch_sharding(mesh, 2) for k in ("tokens", "segment_ids")}
 
     def eval_sums(params, batch):
-        losses, mask = token_losses(config, params, batch)
+        losses, mask, _ = token_losses(config, params, batch)
         return (losses * mask).sum(), mask.sum()
 
     jitted = jax.jit(eval_sums, in_shardings=(shardings.params, batch_shard),
