@@ -77,6 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.method.ewc = ml_collections.ConfigDict(dict(lam=0.0, decay=1.0, rows=64, chunk=4))
     # Logit distillation on replayed rows from a teacher snapshot taken at each task boundary.
     c.method.distill = ml_collections.ConfigDict(dict(weight=0.0, temperature=2.0))
+    # Dark Experience Replay: top-k logits of a seeded subset of rows, matched on replay.
+    c.method.der = ml_collections.ConfigDict(dict(weight=0.0, k=32, rows_per_domain=1024))
     c.eval = ml_collections.ConfigDict(dict(every=100, max_rows=64, batch=16))
     # Starting point: fresh init, or parameters from a Hugging Face / orbax directory.
     c.init = ml_collections.ConfigDict(dict(hf="", orbax=""))

@@ -2,6 +2,14 @@
 
     python scripts/benchmark.py --config configs/llama_99m.py --config.global_batch=8 \
         --config.seq_len=512 [--steps 10 --warmup 2] [--json OUT.json]
+    python scripts/benchmark.py --config configs/demo.py --methods plain,replay,agem,reptile
+
+With --methods, each method's median step time and train-state memory are reported
+relative to plain training (no replay, no method) on the same global batch, in one run:
+"replay" splits the batch into 25% replay / 75% current rows and takes per-source
+gradients (replay_mix); "agem" adds the projection; "reptile" adds the meta-update, whose
+meta step is timed separately and amortised over --reptile_every steps; "mer" is
+replay + reptile.
 
 tokens/s is the median over `--steps` synchronised steps after `--warmup` steps. MFU is
 model FLOPs per second over the matmul peak of this machine measured in the same run (a
@@ -36,6 +44,10 @@ config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).
 flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+flags.DEFINE_list("methods", [], "Compare methods against plain training: plain, replay, "
+                  "agem, reptile, mer.")
+flags.DEFINE_float("replay_rate", 0.25, "Replay fraction for the replay/agem/mer methods.")
+flags.DEFINE_integer("reptile_every", 500, "Reptile period to amortise the meta step over.")
 FLAGS = flags.FLAGS
 
 
@@ -79,7 +91,28 @@ def random_batch(config, key):
             "is_replay": np.zeros((B,), np.int32)}
 
 
-def benchmark(config, steps: int, warmup: int) -> dict:
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def timed_steps(compiled, state, batch, steps: int):
+    """Run `steps` synchronised steps; returns (state, per-step seconds)."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return state, metrics, times
+
+
+def benchmark(config, steps: int, warmup: int, n_replay: int = 0,
+              meta_every: int | None = None) -> dict:
+    """Time the train step of `config` with `n_replay` replayed rows per batch.
+
+    With `meta_every` (a Reptile config with period 2), odd and even steps are timed apart:
+    the inner steps and the meta steps.
+    """
     mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
@@ -91,18 +124,23 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     batch = random_batch(config, jax.random.key(1))
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch, n_replay).compile()
     compile_s = time.perf_counter() - t0
 
-    for _ in range(warmup + 1):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    state, metrics, _ = timed_steps(compiled, state, batch, warmup + 1)
+    extra = {}
+    if meta_every:
+        # the chain's step counter is now warmup + 1; time inner and meta steps apart
+        state, metrics, times = timed_steps(compiled, state, batch, 2 * steps)
+        done = warmup + 1
+        meta = [t for i, t in enumerate(times, start=done + 1) if i % 2 == 0]
+        inner = [t for i, t in enumerate(times, start=done + 1) if i % 2 == 1]
+        t_in, t_meta = statistics.median(inner), statistics.median(meta)
+        k = meta_every
+        times = [((k - 1) * t_in + t_meta) / k]
+        extra = {"inner_step_s": t_in, "meta_step_s": t_meta, "amortised_over": k}
+    else:
+        state, metrics, times = timed_steps(compiled, state, batch, steps)
 
     step_s = statistics.median(times)
     tokens_per_step = config.global_batch * config.seq_len
@@ -121,14 +159,54 @@ def benchmark(config, steps: int, warmup: int) -> dict:
         "model_tflops_per_s": tok_s * flops_tok / 1e12,
         "matmul_peak_tflops_per_s": peak / 1e12, "mfu": tok_s * flops_tok / peak,
         "final_loss": float(metrics["loss"]),
-        **peak_memory_bytes(compiled),
+        "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
+        **extra, **peak_memory_bytes(compiled),
     }
+
+
+def method_config(config, method: str, rate: float):
+    """(config, n_replay, meta_every) for one method of the comparison."""
+    c = config.copy_and_resolve_references()
+    n_replay = int(round(rate * c.global_batch))
+    if method == "plain":
+        return c, 0, None
+    if method == "replay":
+        return c, n_replay, None
+    if method == "agem":
+        c.method.agem.enabled = True
+        return c, n_replay, None
+    if method in ("reptile", "mer"):
+        c.method.reptile = [{"every": 2, "meta_lr": 0.1}]  # period 2: time both kinds
+        return c, (n_replay if method == "mer" else 0), FLAGS.reptile_every
+    raise app.UsageError(f"unknown method {method!r}; use plain, replay, agem, reptile, mer")
+
+
+def compare_methods(config, methods, steps, warmup) -> dict:
+    results = {}
+    for m in ["plain"] + [m for m in methods if m != "plain"]:
+        c, n_replay, every = method_config(config, m, FLAGS.replay_rate)
+        results[m] = benchmark(c, steps, warmup, n_replay, every)
+    base = results["plain"]
+    print(f"{'method':<9} {'step_s':>9} {'time_ratio':>10} {'state_bytes':>12} "
+          f"{'extra_param_copies':>18}")
+    for m, r in results.items():
+        r["time_ratio"] = r["step_s_median"] / base["step_s_median"]
+        r["extra_param_copies"] = (r["opt_state_bytes"] - base["opt_state_bytes"]) / r["param_bytes"]
+        print(f"{m:<9} {r['step_s_median']:>9.4f} {r['time_ratio']:>10.3f} "
+              f"{r['opt_state_bytes'] + r['param_bytes']:>12d} {r['extra_param_copies']:>18.2f}")
+    return results
 
 
 def main(argv):
     del argv
     if FLAGS.config is None:
         sys.exit("--config is required, e.g. --config configs/tiny.py")
+    if FLAGS.methods:
+        result = compare_methods(FLAGS.config, FLAGS.methods, FLAGS.steps, FLAGS.warmup)
+        if FLAGS.json:
+            with open(FLAGS.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup)
     width = max(map(len, result))
     for k, v in result.items():

@@ -122,3 +122,13 @@ def test_joint_training_is_one_task_over_the_union(tmp_path):
     assert res["task_stats"][0]["steps"] == 8 + 4 + 4 and res["task_stats"][0]["replay_tokens"] == 0
     assert len(res["loss_matrix"]) == 1 and len(res["loss_matrix"][0]) == 3
     assert set(res["metrics"]) == {"retained_loss", "retained_ppl"}
+
+
+def test_der_records_logits_and_matches_them_on_replay(tmp_path):
+    c = _config(tmp_path)
+    c.method.der.update(dict(weight=1.0, k=4, rows_per_domain=16))
+    res = run(c, str(tmp_path / "work"))
+    assert len(res["loss_matrix"]) == 3
+    logged = [json.loads(l) for l in open(tmp_path / "work" / "metrics.jsonl")]
+    # replayed rows with stored logits contribute a DER term once task 1 replays task 0
+    assert any(m.get("der_replay", 0) > 0 for m in logged if m["task"] != "en")

@@ -67,8 +67,12 @@ class BatchLoader:
       mesh: the device mesh; batches are sharded over its (data, fsdp) axes.
     """
 
-    def __init__(self, sampler: ReplaySampler, sources: Sequence[PackedRows], mesh):
+    def __init__(self, sampler: ReplaySampler, sources: Sequence[PackedRows], mesh,
+                 extras=None):
         self.sampler, self.sources, self.mesh = sampler, list(sources), mesh
+        # extras(task, step, BatchIndex of this process's rows) -> {name: [n, ...] array}:
+        # per-row data a method adds to the batch (e.g. stored DER logits).
+        self.extras = extras
         B = sampler.global_batch
         div = sharding_lib.batch_divisor(mesh)
         if B % div:
@@ -81,8 +85,11 @@ class BatchLoader:
         idx = self.sampler.batch(task, step)
         sl = slice(self.lo, self.hi)
         tokens, segs = read_rows(self.sources, idx.domain[sl], idx.row[sl])
-        return {"tokens": tokens, "segment_ids": segs,
-                "is_replay": idx.is_replay[sl].astype(np.int32)}
+        out = {"tokens": tokens, "segment_ids": segs,
+               "is_replay": idx.is_replay[sl].astype(np.int32)}
+        if self.extras is not None:
+            out.update(self.extras(task, step, idx.shard_range(self.lo, self.hi)))
+        return out
 
     def batch(self, task: int, step: int) -> dict:
         return to_global(self.mesh, self.host_batch(task, step), self.sampler.global_batch,

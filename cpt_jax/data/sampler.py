@@ -118,6 +118,10 @@ class BatchIndex:
     def __len__(self) -> int:
         return int(self.row.shape[0])
 
+    def shard_range(self, lo: int, hi: int) -> "BatchIndex":
+        """Rows [lo, hi) of the batch (a process's share)."""
+        return BatchIndex(self.domain[lo:hi], self.row[lo:hi], self.is_replay[lo:hi])
+
     def shard(self, index: int, count: int) -> "BatchIndex":
         """The ``index``-th of ``count`` contiguous equal slices (a data-parallel shard)."""
         size = len(self)

@@ -29,7 +29,7 @@ from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim.builder import make_optimizer, make_schedule
 from cpt_jax.run_config import check_config
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.train.methods import TaskBoundary, make_loss_fn
+from cpt_jax.train.methods import DERRecorder, TaskBoundary, make_loss_fn
 from cpt_jax.train.state import create_train_state
 from cpt_jax.train.step import make_eval_step, make_train_step
 
@@ -164,7 +164,9 @@ def run(config, workdir: str) -> dict:
                                  schedule, loss_fn=make_loss_fn(config, mcfg))
     boundary = TaskBoundary(config, mcfg, mesh, rules, shardings, train_sources)
     eval_step = make_eval_step(mcfg, mesh, shardings, rules)
-    loader = BatchLoader(sampler, train_sources, mesh)
+    der = (DERRecorder(config, mcfg, mesh, rules, shardings, train_sources)
+           if config.method.der.weight else None)
+    loader = BatchLoader(sampler, train_sources, mesh, extras=der.extras if der else None)
     eval_order = [t["domain"] for t in config.tasks]  # loss matrix columns
     eval_sets = {n: eval_batches(prepared[n]["val"], config.eval.max_rows,
                                  config.eval.batch, mesh) for n in names}
@@ -197,6 +199,8 @@ def run(config, workdir: str) -> dict:
         window_t, window_tok = time.perf_counter(), 0
         for step, batch in enumerate(loader.iterate(k, 0, steps[k])):
             n_rep = sampler.n_replay(k, step)
+            if der:
+                der.record(state.params, k, sampler.batch(k, step))
             state, m = train_step(state, batch, n_rep)
             global_step += 1
             n_replay += n_rep * tokens_per_row

@@ -26,22 +26,30 @@ def make_loss_fn(config, mcfg):
 
     With ``method.distill.weight`` > 0 the replay part adds weight * T^2 *
     KL(teacher || student) at temperature T (Hinton et al. 2015), the teacher being the
-    snapshot taken at the last task boundary.
+    snapshot taken at the last task boundary. With ``method.der.weight`` > 0 replayed rows
+    that have stored top-k logits add weight * DER's logit MSE (Buzzega et al. 2020).
     """
-    d = config.method.distill
+    d, der = config.method.distill, config.method.der
 
-    def loss_fn(params, batch, teacher=None):
+    def loss_fn(params, batch, teacher=None, replay=False):
         losses, mask, logits = token_losses(mcfg, params, batch)
         ce = (losses * mask).sum()
         aux = {"tokens": mask.sum(), "ce_sum": ce}
+        total = ce
+        if replay and der.weight:
+            der_mask = mask * batch["der_valid"].astype(jnp.float32)[:, None]
+            se, _ = distill_lib.der_loss(logits, batch["der_values"], batch["der_indices"],
+                                         der_mask)
+            aux["der"] = se
+            total = total + der.weight * se
         if teacher is None or not d.weight:
-            return ce, aux
+            return total, aux
         tokens, seg = batch["tokens"], batch["segment_ids"]
         t_logits = jax.lax.stop_gradient(
             model_lib.forward(mcfg, teacher, tokens[:, :-1], seg[:, :-1]))
         kl, _ = distill_lib.kl_distill_loss(logits, t_logits, mask, d.temperature)
         aux["distill"] = kl
-        return ce + d.weight * kl, aux
+        return total + d.weight * kl, aux
 
     return loss_fn
 
@@ -103,3 +111,57 @@ class TaskBoundary:
                     "segment_ids": np.ones((1, row_len), np.int32)}
         with mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
             return self._update(state, rows)
+
+
+class DERRecorder:
+    """Dark Experience Replay's memory (Buzzega et al. 2020) for the task loop.
+
+    A fixed, seeded subset of every task's rows (``method.der.rows_per_domain``) gets its
+    top-k logits recorded the first time it is trained on, by a forward pass on just those
+    rows right before the step that sees them (DER records the logits the model produces
+    when it meets the example). When such a row is later replayed, its stored logits ride
+    along in the batch (``der_values``, ``der_indices``, ``der_valid``) and the loss adds
+    DER's logit-matching term. Top-k instead of full-vocabulary logits: see
+    ``cpt_jax.optim.distill.topk_logits`` for the memory saved.
+    """
+
+    def __init__(self, config, mcfg, mesh, rules, shardings: TrainState, train_sources):
+        der = config.method.der
+        self.store = distill_lib.DERStore(der.k, der.rows_per_domain, seed=config.seed)
+        self.sources, self.mesh, self.rules = list(train_sources), mesh, rules
+        self.k, self.seq_len = int(der.k), config.seq_len
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def topk(params, tokens, seg):
+            logits = model_lib.forward(mcfg, params, tokens[:, :-1], seg[:, :-1])
+            return distill_lib.topk_logits(logits, self.k)
+
+        self._topk = jax.jit(topk, in_shardings=(shardings.params, rep, rep),
+                             out_shardings=rep)
+
+    def record(self, params, task: int, idx) -> int:
+        """Store top-k logits of this batch's current-task rows that the store wants."""
+        cur = ~idx.is_replay
+        rows = idx.row[cur]
+        want = self.store.wants(task, rows, len(self.sources[task]))
+        rows = np.unique(rows[want])
+        if rows.size == 0:
+            return 0
+        pad = 1 << int(np.ceil(np.log2(rows.size)))  # bucketed sizes: few compiles
+        padded = np.concatenate([rows, np.full(pad - rows.size, rows[0])])
+        tokens, segs = self.sources[task].read(padded)
+        with mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
+            values, indices = jax.device_get(self._topk(params, tokens, segs))
+        return self.store.add(task, rows, values[:rows.size], indices[:rows.size])
+
+    def extras(self, task: int, step: int, idx) -> dict:
+        """Stored logits of the replayed rows of a batch share (zeros where none)."""
+        del task, step
+        valid = self.store.has(idx.domain, idx.row) & idx.is_replay
+        n = len(idx.row)
+        values = np.zeros((n, self.seq_len, self.k), np.float32)
+        indices = np.zeros((n, self.seq_len, self.k), np.int32)
+        if valid.any():
+            values[valid], indices[valid] = self.store.get(idx.domain[valid], idx.row[valid])
+        return {"der_values": values, "der_indices": indices,
+                "der_valid": valid.astype(np.int32)}

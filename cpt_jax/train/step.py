@@ -47,9 +47,9 @@ def token_losses(config, params, batch):
     return losses, mask, logits
 
 
-def ce_loss_sum(config, params, batch, teacher=None):
+def ce_loss_sum(config, params, batch, teacher=None, replay=False):
     """(sum of masked token losses, {"tokens", "ce_sum"}) for one (micro)batch."""
-    del teacher
+    del teacher, replay
     losses, mask, _ = token_losses(config, params, batch)
     total = (losses * mask).sum()
     return total, {"tokens": mask.sum(), "ce_sum": total}
@@ -140,8 +140,8 @@ def train_step(config, tx, mesh, param_shardings, microbatches, lr_schedule, los
     B = batch["tokens"].shape[0]
     if not 0 <= n_replay < B:
         raise ValueError(f"n_replay={n_replay} must be in [0, {B}): a batch needs current rows")
-    cur_loss = functools.partial(loss_fn, teacher=None)
-    rep_loss = functools.partial(loss_fn, teacher=state.teacher)
+    cur_loss = functools.partial(loss_fn, teacher=None, replay=False)
+    rep_loss = functools.partial(loss_fn, teacher=state.teacher, replay=True)
 
     def grads_of(fn, part):
         g_sum, aux = accumulate_gradients(fn, state.params, part, microbatches, mesh,
@@ -187,32 +187,31 @@ def train_step(config, tx, mesh, param_shardings, microbatches, lr_schedule, los
 def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainState, rules,
                     microbatches: int = 1, lr_schedule=None, loss_fn=None):
     """step(state, batch, n_replay=0) -> (state, metrics): jitted per replay count, with
-    explicit shardings and the state donated. `loss_fn(params, batch, teacher)` defaults to
-    cross-entropy; `n_replay` must match the sampler's replay count for the batch."""
+    explicit shardings (every batch array over the batch axes) and the state donated.
+    `loss_fn(params, batch, teacher, replay)` defaults to cross-entropy; `n_replay` must
+    match the sampler's replay count for the batch."""
     loss_fn = loss_fn or functools.partial(ce_loss_sum, config)
-    batch_shard = {
-        "tokens": sharding_lib.batch_sharding(mesh, 2),
-        "segment_ids": sharding_lib.batch_sharding(mesh, 2),
-        "is_replay": sharding_lib.batch_sharding(mesh, 1),
-    }
     cache = {}
 
-    def jitted(n_replay):
-        if n_replay not in cache:
+    def jitted(n_replay, batch):
+        key = (n_replay, tuple(sorted((k, v.ndim) for k, v in batch.items())))
+        if key not in cache:
+            batch_shard = {k: sharding_lib.batch_sharding(mesh, v.ndim)
+                           for k, v in batch.items()}
             fn = functools.partial(train_step, config, tx, mesh, shardings.params,
                                    microbatches, lr_schedule, loss_fn, n_replay)
-            cache[n_replay] = jax.jit(fn, in_shardings=(shardings, batch_shard),
-                                      out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                                      donate_argnums=0)
-        return cache[n_replay]
+            cache[key] = jax.jit(fn, in_shardings=(shardings, batch_shard),
+                                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                                 donate_argnums=0)
+        return cache[key]
 
     def step(state, batch, n_replay: int = 0):
         with mesh_context(mesh), nn.logical_axis_rules(rules):
-            return jitted(int(n_replay))(state, batch)
+            return jitted(int(n_replay), batch)(state, batch)
 
     def lower(state, batch, n_replay: int = 0):
         with mesh_context(mesh), nn.logical_axis_rules(rules):
-            return jitted(int(n_replay)).lower(state, batch)
+            return jitted(int(n_replay), batch).lower(state, batch)
 
     step.lower = lower
     return step
