@@ -129,7 +129,9 @@ class LlamaConfig:
         second is attention's QK^T and AV, counted over the full L x L square as in PaLM
         (Chowdhery et al. 2022, appendix B), i.e. without halving for the causal mask.
         """
-        matmul_params = self.num_params(include_embedding=False) + self.vocab_size * self.d_model
+        d, dh = self.d_model, self.dim_per_head
+        per_layer = d * dh * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * d * self.d_ff
+        matmul_params = self.n_layers * per_layer + self.vocab_size * d  # no norm scales
         attn = 12 * self.n_layers * seq_len * self.n_heads * self.dim_per_head
         return 6.0 * matmul_params + attn
 

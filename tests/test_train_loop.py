@@ -121,7 +121,8 @@ def test_joint_training_is_one_task_over_the_union(tmp_path):
     assert res["tasks"] == ["joint"]
     assert res["task_stats"][0]["steps"] == 8 + 4 + 4 and res["task_stats"][0]["replay_tokens"] == 0
     assert len(res["loss_matrix"]) == 1 and len(res["loss_matrix"][0]) == 3
-    assert set(res["metrics"]) == {"retained_loss", "retained_ppl"}
+    assert set(res["metrics"]) == {"retained_loss", "retained_ppl", "curve_area",
+                                   "curve_area_mean"}
 
 
 def test_der_records_logits_and_matches_them_on_replay(tmp_path):

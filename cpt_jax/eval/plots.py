@@ -1,32 +1,150 @@
-"""Figures of a run, written from results.json content (matplotlib, no display needed)."""
+"""Figures of a run, and of several runs side by side, written from results.json content.
+
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``) and saved
+through the Agg canvas: no display is needed and pyplot's global backend is never switched,
+so calling these from a notebook leaves its inline plotting alone. Every file is written
+under a temporary name and renamed, so a reader never sees a half-written image.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Mapping, Sequence
+
+from cpt_jax.eval.metrics import loss_matrix_columns
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+    """Write ``fig`` to ``path`` atomically (format from the extension, default png)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}.{ext}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=ext)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _figure(figsize):
+    from matplotlib.figure import Figure
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _domain_points(curve: Sequence[dict], domain: str):
+    pts = sorted((e["step"], e["losses"][domain]) for e in curve if domain in e["losses"])
+    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def plot_loss_curves(results: dict, path: str) -> None:
     """Every domain's validation loss over training steps, task boundaries marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curve = results["eval_curve"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = _figure((7, 4))
+    ax = fig.add_subplot()
     for domain in results["domains"]:
-        pts = [(e["step"], e["losses"][domain]) for e in curve if domain in e["losses"]]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=domain)
+        xs, ys = _domain_points(results["eval_curve"], domain)
+        ax.plot(xs, ys, marker=".", label=domain)
     for b in results.get("task_boundaries", []):
         ax.axvline(b["end_step"], color="grey", linestyle="--", linewidth=0.8)
         ax.text(b["end_step"], ax.get_ylim()[1], f" end of {b['task']}", rotation=90,
                 va="top", ha="right", fontsize=7, color="grey")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
-    title = results.get("config", {}).get("name") or "continual pre-training"
-    ax.set_title(title)
+    ax.set_title(results.get("config", {}).get("name") or "continual pre-training")
     ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
+
+
+def plot_runs_loss_curves(runs: Mapping[str, dict], path: str) -> None:
+    """Loss curves of several runs, one subplot per domain, one line per run.
+
+    ``runs`` maps a run label to its results dict. Each run's task boundaries are drawn as
+    faint dashed lines in the run's colour.
+    """
+    domains: list[str] = []
+    for res in runs.values():
+        domains += [d for d in res["domains"] if d not in domains]
+    n = max(len(domains), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure((4.2 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, domain in zip(axes, domains):
+        for color, (label, res) in zip(colors, runs.items()):
+            if domain not in res["domains"]:
+                continue
+            xs, ys = _domain_points(res["eval_curve"], domain)
+            ax.plot(xs, ys, marker=".", color=color, label=label)
+            for b in res.get("task_boundaries", [])[:-1]:
+                ax.axvline(b["end_step"], color=color, linestyle="--", linewidth=0.7,
+                           alpha=0.35)
+        ax.set_title(f"domain: {domain}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation loss")
+    for ax in axes[len(domains):]:
+        ax.set_visible(False)
+    if domains:
+        axes[0].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_loss_matrices(runs: Mapping[str, dict], path: str) -> None:
+    """The loss matrix R[i][j] of each run as an annotated heatmap, one panel per run.
+
+    Rows: the model after task i; columns: the domain of task j. All panels share one colour
+    scale so that colours compare across runs.
+    """
+    mats = {label: res["loss_matrix"] for label, res in runs.items() if res["loss_matrix"]}
+    values = [x for m in mats.values() for row in m for x in row]
+    vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
+    n = max(len(mats), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure((4.0 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    image = None
+    for ax, (label, m) in zip(axes, mats.items()):
+        rows_of, cols_of = runs[label]["tasks"], loss_matrix_columns(runs[label])
+        image = ax.imshow(m, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
+        mid = (vmin + vmax) / 2
+        for i, row in enumerate(m):
+            for j, x in enumerate(row):
+                ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if x > mid else "black")
+        ax.set_xticks(range(len(m[0])), cols_of[: len(m[0])], rotation=30, fontsize=8)
+        ax.set_yticks(range(len(m)), [f"after {t}" for t in rows_of[: len(m)]], fontsize=8)
+        ax.set_xlabel("evaluated domain")
+        ax.set_title(label, fontsize=10)
+    for ax in axes[len(mats):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[: len(mats)]), label="validation loss", shrink=0.8)
+    save_figure(fig, path)
+
+
+def plot_retained_vs_flops(points: Sequence[tuple[str, float, float]], path: str) -> None:
+    """Retained loss (mean final loss over all domains) against training FLOPs.
+
+    ``points``: ``(label, flops, retained_loss)`` per run; one labelled marker each. The
+    FLOPs axis is logarithmic when the runs span more than a factor of 10.
+    """
+    fig = _figure((6, 4))
+    ax = fig.add_subplot()
+    for i, (label, flops, retained) in enumerate(points):
+        ax.scatter([flops], [retained], color=f"C{i % 10}", zorder=3)
+        ax.annotate(label, (flops, retained), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    flops = [p[1] for p in points if p[1] and p[1] > 0]
+    if flops and max(flops) / min(flops) > 10:
+        ax.set_xscale("log")
+    ax.margins(0.15)  # room for the labels
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("retained loss (lower is better)")
+    ax.set_title("retained loss vs compute")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)

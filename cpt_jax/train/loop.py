@@ -25,6 +25,7 @@ from cpt_jax.data.loader import BatchLoader, eval_batches
 from cpt_jax.data.mixing import ConcatRows, replay_rate_schedule
 from cpt_jax.data.sampler import ReplaySampler
 from cpt_jax.eval import metrics as metrics_lib
+from cpt_jax.eval.logging import MetricsLogger
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim.builder import make_optimizer, make_schedule
 from cpt_jax.run_config import check_config
@@ -110,14 +111,6 @@ def replay_rates(config, tasks):
             for t in tasks]
 
 
-def run_metrics(loss_matrix, init_losses) -> dict:
-    """CL metrics of a square loss matrix; a joint run (one row) reports retained loss."""
-    if len(loss_matrix) == len(loss_matrix[0]):
-        return metrics_lib.summary(loss_matrix, init_losses)
-    retained = float(np.mean(loss_matrix[-1]))
-    return {"retained_loss": retained, "retained_ppl": float(np.exp(retained))}
-
-
 def run(config, workdir: str) -> dict:
     """Run the whole task sequence; returns (and writes) the results dictionary."""
     check_config(config)
@@ -182,8 +175,7 @@ def run(config, workdir: str) -> dict:
         return out
 
     # ---- the task sequence
-    log_path = os.path.join(workdir, "metrics.jsonl")
-    log = open(log_path, "w") if is_main else None
+    logger = MetricsLogger(workdir, active=is_main)  # metrics.jsonl + TensorBoard events
     init_losses = evaluate(state.params)
     eval_curve = [{"step": 0, "task": "init", "losses": init_losses}]
     loss_matrix, boundaries, task_stats = [], [], []
@@ -211,9 +203,7 @@ def run(config, workdir: str) -> dict:
                 now = time.perf_counter()
                 m.update(step=global_step, task=name, tokens_per_s=window_tok / (now - window_t))
                 window_t, window_tok = now, 0
-                if log:
-                    log.write(json.dumps(m) + "\n")
-                    log.flush()
+                logger.log(global_step, m)
                 bar.set_postfix(task=name, loss=f"{m['loss']:.3f}",
                                 tok_s=f"{m['tokens_per_s']:.0f}")
             bar.update(1)
@@ -221,6 +211,8 @@ def run(config, workdir: str) -> dict:
             if end_of_task or (config.eval.every and global_step % config.eval.every == 0):
                 losses = evaluate(state.params)
                 eval_curve.append({"step": global_step, "task": name, "losses": losses})
+                logger.log(global_step, {"task": name,
+                                         **{f"eval/{n}": v for n, v in losses.items()}})
                 if end_of_task:
                     loss_matrix.append([losses[n] for n in eval_order])
         boundaries.append({"task": name, "end_step": global_step})
@@ -228,8 +220,8 @@ def run(config, workdir: str) -> dict:
                            "replay_tokens": n_replay,
                            "wall_s": round(time.perf_counter() - t_start, 2)})
     bar.close()
-    if log:
-        log.close()
+    logger.close()
+    task_stats, compute = metrics_lib.with_flops(task_stats, mcfg, config.seq_len)
 
     results = {
         "domains": names,
@@ -240,9 +232,10 @@ def run(config, workdir: str) -> dict:
         "eval_curve": eval_curve,
         "task_boundaries": boundaries,
         "task_stats": task_stats,
-        "metrics": run_metrics(loss_matrix, [init_losses[n] for n in eval_order]),
+        "compute": compute,
         "config": json.loads(config.to_json_best_effort()),
     }
+    results["metrics"] = metrics_lib.metrics_from_results(results)
     if is_main:
         write_json_atomic(os.path.join(workdir, "results.json"), results)
         plot_loss_curves(results, os.path.join(workdir, "loss_curves.png"))

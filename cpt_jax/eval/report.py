@@ -1,0 +1,201 @@
+"""Compare runs: one Markdown table and three figures from several ``results.json`` files.
+
+Answers the question a CPT experiment asks, "how much did I forget, how much did I learn, at
+what compute", for a set of runs (e.g. replay rates 0 / 0.25 / 0.5, or MER vs replay):
+
+- a table with, per run: method, replay rate, model size, training FLOPs, learned and
+  retained loss, forgetting (Chaudhry et al. 2018), BWT (Lopez-Paz & Ranzato 2017), FWT and
+  the mean loss over the whole run (area under the loss curves); definitions in
+  ``cpt_jax.eval.metrics``;
+- ``loss_curves.png``: every run's validation loss, one panel per domain;
+- ``loss_matrices.png``: each run's loss matrix R[i][j] as a heatmap;
+- ``retained_vs_flops.png``: retained loss against training FLOPs, one point per run.
+
+Metrics are recomputed from the loss matrix and curves (not read from ``results["metrics"]``)
+so runs written by older versions compare on the same definitions. Training FLOPs come from
+``results["compute"]["flops"]`` when the run recorded them, else from ``task_stats`` tokens
+and the model config (``metrics.training_flops``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+from cpt_jax.eval import metrics as metrics_lib
+from cpt_jax.eval import plots
+
+RESULTS_FILE = "results.json"
+
+COLUMNS = [  # (row key, table header)
+    ("run", "run"), ("method", "method"), ("replay_rate", "replay rate"),
+    ("params", "params"), ("flops", "training FLOPs"), ("learned_loss", "learned"),
+    ("retained_loss", "retained"), ("forgetting", "forgetting"), ("bwt", "BWT"),
+    ("fwt", "FWT"), ("curve_area_mean", "mean loss over run"),
+]
+
+
+def load_results(run_dir: str) -> dict:
+    """``RUN_DIR/results.json`` parsed; errors name the directory and what to do."""
+    path = os.path.join(run_dir, RESULTS_FILE)
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"run directory {run_dir} has no {RESULTS_FILE}: it is written when "
+            f"`scripts/train.py --workdir {run_dir}` finishes (a run still in progress or one "
+            "that crashed has none); pass the --workdir of a finished run")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run or restore it") from None
+    missing = [k for k in ("domains", "tasks", "loss_matrix", "eval_curve") if k not in results]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it is not a cpt_jax results.json")
+    return results
+
+
+def model_config(results: dict):
+    """The run's ``LlamaConfig`` from ``results["config"]["model"]``, or None if absent."""
+    from cpt_jax.model import LlamaConfig
+
+    model = (results.get("config") or {}).get("model")
+    if not model:
+        return None
+    names = {f.name for f in dataclasses.fields(LlamaConfig)}
+    return LlamaConfig.from_dict({k: v for k, v in model.items() if k in names})
+
+
+def method_label(config: dict, method=None) -> str:
+    """A method name for the table: "joint" for a joint run, else ``method`` (results'
+    top-level ``method``) or ``config.method`` (a string, or a dict's ``name``), else
+    ``config.name``, else "replay" / "sequential" from the replay rate."""
+    if config.get("joint"):
+        return "joint"
+    method = method or config.get("method")
+    if isinstance(method, str) and method:
+        return method
+    if isinstance(method, dict) and method.get("name"):
+        return str(method["name"])
+    if config.get("name"):
+        return str(config["name"])
+    rate = (config.get("replay") or {}).get("rate")
+    return "replay" if rate else "sequential"
+
+
+def training_flops_of(results: dict) -> float | None:
+    """Training FLOPs of a run: recorded by the run, or recomputed from its token counts."""
+    compute = results.get("compute") or {}
+    if compute.get("flops") is not None:
+        return float(compute["flops"])
+    stats = results.get("task_stats") or []
+    if stats and all("flops" in t for t in stats):
+        return float(sum(t["flops"] for t in stats))
+    cfg, seq_len = model_config(results), (results.get("config") or {}).get("seq_len")
+    if not stats or cfg is None or seq_len is None:
+        return None
+    return metrics_lib.with_flops(stats, cfg, int(seq_len))[1]["flops"]
+
+
+def run_row(results: dict, label: str) -> dict:
+    """One table row (raw numbers, None where unknown) for a run's results."""
+    config = results.get("config") or {}
+    m = metrics_lib.metrics_from_results(results)
+    cfg = model_config(results)
+    return {
+        "run": label,
+        "method": method_label(config, results.get("method")),
+        "replay_rate": (config.get("replay") or {}).get("rate"),
+        "params": cfg.num_params() if cfg is not None else None,
+        "flops": training_flops_of(results),
+        **{k: m.get(k) for k in ("learned_loss", "retained_loss", "forgetting", "bwt", "fwt",
+                                 "curve_area_mean")},
+    }
+
+
+def _fmt(key: str, v) -> str:
+    if v is None:
+        return "–"
+    if key == "params":
+        for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if v >= div:
+                return f"{v / div:.3g}{unit}"
+        return str(v)
+    if key == "flops":
+        return f"{v:.3g}"
+    if key == "replay_rate":
+        return f"{v:g}"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """A GitHub-flavoured Markdown table of ``run_row`` rows (losses in nats/token)."""
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
+             "| " + " | ".join("---" for _ in COLUMNS) + " |"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def run_labels(run_dirs: Sequence[str]) -> list[str]:
+    """Short unique labels: each directory's name, with a #k suffix on repeats."""
+    labels, seen = [], {}
+    for d in run_dirs:
+        base = os.path.basename(os.path.normpath(os.path.abspath(d))) or d
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return labels
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(run_dirs: Sequence[str], out_dir: str) -> dict:
+    """Read every run, then write the table and figures into ``out_dir``.
+
+    Every run is read (and validated) before anything is written. Returns
+    ``{"rows": [...], "markdown": str, "files": {name: path}}``; files are ``report.md``,
+    ``report.json`` (the rows as numbers), ``loss_curves.png``, ``loss_matrices.png`` and
+    ``retained_vs_flops.png``.
+    """
+    if not run_dirs:
+        raise ValueError("no run directories given")
+    results = [load_results(d) for d in run_dirs]
+    labels = run_labels(run_dirs)
+    runs = dict(zip(labels, results))
+    rows = [run_row(r, label) for label, r in runs.items()]
+    table = markdown_table(rows)
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = {name: os.path.join(out_dir, name) for name in (
+        "report.md", "report.json", "loss_curves.png", "loss_matrices.png",
+        "retained_vs_flops.png")}
+    plots.plot_runs_loss_curves(runs, files["loss_curves.png"])
+    plots.plot_loss_matrices(runs, files["loss_matrices.png"])
+    points = [(r["run"], r["flops"], r["retained_loss"]) for r in rows if r["flops"] is not None]
+    plots.plot_retained_vs_flops(points, files["retained_vs_flops.png"])
+
+    md = ["# Continual pre-training runs", "",
+          "Losses in nats/token (lower is better). learned: mean R[j][j]; retained: mean final "
+          "loss over all domains; forgetting: mean over earlier domains of final loss minus "
+          "best earlier loss (> 0 = forgotten); BWT: mean R[i][i] - R[T][i] (> 0 = later "
+          "tasks helped); FWT: random-init loss minus loss before training on the domain; "
+          "mean loss over run: area under each domain's loss curve / steps, averaged.", "",
+          table, "",
+          "![loss curves](loss_curves.png)", "",
+          "![loss matrices](loss_matrices.png)", "",
+          "![retained loss vs training FLOPs](retained_vs_flops.png)", "",
+          "Runs:", ""]
+    md += [f"- `{label}`: {os.path.abspath(d)}" for label, d in zip(labels, run_dirs)]
+    _write_text(files["report.md"], "\n".join(md) + "\n")
+    _write_text(files["report.json"], json.dumps({"rows": rows}, indent=1) + "\n")
+    return {"rows": rows, "markdown": table, "files": files}
