@@ -54,7 +54,9 @@ def plot_loss_curves(results: dict, path: str) -> None:
                 va="top", ha="right", fontsize=7, color="grey")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(results.get("config", {}).get("name") or "continual pre-training")
+    name = results.get("config", {}).get("name") or "continual pre-training"
+    method = results.get("method")
+    ax.set_title(f"{name}: {method}" if method else name)
     ax.legend()
     save_figure(fig, path)
 
