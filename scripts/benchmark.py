@@ -106,6 +106,22 @@ def timed_steps(compiled, state, batch, steps: int):
     return state, metrics, times
 
 
+def prepare(config, n_replay: int = 0) -> dict:
+    """Build the state and compile the step of `config` for `n_replay` replayed rows."""
+    mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
+    mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+    rules = sharding_lib.rules_from_config(config.sharding_rules)
+    schedule = make_schedule(config.optim, 1000)
+    tx = make_optimizer(config, schedule)
+    state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed))
+    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule)
+    batch = random_batch(config, jax.random.key(1))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, n_replay).compile()
+    return {"mcfg": mcfg, "mesh": mesh, "state": state, "batch": batch, "compiled": compiled,
+            "compile_s": time.perf_counter() - t0}
+
+
 def benchmark(config, steps: int, warmup: int, n_replay: int = 0,
               meta_every: int | None = None) -> dict:
     """Time the train step of `config` with `n_replay` replayed rows per batch.
@@ -113,19 +129,9 @@ def benchmark(config, steps: int, warmup: int, n_replay: int = 0,
     With `meta_every` (a Reptile config with period 2), odd and even steps are timed apart:
     the inner steps and the meta steps.
     """
-    mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
-    mesh = sharding_lib.make_mesh(config.mesh.to_dict())
-    rules = sharding_lib.rules_from_config(config.sharding_rules)
-    total = steps + warmup + 1
-    schedule = make_schedule(config.optim, total)
-    tx = make_optimizer(config, schedule)
-    state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed))
-    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule)
-    batch = random_batch(config, jax.random.key(1))
-
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch, n_replay).compile()
-    compile_s = time.perf_counter() - t0
+    p = prepare(config, n_replay)
+    mcfg, mesh, state, batch = p["mcfg"], p["mesh"], p["state"], p["batch"]
+    compiled, compile_s = p["compiled"], p["compile_s"]
 
     state, metrics, _ = timed_steps(compiled, state, batch, warmup + 1)
     extra = {}
@@ -182,10 +188,38 @@ def method_config(config, method: str, rate: float):
 
 
 def compare_methods(config, methods, steps, warmup) -> dict:
-    results = {}
-    for m in ["plain"] + [m for m in methods if m != "plain"]:
+    """Compile every method, then time them interleaved, one step each per round, so that
+    machine noise and drift hit all methods alike; ratios are of medians."""
+    names = ["plain"] + [m for m in methods if m != "plain"]
+    runs = {}
+    for m in names:
         c, n_replay, every = method_config(config, m, FLAGS.replay_rate)
-        results[m] = benchmark(c, steps, warmup, n_replay, every)
+        runs[m] = prepare(c, n_replay)
+        runs[m]["every"] = every
+        runs[m]["state"], _, _ = timed_steps(runs[m]["compiled"], runs[m]["state"],
+                                             runs[m]["batch"], warmup + 1)
+        runs[m]["times"] = []
+    for _ in range(2 * steps):  # an even count: Reptile (period 2) gets inner and meta steps
+        for m in names:
+            r = runs[m]
+            r["state"], _, t = timed_steps(r["compiled"], r["state"], r["batch"], 1)
+            r["times"] += t
+    results = {}
+    done = warmup + 1
+    for m in names:
+        r, times = runs[m], runs[m]["times"]
+        out = {"compile_s": r["compile_s"], "param_bytes": tree_bytes(r["state"].params),
+               "opt_state_bytes": tree_bytes(r["state"].opt_state)}
+        if r["every"]:  # steps done+1, done+2, ...: even counts are meta steps (period 2)
+            inner = [t for i, t in enumerate(times, start=done + 1) if i % 2 == 1]
+            meta = [t for i, t in enumerate(times, start=done + 1) if i % 2 == 0]
+            t_in, t_meta = statistics.median(inner), statistics.median(meta)
+            k = r["every"]
+            out.update(inner_step_s=t_in, meta_step_s=t_meta, amortised_over=k,
+                       step_s_median=((k - 1) * t_in + t_meta) / k)
+        else:
+            out["step_s_median"] = statistics.median(times)
+        results[m] = out
     base = results["plain"]
     print(f"{'method':<9} {'step_s':>9} {'time_ratio':>10} {'state_bytes':>12} "
           f"{'extra_param_copies':>18}")
