@@ -1,0 +1,38 @@
+"""scripts/benchmark.py runs (no timing asserted): its method comparison reports the state
+memory each method adds, in parameter copies."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark",
+                                                  os.path.join(ROOT, "scripts", "benchmark.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.FLAGS([sys.argv[0], "--config", os.path.join(ROOT, "configs", "tiny.py")])
+    return mod
+
+
+def test_single_benchmark_reports_mfu(bench):
+    cfg = bench.FLAGS.config
+    r = bench.benchmark(cfg, steps=1, warmup=0)
+    assert r["tokens_per_s"] > 0 and 0 < r["mfu"]
+    assert r["model_flops_per_token"] == pytest.approx(
+        bench.model_lib.LlamaConfig.from_dict(cfg.model.to_dict()).flops_per_token(cfg.seq_len))
+
+
+def test_method_memory_in_parameter_copies(bench):
+    r = bench.compare_methods(bench.FLAGS.config, ["replay", "agem", "reptile"], steps=1,
+                              warmup=0)
+    assert r["replay"]["extra_param_copies"] == 0.0
+    assert r["agem"]["extra_param_copies"] == 0.0
+    # the slow weights plus a 4-byte step counter
+    assert r["reptile"]["extra_param_copies"] == pytest.approx(1.0, abs=1e-3)
+    assert r["reptile"]["meta_step_s"] > 0 and r["reptile"]["amortised_over"] == 500
