@@ -1,8 +1,9 @@
 """The parts of continual-learning methods that live outside the optax chain.
 
 ``make_loss_fn``: the loss of a (micro)batch, cross-entropy plus, on replayed rows, logit
-distillation toward a frozen teacher. ``TaskBoundary``: what happens between tasks (teacher
-snapshot, L2-anchor move, EWC Fisher estimate), one jitted update of the sharded state.
+distillation toward a frozen teacher and DER's logit matching. ``TaskBoundary``: what
+happens between tasks (teacher snapshot, L2-anchor move, EWC Fisher estimate), one jitted
+update of the sharded state. ``DERRecorder``: DER's memory of top-k logits.
 """
 
 from __future__ import annotations
