@@ -43,7 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
         weight_decay=0.1, clip_norm=1.0,
         # "cosine" (one over the whole sequence), "rewarm_cosine" (per task, Ibrahim et al.
         # 2024) or "infinite" (warmup, cooldown, constant, anneal at each task's end).
-        schedule="cosine", cooldown_frac=0.1, constant_lr_ratio=0.5, anneal_frac=0.1))
+        schedule="cosine", cooldown_frac=0.1, constant_lr_ratio=0.5, anneal_frac=0.1,
+        # Steps with a non-finite gradient are skipped; this many in a row stop the run.
+        max_bad_steps=10))
     c.optim.warmup_steps = ml_collections.FieldReference(None, field_type=int)
 
     # Data: named text domains (cpt_jax.data.sources), prepared once into a cache.

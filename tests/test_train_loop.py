@@ -133,3 +133,12 @@ def test_der_records_logits_and_matches_them_on_replay(tmp_path):
     logged = [json.loads(l) for l in open(tmp_path / "work" / "metrics.jsonl")]
     # replayed rows with stored logits contribute a DER term once task 1 replays task 0
     assert any(m.get("der_replay", 0) > 0 for m in logged if m["task"] != "en")
+
+
+def test_divergence_stops_the_run_with_a_clear_message(tmp_path):
+    c = _config(tmp_path)
+    c.optim.update(dict(lr=1e12, warmup_steps=0, clip_norm=1e30, max_bad_steps=2))
+    c.log_every = 1
+    with pytest.raises(FloatingPointError, match="optim.max_bad_steps=2"):
+        run(c, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work" / "results.json")

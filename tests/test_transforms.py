@@ -206,3 +206,27 @@ def test_all_transforms_in_sharded_step():
     assert m["grad_cos_layer"].shape == (2,)
     assert not np.allclose(jax.device_get(state.params)["embed"]["embedding"],
                            p0["embed"]["embedding"])
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    cfg = default_config()
+    cfg.method.reptile = [{"every": 1, "meta_lr": 0.5}]
+    tx = make_optimizer(cfg, make_schedule(cfg.optim, 10))
+    params = {"w": jnp.ones((2, 2))}
+    state = tx.init(params)
+
+    def grads(v):
+        g = {"w": jnp.full((2, 2), v)}
+        return T.PerSourceGrads(g, None, jnp.float32(4), jnp.float32(0))
+
+    upd, state = tx.update(grads(jnp.nan), state, params)
+    assert float(jnp.abs(upd["w"]).max()) == 0.0  # skipped: no update
+    assert int(state.bad_in_a_row) == 1 and int(state.bad_total) == 1
+    # the inner state (Adam moments, Reptile slow weights) did not move
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state.inner,
+                 tx.init(params).inner)
+    upd, state2 = tx.update(grads(jnp.inf), state, params)
+    assert int(state2.bad_in_a_row) == 2
+    upd, state3 = tx.update(grads(0.1), state2, params)
+    assert int(state3.bad_in_a_row) == 0 and int(state3.bad_total) == 2
+    assert float(jnp.abs(upd["w"]).max()) > 0  # a finite step is applied again

@@ -1,7 +1,11 @@
 """Build the optax chain of a run from its config.
 
-    [replay_mix | agem] -> [l2_anchor] -> [ewc] -> clip_by_global_norm -> AdamW(schedule)
-        -> [reptile(every_1, meta_lr_1) -> reptile(every_2, meta_lr_2) ...]
+    skip_non_finite(
+        [replay_mix | agem] -> [l2_anchor] -> [ewc] -> clip_by_global_norm -> AdamW(schedule)
+        -> [reptile(every_1, meta_lr_1) -> reptile(every_2, meta_lr_2) ...])
+
+A step whose gradients hold a NaN or Inf is skipped whole (no update, no state change) and
+counted; the loop stops the run after ``optim.max_bad_steps`` consecutive skipped steps.
 
 The base optimizer is AdamW with global-norm clipping (Abbes et al. 2025: betas (0.9, 0.95),
 eps 1e-8, weight decay 0.1 on weight matrices only, clip 1.0). The first element combines
@@ -55,4 +59,4 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
     chain.append(base)
     for r in m.reptile:
         chain.append(transforms.reptile(int(r["every"]), float(r["meta_lr"])))
-    return optax.chain(*chain)
+    return transforms.skip_non_finite(optax.chain(*chain))

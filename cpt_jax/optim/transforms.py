@@ -218,6 +218,36 @@ def ewc(lam: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+class SkipState(NamedTuple):
+    bad_in_a_row: jax.Array  # int32: consecutive skipped steps
+    bad_total: jax.Array  # int32: skipped steps over the run
+    inner: Any
+
+
+def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Skip a step whose incoming gradients hold a NaN or Inf: zero update, inner state
+    untouched, and count it. (``optax.apply_if_finite`` zeroes updates shaped like its
+    input, which here is ``PerSourceGrads``, not the parameters; and it eventually forces
+    a bad update through, where the loop should stop the run instead.)"""
+
+    def init(params):
+        zero = jnp.zeros((), jnp.int32)
+        return SkipState(zero, zero, inner.init(params))
+
+    def update(updates, state: SkipState, params=None):
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                                    for x in jax.tree.leaves(updates)]))
+        new_updates, inner_state = jax.lax.cond(
+            finite,
+            lambda: inner.update(updates, state.inner, params),
+            lambda: (jax.tree.map(jnp.zeros_like, params), state.inner))
+        bad = jnp.where(finite, 0, state.bad_in_a_row + 1)
+        return new_updates, SkipState(bad, state.bad_total + (~finite).astype(jnp.int32),
+                                      inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def _replace_states(opt_state, cls, fn):
     return jax.tree.map(lambda s: fn(s) if isinstance(s, cls) else s, opt_state,
                         is_leaf=lambda s: isinstance(s, cls))

@@ -93,6 +93,18 @@ def scalars(metrics: dict) -> dict:
     return out
 
 
+def check_divergence(metrics: dict, max_bad_steps: int, step: int) -> None:
+    """Stop the run once `max_bad_steps` consecutive steps had non-finite gradients (they
+    were skipped: no update was applied). Checked at log steps, so it never syncs the
+    device more often than logging does."""
+    bad = int(metrics.get("bad_steps_in_a_row", 0))
+    if bad >= max_bad_steps:
+        raise FloatingPointError(
+            f"training diverged: the last {bad} steps up to step {step} had NaN/Inf "
+            f"gradients and were skipped (optim.max_bad_steps={max_bad_steps}); lower "
+            "optim.lr, raise optim.warmup_steps or check the data")
+
+
 def nominal_steps(config, task: dict) -> int:
     """A task's budget in replay-free steps (its step budget, or tokens / batch tokens)."""
     if task.get("steps") is not None:
@@ -200,6 +212,7 @@ def run(config, workdir: str) -> dict:
             window_tok += config.global_batch * tokens_per_row
             if global_step % config.log_every == 0 or step == steps[k] - 1:
                 m = scalars(jax.device_get(m))
+                check_divergence(m, config.optim.max_bad_steps, global_step)
                 now = time.perf_counter()
                 m.update(step=global_step, task=name, tokens_per_s=window_tok / (now - window_t))
                 window_t, window_tok = now, 0

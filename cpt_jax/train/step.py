@@ -33,7 +33,7 @@ from flax import linen as nn
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.sampler import replay_positions
-from cpt_jax.optim.transforms import PerSourceGrads, tree_dot
+from cpt_jax.optim.transforms import PerSourceGrads, SkipState, tree_dot
 from cpt_jax.train.state import TrainState, mesh_context
 
 
@@ -180,6 +180,9 @@ def train_step(config, tx, mesh, param_shardings, microbatches, lr_schedule, los
             metrics[f"{k}_replay"] = aux_r[k] / jnp.maximum(tr, 1.0)
     if g_rep is not None:
         metrics["grad_norm_replay"] = optax.tree.norm(g_rep)
+    if isinstance(opt_state, SkipState):  # skipped non-finite steps
+        metrics["bad_steps_in_a_row"] = opt_state.bad_in_a_row
+        metrics["bad_steps_total"] = opt_state.bad_total
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
