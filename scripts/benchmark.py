@@ -111,7 +111,7 @@ def prepare(config, n_replay: int = 0) -> dict:
     mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
-    schedule = make_schedule(config.optim, 1000)
+    schedule = make_schedule(config.optim, 1000)  # any length: only speed is measured
     tx = make_optimizer(config, schedule)
     state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed))
     step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule)
@@ -122,31 +122,13 @@ def prepare(config, n_replay: int = 0) -> dict:
             "compile_s": time.perf_counter() - t0}
 
 
-def benchmark(config, steps: int, warmup: int, n_replay: int = 0,
-              meta_every: int | None = None) -> dict:
-    """Time the train step of `config` with `n_replay` replayed rows per batch.
-
-    With `meta_every` (a Reptile config with period 2), odd and even steps are timed apart:
-    the inner steps and the meta steps.
-    """
-    p = prepare(config, n_replay)
+def benchmark(config, steps: int, warmup: int) -> dict:
+    """Time the train step of `config`: median of `steps` synchronised steps after warm-up."""
+    p = prepare(config)
     mcfg, mesh, state, batch = p["mcfg"], p["mesh"], p["state"], p["batch"]
     compiled, compile_s = p["compiled"], p["compile_s"]
-
     state, metrics, _ = timed_steps(compiled, state, batch, warmup + 1)
-    extra = {}
-    if meta_every:
-        # the chain's step counter is now warmup + 1; time inner and meta steps apart
-        state, metrics, times = timed_steps(compiled, state, batch, 2 * steps)
-        done = warmup + 1
-        meta = [t for i, t in enumerate(times, start=done + 1) if i % 2 == 0]
-        inner = [t for i, t in enumerate(times, start=done + 1) if i % 2 == 1]
-        t_in, t_meta = statistics.median(inner), statistics.median(meta)
-        k = meta_every
-        times = [((k - 1) * t_in + t_meta) / k]
-        extra = {"inner_step_s": t_in, "meta_step_s": t_meta, "amortised_over": k}
-    else:
-        state, metrics, times = timed_steps(compiled, state, batch, steps)
+    state, metrics, times = timed_steps(compiled, state, batch, steps)
 
     step_s = statistics.median(times)
     tokens_per_step = config.global_batch * config.seq_len
@@ -166,12 +148,12 @@ def benchmark(config, steps: int, warmup: int, n_replay: int = 0,
         "matmul_peak_tflops_per_s": peak / 1e12, "mfu": tok_s * flops_tok / peak,
         "final_loss": float(metrics["loss"]),
         "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
-        **extra, **peak_memory_bytes(compiled),
+        **peak_memory_bytes(compiled),
     }
 
 
 def method_config(config, method: str, rate: float):
-    """(config, n_replay, meta_every) for one method of the comparison."""
+    """(config, n_replay, Reptile period to amortise over or None) for one method."""
     c = config.copy_and_resolve_references()
     n_replay = int(round(rate * c.global_batch))
     if method == "plain":

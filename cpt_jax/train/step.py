@@ -134,7 +134,7 @@ def gradient_cosines(g_cur, g_rep) -> dict:
     return out
 
 
-def train_step(config, tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
+def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
                n_replay: int, state: TrainState, batch):
     """One optimizer step on a global batch with `n_replay` replay rows (static)."""
     B = batch["tokens"].shape[0]
@@ -201,7 +201,7 @@ def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainSta
         if key not in cache:
             batch_shard = {k: sharding_lib.batch_sharding(mesh, v.ndim)
                            for k, v in batch.items()}
-            fn = functools.partial(train_step, config, tx, mesh, shardings.params,
+            fn = functools.partial(train_step, tx, mesh, shardings.params,
                                    microbatches, lr_schedule, loss_fn, n_replay)
             cache[key] = jax.jit(fn, in_shardings=(shardings, batch_shard),
                                  out_shardings=(shardings, sharding_lib.replicated(mesh)),
