@@ -82,8 +82,14 @@ def default_config() -> ml_collections.ConfigDict:
     # Dark Experience Replay: top-k logits of a seeded subset of rows, matched on replay.
     c.method.der = ml_collections.ConfigDict(dict(weight=0.0, k=32, rows_per_domain=1024))
     c.eval = ml_collections.ConfigDict(dict(every=100, max_rows=64, batch=16))
-    # Starting point: fresh init, or parameters from a Hugging Face / orbax directory.
-    c.init = ml_collections.ConfigDict(dict(hf="", orbax=""))
+    # Starting point: fresh init; parameters from a Hugging Face directory (hf) or a params
+    # checkpoint (orbax) with a new optimizer state; or the whole train state of another
+    # run's checkpoint (checkpoint: its workdir, or one checkpoints/STEP directory).
+    c.init = ml_collections.ConfigDict(dict(hf="", orbax="", checkpoint=""))
+    # Run checkpoints in <workdir>/checkpoints: every `every` steps (0: only at task ends),
+    # at every task end and on SIGTERM; the last `keep` plus every task end are kept.
+    # async_save: write in the background while training goes on.
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
     c.name = ""
     c.log_every = 10
     c.save_final_params = False
@@ -124,6 +130,9 @@ def check_config(c) -> None:
     for r in c.method.reptile:
         if set(r) != {"every", "meta_lr"} or int(r["every"]) < 1:
             raise ValueError(f"method.reptile entry {r}: give {{'every': k >= 1, 'meta_lr': eps}}")
+    if c.checkpoint.every < 0 or c.checkpoint.keep < 1:
+        raise ValueError(f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at "
+                         f"task ends) and checkpoint.keep={c.checkpoint.keep} >= 1")
     if c.global_batch % c.microbatches:
         raise ValueError(f"global_batch={c.global_batch} is not divisible by "
                          f"microbatches={c.microbatches}")

@@ -248,3 +248,150 @@ def test_prepare_data_script(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--tokenizer PATH"):
         script.main(["--demo", "--data_dir", str(tmp_path / "d"), "--seq_len", "8"])
 
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged caches: detected with an error naming the file and the folder to delete
+
+
+def _prepared(tok, tmp_path, n_docs=30):
+    """A tiny prepared domain: (domain, data_dir, folder, {split: original file bytes})."""
+    domain = _write_docs(tmp_path / "src", _docs(n_docs))
+    data_dir = str(tmp_path / "data")
+    out = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
+                                 progress=False)
+    folder = os.path.dirname(out["train"].path)
+    files = {s: open(out[s].path, "rb").read() for s in ("train", "val")}
+    assert all(len(rows) > 0 for rows in out.values())
+    return domain, data_dir, folder, files
+
+
+def _assert_names_fix(excinfo, path, folder):
+    msg = str(excinfo.value)
+    assert path in msg and f"Delete the folder {folder}" in msg and "rm -r" in msg, msg
+
+
+def _reprepare_after_delete(domain, tok, data_dir, folder, files):
+    """Deleting the folder (the fix the error names) re-prepares the same bytes."""
+    import shutil
+    shutil.rmtree(folder)
+    out = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
+                                 progress=False, verify_sha256=True)
+    assert os.path.dirname(out["train"].path) == folder
+    assert os.listdir(data_dir) == [os.path.basename(folder)]  # no temp folders left
+    for split, original in files.items():
+        assert open(out[split].path, "rb").read() == original
+        tokens, segs = out[split].read(np.arange(len(out[split])))
+        assert tokens.shape == (len(out[split]), SEQ_LEN + 1)
+
+
+def test_meta_records_file_sizes_and_hashes(tok, tmp_path):
+    import hashlib
+    _, _, folder, files = _prepared(tok, tmp_path)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    for split, data in files.items():
+        assert meta["files"][f"{split}.array_record"] == {
+            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_truncated_file_is_reported_at_open(tok, tmp_path):
+    domain, data_dir, folder, files = _prepared(tok, tmp_path)
+    path = os.path.join(folder, "train.array_record")
+    opened = PackedRows(path)
+    opened.read([0])  # array_record reader open before the damage
+    os.truncate(path, len(files["train"]) // 2)
+    with pytest.raises(prepare.CorruptDataError, match=r"bytes but was written with") as e:
+        prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
+                               progress=False)
+    _assert_names_fix(e, path, folder)
+    with pytest.raises(prepare.CorruptDataError, match=r"truncated"):
+        PackedRows(path)
+    # Cut inside the rows: a reader opened before then gets empty records from
+    # array_record (its index is in memory), which read() reports.
+    os.truncate(path, 4096)
+    with pytest.raises(prepare.CorruptDataError, match=r"did it change while open") as e:
+        opened.read(np.arange(len(opened)))
+    _assert_names_fix(e, path, folder)
+    _reprepare_after_delete(domain, tok, data_dir, folder, files)
+
+
+def test_truncated_file_in_folder_without_recorded_sizes(tok, tmp_path):
+    """Folders prepared before sizes were recorded: caught when array_record opens it."""
+    domain, data_dir, folder, files = _prepared(tok, tmp_path)
+    meta_path = os.path.join(folder, "meta.json")
+    meta = json.load(open(meta_path))
+    del meta["files"]
+    json.dump(meta, open(meta_path, "w"))
+    path = os.path.join(folder, "val.array_record")
+    os.truncate(path, len(files["val"]) // 2)
+    out = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
+                                 progress=False)  # same key: the folder is reused
+    with pytest.raises(prepare.CorruptDataError, match=r"cannot be opened by array_record"
+                       ) as e:
+        out["val"].read([0])
+    _assert_names_fix(e, path, folder)
+
+
+def test_overwritten_bytes_never_come_back_as_rows(tok, tmp_path):
+    """Same-length corruption anywhere: verify_sha256 reports it when the folder is opened;
+    without it, array_record's chunk checksums fail the read and we say which folder to
+    delete, or the bytes were unused (block padding) and the rows come back intact."""
+    import shutil
+    domain, data_dir, folder, files = _prepared(tok, tmp_path)
+    path = os.path.join(folder, "train.array_record")
+    original = files["train"]
+    backup = str(tmp_path / "train.bak")
+    shutil.copy(path, backup)
+    rows = PackedRows(path)
+    want = rows.read(np.arange(len(rows)))
+    offsets = sorted({*range(0, len(original) - 64, 2048), 1024, len(original) // 2})
+    caught = []
+    for offset in offsets:
+        shutil.copy(backup, path)
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(bytes(b ^ 0xA5 for b in original[offset:offset + 64]))
+        assert os.path.getsize(path) == len(original)
+        with pytest.raises(prepare.CorruptDataError, match=r"sha256 .* but was written") as e:
+            prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
+                                   progress=False, verify_sha256=True)
+        _assert_names_fix(e, path, folder)
+        fresh = PackedRows(path)  # the size matches: opening without the hash succeeds
+        try:
+            got = fresh.read(np.arange(len(fresh)))
+        except prepare.CorruptDataError as err:
+            assert path in str(err) and "rm -r" in str(err)
+            caught.append(offset)
+            continue
+        np.testing.assert_array_equal(got[0], want[0])  # never garbage
+        np.testing.assert_array_equal(got[1], want[1])
+    # Row data (at 1 KiB) and the middle of the file (array_record's index) are checked.
+    assert 1024 in caught and len(original) // 2 in caught, caught
+    shutil.copy(backup, path)
+    _reprepare_after_delete(domain, tok, data_dir, folder, files)
+
+
+def test_deleted_file_in_complete_folder(tok, tmp_path):
+    domain, data_dir, folder, files = _prepared(tok, tmp_path)
+    path = os.path.join(folder, "val.array_record")
+    os.remove(path)
+    with pytest.raises(prepare.CorruptDataError, match=r"is missing, though .*meta.json "
+                                                        r"marks the folder") as e:
+        prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
+                               progress=False)
+    _assert_names_fix(e, path, folder)
+    _reprepare_after_delete(domain, tok, data_dir, folder, files)
+
+
+def test_unreadable_meta_json(tok, tmp_path):
+    domain, data_dir, folder, files = _prepared(tok, tmp_path)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        f.write('{"key": "trunc')
+    with pytest.raises(prepare.PrepareError, match=r"exists but is not a complete"):
+        prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
+                               progress=False)
+    path = os.path.join(folder, "train.array_record")
+    with pytest.raises(prepare.CorruptDataError, match=r"no readable description") as e:
+        PackedRows(path)
+    _assert_names_fix(e, path, folder)
+    _reprepare_after_delete(domain, tok, data_dir, folder, files)

@@ -229,11 +229,10 @@ class DERStore:
 
     # -- persistence ---------------------------------------------------------------------
 
-    def save(self, path: str) -> None:
-        """Writes the store to ``path`` (.npz) atomically: a temp file, then a rename."""
-        path = os.fspath(path)
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The store as named numpy arrays (what ``save`` and run checkpoints write)."""
         arrays = {"config": np.asarray([self.k, self.rows_per_domain, self.seed], np.int64),
-                  "values_dtype": np.asarray(self.values_dtype.str)}
+                  "values_dtype": np.frombuffer(self.values_dtype.str.encode(), np.uint8)}
         for d, slots in self._slots.items():
             order = sorted(slots, key=slots.get)  # rows by slot
             at = np.asarray([slots[r] for r in order], np.int64)
@@ -242,11 +241,32 @@ class DERStore:
                 (0, 0, self.k), self.values_dtype)
             arrays[f"indices_{d}"] = self._indices[d][at] if d in self._indices else np.zeros(
                 (0, 0, self.k), np.int32)
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "DERStore":
+        """The store ``to_arrays`` described."""
+        k, rows_per_domain, seed = (int(x) for x in np.asarray(arrays["config"]))
+        dtype = np.dtype(np.asarray(arrays["values_dtype"], np.uint8).tobytes().decode())
+        store = cls(k, rows_per_domain, seed, dtype)
+        for name in arrays:
+            if name.startswith("rows_"):
+                d = int(name[len("rows_"):])
+                rows = np.asarray(arrays[name])
+                store._slots[d] = {}
+                if rows.size:
+                    store.add(d, rows, np.asarray(arrays[f"values_{d}"]),
+                              np.asarray(arrays[f"indices_{d}"]))
+        return store
+
+    def save(self, path: str) -> None:
+        """Writes the store to ``path`` (.npz) atomically: a temp file, then a rename."""
+        path = os.fspath(path)
         tmp = os.path.join(os.path.dirname(path) or ".",
                            f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
         try:
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **self.to_arrays())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -259,16 +279,7 @@ class DERStore:
     def load(cls, path: str) -> "DERStore":
         """The store ``save`` wrote to ``path``."""
         with np.load(os.fspath(path), allow_pickle=False) as z:
-            k, rows_per_domain, seed = (int(x) for x in z["config"])
-            store = cls(k, rows_per_domain, seed, np.dtype(str(z["values_dtype"])))
-            for name in z.files:
-                if name.startswith("rows_"):
-                    d = int(name[len("rows_"):])
-                    rows = z[name]
-                    store._slots[d] = {}
-                    if rows.size:
-                        store.add(d, rows, z[f"values_{d}"], z[f"indices_{d}"])
-        return store
+            return cls.from_arrays({name: z[name] for name in z.files})
 
 
 def replay_rows_mask(store: DERStore, domain_B: Sequence[int], row_B: Sequence[int],

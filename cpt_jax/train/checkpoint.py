@@ -1,6 +1,18 @@
-"""Orbax checkpoints of model parameters (the params-only part of checkpointing).
+"""Orbax checkpoints: params-only checkpoints, and full run checkpoints for exact resume.
 
-A params checkpoint is a directory::
+A **run checkpoint** (``RunCheckpointer``) is a step directory of an orbax CheckpointManager,
+``WORKDIR/checkpoints/STEP/`` with four items:
+
+    state/     the whole TrainState: step, params, optimizer state (Adam moments, Reptile
+               slow weights, EWC Fisher and anchors, skip counters) and the teacher snapshot
+    progress/  JSON: position in the task sequence and every result measured so far
+    config/    JSON: the run config it was made with
+    der/       DER's stored top-k logits (only for DER runs)
+
+There is no RNG state to store: the sampler and every other random choice are functions of
+(config.seed, task, step), so the config plus the step say what comes next.
+
+A **params checkpoint** is a directory::
 
     DIR/model_config.json   LlamaConfig.to_dict()
     DIR/params/             orbax PyTree checkpoint of the parameter tree
@@ -24,6 +36,12 @@ import orbax.checkpoint as ocp
 
 from cpt_jax.model import LlamaConfig, init_params
 
+RUN_ITEMS = ("state", "progress", "config", "der")
+
+
+class CheckpointError(RuntimeError):
+    """A run checkpoint could not be written or read."""
+
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 
@@ -36,7 +54,8 @@ def _flat(tree) -> dict[str, object]:
     return out
 
 
-def _sync(name: str):
+def sync_processes(name: str) -> None:
+    """Barrier across the processes of a multi-process run (a no-op with one)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -64,7 +83,7 @@ def save_params(path, config: LlamaConfig, params, *, overwrite: bool = False) -
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
         tmp.mkdir()
-    _sync("cpt_jax_save_params_start")
+    sync_processes("cpt_jax_save_params_start")
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
@@ -82,7 +101,7 @@ def save_params(path, config: LlamaConfig, params, *, overwrite: bool = False) -
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _sync("cpt_jax_save_params_end")
+    sync_processes("cpt_jax_save_params_end")
     return target
 
 
@@ -159,3 +178,106 @@ def load_params(path, shardings=None, *, expected_config: LlamaConfig | None = N
         params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=meta, restore_args=restore_args))
     return config, params
+
+
+def _tree_shapes(tree) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in _flat(tree).items()}
+
+
+class RunCheckpointer:
+    """Saves and restores whole-run checkpoints under ``directory`` (see module docstring).
+
+    Saving is asynchronous by default: ``save`` returns once the arrays are copied off the
+    device and the write goes on in the background, so training continues meanwhile. A
+    step directory only appears once complete (orbax writes a temp directory and renames
+    it), so a kill or a full disk mid-save leaves the previous checkpoints as they were.
+    Kept: the last ``keep`` checkpoints plus every step listed in ``keep_steps`` (the task
+    boundaries). Every process of a multi-host run must make the same calls.
+    """
+
+    def __init__(self, directory, *, keep: int = 3, keep_steps=(), async_save: bool = True,
+                 read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(
+                [policies.LatestN(max(int(keep), 1)), policies.CustomSteps(list(keep_steps))]),
+            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no run checkpoints at {self.directory}")
+        handlers = dict(state=ocp.StandardCheckpointHandler(),
+                        progress=ocp.JsonCheckpointHandler(),
+                        config=ocp.JsonCheckpointHandler(), der=ocp.StandardCheckpointHandler())
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
+                                              options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None when there is none)."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def _failed(self, what: str, e: BaseException) -> CheckpointError:
+        steps = [s for s in self._manager.all_steps(read=True)]
+        prev = f"step {max(steps)}" if steps else "none yet"
+        return CheckpointError(
+            f"{what} in {self.directory} failed: {e}\nThe last complete checkpoint ({prev}) "
+            "is intact and a rerun resumes from it; if the disk is full, free space or point "
+            "--workdir elsewhere (checkpoint.keep bounds how many are kept).")
+
+    def save(self, step: int, state, progress: dict, config: dict, der: dict | None = None,
+             *, wait: bool = False) -> None:
+        """Checkpoint `state` (a TrainState) and the JSON `progress`/`config` at `step`.
+
+        An error of an earlier asynchronous save is raised here (as CheckpointError)."""
+        items = dict(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress),
+                     config=ocp.args.JsonSave(config))
+        if der is not None:
+            items["der"] = ocp.args.StandardSave(der)
+        try:
+            self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+            if wait:
+                self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(f"saving the checkpoint of step {step}", e) from e
+
+    def wait(self) -> None:
+        """Block until every pending save is on disk (raises CheckpointError if one failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed("a background checkpoint save", e) from e
+
+    def close(self) -> None:
+        try:
+            self._manager.close()
+        except Exception as e:
+            raise self._failed("a background checkpoint save", e) from e
+
+    def read_json(self, step: int, item: str) -> dict:
+        """The JSON item ('progress' or 'config') of checkpoint `step`."""
+        return self._manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+    def restore(self, step: int, abstract_state):
+        """-> (TrainState, progress, config, der arrays or None) of checkpoint `step`.
+
+        Each array is read straight into the sharding ``abstract_state`` gives it (from
+        ``state.abstract_train_state``), which may differ from the one it was saved with:
+        a run can resume on another mesh or device count. A tensor whose shape differs from
+        the target's is reported by name before anything is read.
+        """
+        meta = self._manager.item_metadata(step)
+        stored = getattr(meta["state"], "tree", meta["state"])
+        _check_shapes(_flat(abstract_state), _tree_shapes(stored),
+                      f"checkpoint {self.directory / str(step)}", "the run's config")
+        items = dict(state=ocp.args.StandardRestore(abstract_state),
+                     progress=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+        has_der = meta.get("der") is not None
+        if has_der:
+            items["der"] = ocp.args.StandardRestore()
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        der = jax.tree.map(np.asarray, dict(out["der"])) if has_der else None
+        return out["state"], out["progress"], out["config"], der

@@ -4,10 +4,17 @@ For each task in order the model trains for the task's budget on batches that mi
 task's rows with replayed rows of earlier tasks (``cpt_jax.data.sampler``), evaluates
 every domain's validation loss every ``eval.every`` steps and at the end of each task, and
 writes ``results.json`` (schema in DESIGN.md), ``metrics.jsonl`` and ``loss_curves.png``.
+
+Checkpoints (``cpt_jax.train.checkpoint.RunCheckpointer``) are saved every
+``checkpoint.every`` steps, at every task end and on SIGTERM. Run again with the same
+workdir and the run resumes from its latest checkpoint: the sampler is a function of
+(seed, task, step), so a resumed run computes exactly what the uninterrupted one would
+have, and writes the same results.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,10 +35,12 @@ from cpt_jax.eval import metrics as metrics_lib
 from cpt_jax.eval.logging import MetricsLogger
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.optim.distill import DERStore
 from cpt_jax.run_config import check_config
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.train.methods import DERRecorder, TaskBoundary, make_loss_fn
-from cpt_jax.train.state import create_train_state
+from cpt_jax.train.resume import PreemptionWatch, Preempted, check_resume_config, check_workdir
+from cpt_jax.train.state import abstract_train_state, create_train_state, state_shardings
 from cpt_jax.train.step import make_eval_step, make_train_step
 
 
@@ -58,13 +67,15 @@ def load_tokenizer(config, domains, data_dir):
 
 def initial_params(config, mcfg):
     """Parameters to start from: None (fresh init), a Hugging Face directory or an orbax one."""
-    if config.init.hf and config.init.orbax:
-        raise ValueError("set only one of init.hf and init.orbax")
+    given = [k for k in ("hf", "orbax", "checkpoint") if config.init.get(k)]
+    if len(given) > 1:
+        raise ValueError(f"set only one of init.hf, init.orbax and init.checkpoint (got "
+                         f"{', '.join('init.' + k for k in given)})")
     if config.init.hf:
         cfg, params = hf.load_hf_llama(config.init.hf)
     elif config.init.orbax:
         cfg, params = checkpoint_lib.load_params(config.init.orbax, expected_config=mcfg)
-    else:
+    else:  # fresh init, or init.checkpoint (the whole state, restored in run_start)
         return None
     _check_same_shape(cfg, mcfg, config.init.hf or config.init.orbax)
     return params
@@ -123,23 +134,69 @@ def replay_rates(config, tasks):
             for t in tasks]
 
 
-def run(config, workdir: str) -> dict:
-    """Run the whole task sequence; returns (and writes) the results dictionary."""
-    check_config(config)
-    sharding_lib.maybe_initialize_distributed(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
+CHECKPOINT_DIR = "checkpoints"
 
-    # ---- data
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands and what it has measured: saved (as JSON) with every checkpoint.
+
+    ``task``/``step``: the next step to run is step ``step`` of task ``task`` (``task`` ==
+    number of tasks once the run is done); ``step`` == 0 means the task's boundary update
+    (teacher snapshot, anchors, Fisher) has not been applied yet.
+    """
+
+    task: int = 0
+    step: int = 0
+    global_step: int = 0
+    new_tokens: int = 0  # of the current task so far
+    replay_tokens: int = 0
+    init_losses: dict = dataclasses.field(default_factory=dict)
+    eval_curve: list = dataclasses.field(default_factory=list)
+    loss_matrix: list = dataclasses.field(default_factory=list)
+    task_boundaries: list = dataclasses.field(default_factory=list)
+    task_stats: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RunParts:
+    """Everything `run` builds from the config before training: data, model, steps."""
+
+    names: list  # domains, in data.domains order
+    eval_order: list  # loss matrix columns
+    task_names: list
+    steps: list  # steps of each task
+    train_sources: list
+    prepared: dict
+    sampler: ReplaySampler
+    mcfg: model_lib.LlamaConfig
+    mesh: object
+    rules: object
+    tx: object
+    schedule: object
+    shardings: object
+
+
+def prepare_run(config, workdir: str) -> RunParts:
+    """Tokenize and pack the data (process 0 first, the others then read its cache), build
+    the sampler, mesh, optimizer and state shardings."""
+    is_main = jax.process_index() == 0
     domains = [dict(d) for d in config.data.domains]
     names = [d["name"] for d in domains]
     data_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
     os.makedirs(data_dir, exist_ok=True)
-    tok = load_tokenizer(config, domains, data_dir)
-    prepared = prepare_lib.prepare_domains(domains, tok, data_dir, config.seq_len,
+
+    def prepare():
+        tok = load_tokenizer(config, domains, data_dir)
+        return prepare_lib.prepare_domains(domains, tok, data_dir, config.seq_len,
                                            config.data.val_fraction, config.data.split_seed,
                                            progress=is_main)
+
+    if is_main:
+        prepared = prepare()
+    checkpoint_lib.sync_processes("cpt_jax_data_prepared")
+    if not is_main:  # a cache hit now: never two writers on one cache
+        prepared = prepare()
     tasks = [dict(t) for t in config.tasks]
     task_names = [t["domain"] for t in tasks]
     train_sources = [prepared[n]["train"] for n in task_names]
@@ -154,27 +211,121 @@ def run(config, workdir: str) -> dict:
     steps = [sampler.steps_in_task(k, budget_tokens=t.get("tokens"),
                                    budget_steps=t.get("steps"), seq_len=config.seq_len)
              for k, t in enumerate(tasks)]
-    total_steps = sum(steps)
-
-    # ---- model, mesh, state
     mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
     schedule = make_schedule(config.optim, steps)
     tx = make_optimizer(config, schedule)
-    distill = config.method.distill.weight > 0
-    state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed),
-                                          params=initial_params(config, mcfg), teacher=distill)
-    train_step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches,
-                                 schedule, loss_fn=make_loss_fn(config, mcfg))
-    boundary = TaskBoundary(config, mcfg, mesh, rules, shardings, train_sources)
+    shardings = state_shardings(mcfg, tx, mesh, rules, teacher=config.method.distill.weight > 0)
+    return RunParts(names=names, eval_order=[t["domain"] for t in config.tasks],
+                    task_names=task_names, steps=steps, train_sources=train_sources,
+                    prepared=prepared, sampler=sampler, mcfg=mcfg, mesh=mesh, rules=rules,
+                    tx=tx, schedule=schedule, shardings=shardings)
+
+
+def _checkpoint_dir(path: str) -> tuple[str, int | None]:
+    """init.checkpoint: a run's workdir, its checkpoints/ directory, or one step directory
+    in it -> (checkpoints directory, step or None for the latest)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        return os.path.join(path, CHECKPOINT_DIR), None
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(path):
+        return os.path.dirname(path), int(base)
+    return path, None
+
+
+def run_start(config, parts: RunParts, ckpt, resume_step):
+    """The state and progress to train from -> (state, progress, DER arrays or None).
+
+    Resuming: the checkpoint at ``resume_step``. Otherwise a fresh init, parameters from
+    init.hf / init.orbax with a new optimizer state, or the whole state of another run's
+    checkpoint (init.checkpoint: optimizer moments, counters and Reptile/EWC state carry
+    over; the new run's progress starts at step 0).
+    """
+    abstract = abstract_train_state(parts.mcfg, parts.tx, parts.shardings)
+    if resume_step is not None:
+        state, progress, _, der = ckpt.restore(resume_step, abstract)
+        return state, Progress(**progress), der
+    if config.init.get("checkpoint"):
+        initial_params(config, parts.mcfg)  # only checks that one init.* is set
+        directory, step = _checkpoint_dir(config.init.checkpoint)
+        source = checkpoint_lib.RunCheckpointer(directory, read_only=True)
+        step = source.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"init.checkpoint={config.init.checkpoint}: no complete "
+                                    f"checkpoint under {directory}")
+        state, _, _, _ = source.restore(step, abstract)
+        return state, Progress(), None
+    state, _ = create_train_state(parts.mcfg, parts.tx, parts.mesh, parts.rules,
+                                  jax.random.key(config.seed),
+                                  params=initial_params(config, parts.mcfg),
+                                  teacher=parts.shardings.teacher is not None)
+    return state, Progress(), None
+
+
+def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+    """Run the whole task sequence, or resume it from the workdir's latest checkpoint;
+    returns (and writes) the results dictionary.
+
+    Raises ConfigMismatch when the workdir's checkpoint was written by a different config
+    (unless `allow_config_change`), and Preempted after saving on SIGTERM.
+    """
+    check_config(config)
+    sharding_lib.maybe_initialize_distributed(config)
+    workdir = check_workdir(workdir)
+    config_json = json.loads(config.to_json_best_effort())
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    resume_step = None
+    if os.path.isdir(ckpt_dir):  # check before any data is prepared
+        peek = checkpoint_lib.RunCheckpointer(ckpt_dir, read_only=True)
+        resume_step = peek.latest_step()
+        if resume_step is not None:
+            check_resume_config(peek.read_json(resume_step, "config"), config_json,
+                                f"workdir {workdir} (checkpoint of step {resume_step})",
+                                allow_config_change)
+
+    parts = prepare_run(config, workdir)
+    ends = list(np.cumsum(parts.steps))
+    c = config.checkpoint
+    ckpt = checkpoint_lib.RunCheckpointer(ckpt_dir, keep=c.keep, keep_steps=ends,
+                                          async_save=c.async_save)
+    state, progress, der_arrays = run_start(config, parts, ckpt, resume_step)
+    preempt = PreemptionWatch()
+    try:
+        state, progress = train(config, workdir, parts, state, progress, der_arrays, ckpt,
+                                preempt, config_json, resumed=resume_step is not None)
+    finally:
+        preempt.close()
+        ckpt.close()  # waits for the last save
+
+    results = make_results(config, parts, progress, config_json)
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        plot_loss_curves(results, os.path.join(workdir, "loss_curves.png"))
+    if config.save_final_params:
+        checkpoint_lib.save_params(os.path.join(workdir, "final_params"), parts.mcfg,
+                                   jax.device_get(state.params), overwrite=True)
+    return results
+
+
+def train(config, workdir, parts: RunParts, state, progress: Progress, der_arrays, ckpt,
+          preempt, config_json, resumed: bool):
+    """Train from `progress` to the end of the task sequence, checkpointing on the way."""
+    is_main = jax.process_index() == 0
+    mcfg, mesh, rules, shardings = parts.mcfg, parts.mesh, parts.rules, parts.shardings
+    sampler, steps = parts.sampler, parts.steps
+    train_step = make_train_step(mcfg, parts.tx, mesh, shardings, rules, config.microbatches,
+                                 parts.schedule, loss_fn=make_loss_fn(config, mcfg))
+    boundary = TaskBoundary(config, mcfg, mesh, rules, shardings, parts.train_sources)
     eval_step = make_eval_step(mcfg, mesh, shardings, rules)
-    der = (DERRecorder(config, mcfg, mesh, rules, shardings, train_sources)
+    der = (DERRecorder(config, mcfg, mesh, rules, shardings, parts.train_sources)
            if config.method.der.weight else None)
-    loader = BatchLoader(sampler, train_sources, mesh, extras=der.extras if der else None)
-    eval_order = [t["domain"] for t in config.tasks]  # loss matrix columns
-    eval_sets = {n: eval_batches(prepared[n]["val"], config.eval.max_rows,
-                                 config.eval.batch, mesh) for n in names}
+    if der and der_arrays is not None:
+        der.store = DERStore.from_arrays(der_arrays)
+    loader = BatchLoader(sampler, parts.train_sources, mesh, extras=der.extras if der else None)
+    eval_sets = {n: eval_batches(parts.prepared[n]["val"], config.eval.max_rows,
+                                 config.eval.batch, mesh) for n in parts.names}
 
     def evaluate(params) -> dict:
         out = {}
@@ -186,73 +337,92 @@ def run(config, workdir: str) -> dict:
             out[n] = tot / max(cnt, 1.0)
         return out
 
-    # ---- the task sequence
-    logger = MetricsLogger(workdir, active=is_main)  # metrics.jsonl + TensorBoard events
-    init_losses = evaluate(state.params)
-    eval_curve = [{"step": 0, "task": "init", "losses": init_losses}]
-    loss_matrix, boundaries, task_stats = [], [], []
-    global_step = 0
-    tokens_per_row = config.seq_len
-    bar = tqdm(total=total_steps, disable=not is_main, dynamic_ncols=True)
-    for k, task in enumerate(tasks):
-        name = task_names[k]
-        if k > 0:
-            state = boundary(state, k)
-        t_start = time.perf_counter()
-        n_new = n_replay = 0
-        window_t, window_tok = time.perf_counter(), 0
-        for step, batch in enumerate(loader.iterate(k, 0, steps[k])):
-            n_rep = sampler.n_replay(k, step)
-            if der:
-                der.record(state.params, k, sampler.batch(k, step))
-            state, m = train_step(state, batch, n_rep)
-            global_step += 1
-            n_replay += n_rep * tokens_per_row
-            n_new += (config.global_batch - n_rep) * tokens_per_row
-            window_tok += config.global_batch * tokens_per_row
-            if global_step % config.log_every == 0 or step == steps[k] - 1:
-                m = scalars(jax.device_get(m))
-                check_divergence(m, config.optim.max_bad_steps, global_step)
-                now = time.perf_counter()
-                m.update(step=global_step, task=name, tokens_per_s=window_tok / (now - window_t))
-                window_t, window_tok = now, 0
-                logger.log(global_step, m)
-                bar.set_postfix(task=name, loss=f"{m['loss']:.3f}",
-                                tok_s=f"{m['tokens_per_s']:.0f}")
-            bar.update(1)
-            end_of_task = step == steps[k] - 1
-            if end_of_task or (config.eval.every and global_step % config.eval.every == 0):
-                losses = evaluate(state.params)
-                eval_curve.append({"step": global_step, "task": name, "losses": losses})
-                logger.log(global_step, {"task": name,
-                                         **{f"eval/{n}": v for n, v in losses.items()}})
-                if end_of_task:
-                    loss_matrix.append([losses[n] for n in eval_order])
-        boundaries.append({"task": name, "end_step": global_step})
-        task_stats.append({"task": name, "steps": steps[k], "new_tokens": n_new,
-                           "replay_tokens": n_replay,
-                           "wall_s": round(time.perf_counter() - t_start, 2)})
-    bar.close()
-    logger.close()
-    task_stats, compute = metrics_lib.with_flops(task_stats, mcfg, config.seq_len)
+    def save(wait=False):
+        t0 = time.perf_counter()
+        ckpt.save(progress.global_step, state, dataclasses.asdict(progress), config_json,
+                  der.store.to_arrays() if der else None, wait=wait)
+        return time.perf_counter() - t0
 
+    # metrics.jsonl + TensorBoard events; a resumed run drops what came after its checkpoint
+    logger = MetricsLogger(workdir, active=is_main,
+                           resume_step=progress.global_step + 1 if resumed else None)
+    if not progress.eval_curve:
+        progress.init_losses = evaluate(state.params)
+        progress.eval_curve = [{"step": 0, "task": "init", "losses": progress.init_losses}]
+    tokens_per_row = config.seq_len
+    bar = tqdm(total=sum(steps), initial=progress.global_step, disable=not is_main,
+               dynamic_ncols=True)
+    try:
+        for k in range(progress.task, len(steps)):
+            name = parts.task_names[k]
+            if k > 0 and progress.step == 0:
+                state = boundary(state, k)
+            t_start = time.perf_counter()
+            window_t, window_tok = time.perf_counter(), 0
+            for step, batch in enumerate(loader.iterate(k, progress.step, steps[k]),
+                                         start=progress.step):
+                n_rep = sampler.n_replay(k, step)
+                if der:
+                    der.record(state.params, k, sampler.batch(k, step))
+                state, m = train_step(state, batch, n_rep)
+                progress.step, progress.global_step = step + 1, progress.global_step + 1
+                g = progress.global_step
+                progress.replay_tokens += n_rep * tokens_per_row
+                progress.new_tokens += (config.global_batch - n_rep) * tokens_per_row
+                window_tok += config.global_batch * tokens_per_row
+                end_of_task = step == steps[k] - 1
+                if g % config.log_every == 0 or end_of_task:
+                    m = scalars(jax.device_get(m))
+                    check_divergence(m, config.optim.max_bad_steps, g)
+                    now = time.perf_counter()
+                    m.update(step=g, task=name, tokens_per_s=window_tok / (now - window_t))
+                    window_t, window_tok = now, 0
+                    logger.log(g, m)
+                    bar.set_postfix(task=name, loss=f"{m['loss']:.3f}",
+                                    tok_s=f"{m['tokens_per_s']:.0f}")
+                bar.update(1)
+                if end_of_task or (config.eval.every and g % config.eval.every == 0):
+                    losses = evaluate(state.params)
+                    progress.eval_curve.append({"step": g, "task": name, "losses": losses})
+                    logger.log(g, {"task": name, **{f"eval/{n}": v for n, v in losses.items()}})
+                if end_of_task:
+                    progress.loss_matrix.append([losses[n] for n in parts.eval_order])
+                    progress.task_boundaries.append({"task": name, "end_step": g})
+                    progress.task_stats.append({"task": name, "steps": steps[k],
+                                                "new_tokens": progress.new_tokens,
+                                                "replay_tokens": progress.replay_tokens})
+                    logger.log(g, {"task": name,
+                                   "task_wall_s": time.perf_counter() - t_start})
+                    progress.task, progress.step = k + 1, 0
+                    progress.new_tokens = progress.replay_tokens = 0
+                preempted = preempt.reached(g)  # every step: multi-host sync needs it
+                every = config.checkpoint.every
+                if end_of_task or preempted or (every and g % every == 0):
+                    blocked = save(wait=preempted)
+                    logger.log(g, {"task": name, "checkpoint_blocking_s": blocked})
+                if preempted:
+                    raise Preempted(g, workdir)
+    finally:
+        bar.close()
+        logger.close()
+    return state, progress
+
+
+def make_results(config, parts: RunParts, progress: Progress, config_json: dict) -> dict:
+    """results.json (schema in DESIGN.md): a pure function of the config, no wall times."""
+    task_stats, compute = metrics_lib.with_flops(progress.task_stats, parts.mcfg,
+                                                 config.seq_len)
     results = {
-        "domains": names,
-        "tasks": task_names,
+        "domains": parts.names,
+        "tasks": parts.task_names,
         "method": config.method.name,
-        "loss_matrix": loss_matrix,
-        "init_losses": init_losses,
-        "eval_curve": eval_curve,
-        "task_boundaries": boundaries,
+        "loss_matrix": progress.loss_matrix,
+        "init_losses": progress.init_losses,
+        "eval_curve": progress.eval_curve,
+        "task_boundaries": progress.task_boundaries,
         "task_stats": task_stats,
         "compute": compute,
-        "config": json.loads(config.to_json_best_effort()),
+        "config": config_json,
     }
     results["metrics"] = metrics_lib.metrics_from_results(results)
-    if is_main:
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
-        plot_loss_curves(results, os.path.join(workdir, "loss_curves.png"))
-    if config.save_final_params:
-        checkpoint_lib.save_params(os.path.join(workdir, "final_params"), mcfg,
-                                   jax.device_get(state.params))
     return results

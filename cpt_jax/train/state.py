@@ -57,6 +57,16 @@ def state_shardings(config: model_lib.LlamaConfig, tx, mesh, rules, teacher: boo
                       teacher=p_shard if teacher else None)
 
 
+def abstract_train_state(config: model_lib.LlamaConfig, tx, shardings: TrainState):
+    """The TrainState as jax.ShapeDtypeStructs carrying `shardings` (no allocation): the
+    target a checkpoint is restored into, each array straight onto its devices."""
+    abstract = jax.eval_shape(
+        functools.partial(_init_state, config, tx, teacher=shardings.teacher is not None),
+        jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
 def _init_state(config, tx, key, params=None, teacher=False):
     if params is None:
         params = model_lib.init_params(config, key)
