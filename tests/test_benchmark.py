@@ -39,3 +39,12 @@ def test_method_memory_in_parameter_copies(bench):
     # the slow weights plus a 4-byte step counter
     assert r["reptile"]["extra_param_copies"] == pytest.approx(1.0, abs=1e-3)
     assert r["reptile"]["meta_step_s"] > 0 and r["reptile"]["amortised_over"] == 500
+
+
+def test_checkpoint_timing_saves_the_whole_state(bench, tmp_path):
+    r = bench.checkpoint_times(bench.FLAGS.config, str(tmp_path / "ck"), repeats=1)
+    # configs/tiny.py: 69632 matmul params + embedding 128*64 + norms (2*2 + 1)*64 = 78144;
+    # params + AdamW's two moments in float32, plus a few int32 counters
+    assert 3 * 4 * 78144 <= r["state_bytes"] < 3 * 4 * 78144 + 64
+    assert r["blocking_blocked_s"] > 0 and r["async_total_s"] >= r["async_blocked_s"] > 0
+    assert not os.listdir(tmp_path / "ck")  # the scratch checkpoints are removed

@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
+from cpt_jax.train.checkpoint import RunCheckpointer
 from cpt_jax.train.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +142,13 @@ def test_divergence_stops_the_run_with_a_clear_message(tmp_path):
     c = _config(tmp_path)
     c.optim.update(dict(lr=1e12, warmup_steps=0, clip_norm=1e30, max_bad_steps=2))
     c.log_every = 1
+    c.checkpoint.every = 1
     with pytest.raises(FloatingPointError, match="optim.max_bad_steps=2"):
         run(c, str(tmp_path / "work"))
     assert not os.path.exists(tmp_path / "work" / "results.json")
+    # the last checkpoint is complete and holds finite parameters (skipped steps apply no
+    # update), so the run can be resumed with a lower learning rate
+    ckpt = RunCheckpointer(tmp_path / "work" / "checkpoints", read_only=True)
+    state = ckpt.read_arrays(ckpt.latest_step())
+    assert state["opt_state"]["bad_total"] >= 1  # saved during the bad streak
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))

@@ -203,6 +203,7 @@ class RunCheckpointer:
             preservation_policy=policies.AnyPreservationPolicy(
                 [policies.LatestN(max(int(keep), 1)), policies.CustomSteps(list(keep_steps))]),
             enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
             cleanup_tmp_directories=not read_only)
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no run checkpoints at {self.directory}")
@@ -260,6 +261,15 @@ class RunCheckpointer:
         """The JSON item ('progress' or 'config') of checkpoint `step`."""
         return self._manager.restore(
             step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+    def read_arrays(self, step: int, item: str = "state") -> dict:
+        """Item 'state' or 'der' of checkpoint `step` as nested dicts of host numpy arrays,
+        without a target structure: to inspect a checkpoint outside a run."""
+        meta = getattr(self._manager.item_metadata(step)[item], "tree", None)
+        out = self._manager.restore(step, args=ocp.args.Composite(**{
+            item: ocp.args.StandardRestore(jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta))}))[item]
+        return jax.tree.map(np.asarray, out)
 
     def restore(self, step: int, abstract_state):
         """-> (TrainState, progress, config, der arrays or None) of checkpoint `step`.
