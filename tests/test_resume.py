@@ -107,6 +107,13 @@ def test_resume_refuses_a_changed_config(reference, tmp_path):
     with pytest.raises(ConfigMismatch, match=r"optim.lr: 0.003 -> 0.01.*--allow_config_change"):
         run(c, str(work))
     assert (work / "results.json").read_bytes() == before
+    # a workdir with results but no checkpoints is not overwritten by another config either
+    other = tmp_path / "results_only"
+    other.mkdir()
+    shutil.copy(ref / "results.json", other / "results.json")
+    with pytest.raises(ConfigMismatch, match=r"results_only \(its results.json\).*optim.lr"):
+        run(c, str(other))
+    assert (other / "results.json").read_bytes() == before
     # told to, it resumes (the run is complete: nothing left to train)
     res = run(c, str(work), allow_config_change=True)
     assert res["config"]["optim"]["lr"] == 1e-2

@@ -284,9 +284,15 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
             check_resume_config(peek.read_json(resume_step, "config"), config_json,
                                 f"workdir {workdir} (checkpoint of step {resume_step})",
                                 allow_config_change)
+    results_path = os.path.join(workdir, "results.json")
+    if resume_step is None and os.path.exists(results_path):  # results but no checkpoint
+        with open(results_path) as f:
+            written_by = json.load(f).get("config", {})
+        check_resume_config(written_by, config_json, f"workdir {workdir} (its results.json)",
+                            allow_config_change)
 
     parts = prepare_run(config, workdir)
-    ends = list(np.cumsum(parts.steps))
+    ends = [int(e) for e in np.cumsum(parts.steps)]
     c = config.checkpoint
     ckpt = checkpoint_lib.RunCheckpointer(ckpt_dir, keep=c.keep, keep_steps=ends,
                                           async_save=c.async_save)
@@ -301,11 +307,11 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
 
     results = make_results(config, parts, progress, config_json)
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        write_json_atomic(results_path, results)
         plot_loss_curves(results, os.path.join(workdir, "loss_curves.png"))
     if config.save_final_params:
         checkpoint_lib.save_params(os.path.join(workdir, "final_params"), parts.mcfg,
-                                   jax.device_get(state.params), overwrite=True)
+                                   state.params, overwrite=True)  # each process its shards
     return results
 
 

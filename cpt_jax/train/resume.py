@@ -76,7 +76,8 @@ def check_resume_config(stored: dict, current: dict, where: str, allow: bool) ->
         raise ConfigMismatch(
             f"{where} was written by a different config ({shown}"
             f"{', ...' if len(diff) > 6 else ''}). Use a new --workdir for a new run, or pass "
-            "--allow_config_change to resume with the new config anyway.")
+            "--allow_config_change to go on with the new config anyway (resuming, or "
+            "overwriting its results).")
     return diff
 
 
