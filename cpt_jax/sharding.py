@@ -95,15 +95,47 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def maybe_initialize_distributed(config) -> None:
-    """Join a multi-process JAX run (TPU pod slice, multi-node GPU) when the config says so.
+def distributed_kwargs(dist) -> dict:
+    """Keyword arguments for ``jax.distributed.initialize`` from ``config.distributed``.
 
-    ``config.distributed`` may hold coordinator_address, num_processes and process_id; on
-    TPU VMs and under Slurm they are discovered automatically when left unset.
+    Fields left at their "unset" values (None, coordinator_address "", num_processes <= 0,
+    process_id < 0, empty local_device_ids) are omitted, so JAX discovers them itself on TPU
+    VMs, under Slurm and Open MPI; passing them through would override auto-detection.
+    """
+    kwargs = {}
+    address = dist.get("coordinator_address")
+    if address:
+        kwargs["coordinator_address"] = str(address)
+    n = dist.get("num_processes")
+    if n is not None and int(n) > 0:
+        kwargs["num_processes"] = int(n)
+    pid = dist.get("process_id")
+    if pid is not None and int(pid) >= 0:
+        kwargs["process_id"] = int(pid)
+    ids = dist.get("local_device_ids")
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        kwargs["local_device_ids"] = [ids]
+    elif ids is not None and ids != "" and len(ids):
+        kwargs["local_device_ids"] = [int(i) for i in ids]
+    return kwargs
+
+
+def maybe_initialize_distributed(config) -> None:
+    """Join a multi-process JAX run (TPU pod slice, multi-node GPU, CPU hosts) when the
+    config says so (``config.distributed.enabled``).
+
+    ``config.distributed`` may hold coordinator_address, num_processes, process_id (and
+    local_device_ids); unset ones are discovered automatically on TPU VMs and under Slurm
+    (see ``distributed_kwargs``). Cross-process collectives of the CPU backend use gloo
+    unless ``jax_cpu_collectives_implementation`` is already set (e.g. to "mpi"); without
+    an implementation CPU computations spanning processes fail. Must run before any other
+    JAX call; a second call (the process already joined) does nothing.
     """
     dist = config.get("distributed") if hasattr(config, "get") else None
     if not dist or not dist.get("enabled", False):
         return
-    kwargs = {k: dist[k] for k in ("coordinator_address", "num_processes", "process_id",
-                                     "local_device_ids") if dist.get(k) is not None}
-    jax.distributed.initialize(**kwargs)
+    if getattr(jax.distributed, "is_initialized", lambda: False)():
+        return
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**distributed_kwargs(dist))

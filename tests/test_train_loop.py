@@ -16,17 +16,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_domains(tmp_path):
-    """Three tiny domains with very different text, as JSON-lines files."""
+    """Three tiny domains with very different text, as JSON-lines files (left alone when
+    they already exist: worker processes of one test share them)."""
     words = {"en": ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran"],
              "num": [str(i) for i in range(10)],
              "sym": ["<", ">", "=", "+", "{", "}", "(", ")", ";"]}
     domains = []
     for k, (name, vocab) in enumerate(words.items()):
         path = tmp_path / f"{name}.jsonl"
-        with open(path, "w") as f:
-            for d in range(60):
-                text = " ".join(vocab[(d * 7 + i * (k + 2)) % len(vocab)] for i in range(40))
-                f.write(json.dumps({"text": text}) + "\n")
+        if not path.exists():
+            lines = [" ".join(vocab[(d * 7 + i * (k + 2)) % len(vocab)] for i in range(40))
+                     for d in range(60)]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+            tmp.rename(path)
         domains.append({"name": name, "kind": "jsonl", "pattern": str(path), "field": "text"})
     return domains
 
