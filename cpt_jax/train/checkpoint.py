@@ -36,14 +36,12 @@ import orbax.checkpoint as ocp
 
 from cpt_jax.model import LlamaConfig, init_params
 
-RUN_ITEMS = ("state", "progress", "config", "der")
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
 
 
 class CheckpointError(RuntimeError):
     """A run checkpoint could not be written or read."""
-
-CONFIG_FILE = "model_config.json"
-PARAMS_DIR = "params"
 
 
 def _flat(tree) -> dict[str, object]:
@@ -221,7 +219,7 @@ class RunCheckpointer:
         return sorted(self._manager.all_steps())
 
     def _failed(self, what: str, e: BaseException) -> CheckpointError:
-        steps = [s for s in self._manager.all_steps(read=True)]
+        steps = self._manager.all_steps(read=True)
         prev = f"step {max(steps)}" if steps else "none yet"
         return CheckpointError(
             f"{what} in {self.directory} failed: {e}\nThe last complete checkpoint ({prev}) "
