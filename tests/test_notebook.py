@@ -19,7 +19,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("CPT_QUICKSTART_TINY", "1")
     monkeypatch.setenv("CPT_QUICKSTART_WORKDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")  # as conftest
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
                                      resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})

@@ -46,8 +46,7 @@ def reference(tmp_path_factory):
 
 def _signal_run(root, workdir, signame, at):
     """tests/run_worker.py in a subprocess (8 devices, as here), signalled at step `at`."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ)  # conftest's XLA_FLAGS: the same compiler as the reference run
     return subprocess.run([sys.executable, os.path.join(HERE, "run_worker.py"), str(root),
                            str(workdir), "--signal", signame, "--at", str(at)],
                           capture_output=True, text=True, timeout=600, env=env)

