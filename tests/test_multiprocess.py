@@ -11,6 +11,7 @@ The pytest process has 8 forced devices (conftest.py), so every run here is a su
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -174,7 +175,10 @@ def test_two_processes_match_one(runs, mesh):
 def test_two_process_training_run_matches_one(tmp_path):
     """The whole driver (loop.run: data preparation, sampler, loader, checkpoints, eval,
     results) in two processes of 2 devices equals it in one process of 4, on a mesh whose
-    fsdp axis spans the processes. Process 0 prepares the data while process 1 waits."""
+    fsdp axis spans the processes. Process 0 prepares the data while process 1 waits.
+
+    On the way, process 1 alone gets SIGTERM: JAX's preemption sync manager makes both
+    processes save the same step and stop; rerun, they resume from it."""
     from cpt_jax.train.checkpoint import RunCheckpointer, load_params
 
     script = os.path.join(REPO, "tests", "run_worker.py")
@@ -183,15 +187,28 @@ def test_two_process_training_run_matches_one(tmp_path):
     error = _run_all([("one", [common[0], str(tmp_path / "one"), *common[1:]], _env(4))],
                      tmp_path, script=script)
     assert error is None, error
-    for _ in range(2):
-        port = _free_port()
-        error = _run_all([(f"process{i}", [common[0], str(tmp_path / "two"), *common[1:],
-                                           "--coordinator", f"localhost:{port}",
-                                           "--num_processes", "2", "--process_id", str(i)],
-                           _env(2)) for i in range(2)], tmp_path, script=script)
-        if not error or "Failed to start RPC server" not in error:
-            break
-    assert error is None, error
+
+    def two_processes(extra):
+        for _ in range(2):
+            port = _free_port()
+            error = _run_all([(f"process{i}", [common[0], str(tmp_path / "two"), *common[1:],
+                                               "--coordinator", f"localhost:{port}",
+                                               "--num_processes", "2", "--process_id", str(i),
+                                               *extra[i]], _env(2)) for i in range(2)],
+                             tmp_path, script=script)
+            if not error or "Failed to start RPC server" not in error:
+                break
+        assert error is None, error
+        return [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+
+    logs = two_processes([[], ["--signal", "SIGTERM", "--at", "5"]])
+    stops = [re.findall(r"preempted: saved the checkpoint of step (\d+)", log) for log in logs]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, logs
+    stop = int(stops[0][0])
+    assert 5 <= stop < 20 and not (tmp_path / "two" / "results.json").exists()
+    assert RunCheckpointer(tmp_path / "two" / "checkpoints").latest_step() == stop
+    two_processes([[], []])  # resumed to the end
+
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["config"]["distributed"]["num_processes"] == 2
