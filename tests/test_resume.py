@@ -122,15 +122,21 @@ def test_resume_refuses_a_changed_config(reference, tmp_path):
     assert config_diff({"seed": 0}, {"seed": 1}) == ["seed"]
 
 
-def test_resume_on_another_mesh(reference, tmp_path):
-    """Resume from the task-0 checkpoint on a 2x4 (data, fsdp) mesh: arrays are restored
-    into the new shardings and the run ends where the 8x1 run did, up to rounding."""
+def test_resume_on_another_mesh_and_device_count(reference, tmp_path):
+    """Resume the 8-device run from its task-0 checkpoint on a 2x4 (data, fsdp) mesh of the
+    same 8 devices, then on a 2x2 mesh of 4 devices: arrays are restored into the new
+    shardings and the run ends where the 8x1 run did, up to rounding."""
     root, ref = reference
+    want = json.loads((ref / "results.json").read_text())["loss_matrix"]
     work = tmp_path / "w"
     shutil.copytree(ref, work)
     for step in checkpoint_lib.RunCheckpointer(work / "checkpoints").all_steps():
         if step > 8:
             shutil.rmtree(work / "checkpoints" / str(step))
+    (work / "results.json").unlink()
+    four = tmp_path / "w4"
+    shutil.copytree(work, four)
+
     c = resume_config(root)
     c.mesh.update(dict(data=2, fsdp=4))
     parts = prepare_run(c, str(work))
@@ -141,8 +147,17 @@ def test_resume_on_another_mesh(reference, tmp_path):
     assert kernel.sharding.spec == parts.shardings.params["layers"]["mlp"]["up"]["kernel"].spec
     assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
     res = run(c, str(work))
-    want = json.loads((ref / "results.json").read_text())
-    np.testing.assert_allclose(res["loss_matrix"], want["loss_matrix"], rtol=2e-4)
+    np.testing.assert_allclose(res["loss_matrix"], want, rtol=2e-4)
+
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(
+        "device_count=8", "device_count=4"))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "run_worker.py"), str(root),
+                           str(four), "--mesh", "data=2,fsdp=2"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((four / "results.json").read_text())
+    assert got["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    np.testing.assert_allclose(got["loss_matrix"], want, rtol=2e-4)
 
 
 def test_start_from_another_runs_full_state(reference, tmp_path):
