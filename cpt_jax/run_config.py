@@ -130,6 +130,9 @@ def check_config(c) -> None:
     for r in c.method.reptile:
         if set(r) != {"every", "meta_lr"} or int(r["every"]) < 1:
             raise ValueError(f"method.reptile entry {r}: give {{'every': k >= 1, 'meta_lr': eps}}")
+    given = [f"init.{k}" for k in ("hf", "orbax", "checkpoint") if c.init.get(k)]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are all set: start from only one of them")
     if c.checkpoint.every < 0 or c.checkpoint.keep < 1:
         raise ValueError(f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at "
                          f"task ends) and checkpoint.keep={c.checkpoint.keep} >= 1")

@@ -105,7 +105,7 @@ def tree_bytes(tree) -> int:
 
 
 def timed_steps(compiled, state, batch, steps: int):
-    """Run `steps` synchronised steps; returns (state, per-step seconds)."""
+    """Run `steps` synchronised steps; returns (state, last metrics, per-step seconds)."""
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

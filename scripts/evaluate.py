@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from cpt_jax import atomic  # noqa: E402
+from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer, trained_prefix  # noqa: E402
 from cpt_jax.eval import downstream  # noqa: E402
 from cpt_jax.hf import save_hf_llama  # noqa: E402
 from cpt_jax.train.checkpoint import CONFIG_FILE, load_params  # noqa: E402
@@ -52,16 +53,9 @@ def find_run_tokenizer(ckpt: str) -> str | None:
         return os.path.expanduser(tok["path"])
     data_dir = os.path.expanduser((config.get("data") or {}).get("cache_dir") or
                                   os.path.join(workdir, "data"))
-    name = f"tokenizer-{tok.get('model_type', 'bpe')}-{config['model']['vocab_size']}.model"
-    path = os.path.join(data_dir, name)
+    path = trained_prefix(data_dir, tok.get("model_type", "bpe"),
+                          config["model"]["vocab_size"]) + ".model"
     return path if os.path.isfile(path) else None
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def export_tokenizer(tok, out_dir: str, model_max_length: int) -> None:
@@ -78,10 +72,10 @@ def export_tokenizer(tok, out_dir: str, model_max_length: int) -> None:
     config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True,
               "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
               "model_max_length": int(model_max_length), "sp_model_kwargs": {}}
-    _write_atomic(os.path.join(out_dir, "tokenizer.model"), open(tok.path, "rb").read())
-    _write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
+    atomic.write_bytes(os.path.join(out_dir, "tokenizer.model"), open(tok.path, "rb").read())
+    atomic.write_bytes(os.path.join(out_dir, "tokenizer_config.json"),
                   (json.dumps(config, indent=2) + "\n").encode())
-    _write_atomic(os.path.join(out_dir, "special_tokens_map.json"),
+    atomic.write_bytes(os.path.join(out_dir, "special_tokens_map.json"),
                   (json.dumps(special, indent=2) + "\n").encode())
 
 
@@ -152,7 +146,7 @@ def main(argv=None) -> int:
                                            batch_size=args.batch_size, seq_len=args.seq_len)
         print(_table(scores))
         if args.out:
-            _write_atomic(args.out, (json.dumps(
+            atomic.write_bytes(args.out, (json.dumps(
                 {"ckpt": os.path.abspath(args.ckpt), "tokenizer": tok.path,
                  "tasks": scores}, indent=1) + "\n").encode())
             print(f"wrote {args.out}")

@@ -28,6 +28,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cpt_jax.data import prepare, sources, tokenizer  # noqa: E402  pylint: disable=wrong-import-position
+from cpt_jax.run_config import default_config  # noqa: E402  pylint: disable=wrong-import-position
+
+DEFAULTS = default_config()  # the same defaults as a run, so a run finds this data
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,17 +45,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="size cap of each demo domain, in characters")
     p.add_argument("--data_dir", required=True, help="where prepared domains are stored")
     p.add_argument("--seq_len", type=int, required=True, help="tokens per row, minus one")
-    p.add_argument("--val_fraction", type=float, default=0.01,
+    p.add_argument("--val_fraction", type=float, default=DEFAULTS.data.val_fraction,
                    help="share of documents held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--seed", type=int, default=DEFAULTS.data.split_seed,
+                   help="seed of the train/val split")
     p.add_argument("--tokenizer", help="an existing SentencePiece .model to use")
     p.add_argument("--vocab_size", type=int,
                    help="train a tokenizer of this size (when --tokenizer is not given)")
     p.add_argument("--tokenizer_prefix",
                    help="where to write the trained tokenizer (default: "
-                        "<data_dir>/tokenizer-<vocab_size>)")
-    p.add_argument("--model_type", default="bpe", choices=("bpe", "unigram"))
-    p.add_argument("--sample_chars", type=int, default=10_000_000,
+                        "<data_dir>/tokenizer-<model_type>-<vocab_size>, where a run looks)")
+    p.add_argument("--model_type", default=DEFAULTS.tokenizer.model_type,
+                   choices=("bpe", "unigram"))
+    p.add_argument("--sample_chars", type=int, default=DEFAULTS.tokenizer.sample_chars,
                    help="characters of text (over all domains) to train the tokenizer on")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
@@ -79,11 +84,12 @@ def main(argv=None) -> dict:
     if args.tokenizer:
         tok = tokenizer.load_tokenizer(args.tokenizer)
     elif args.vocab_size:
-        prefix = args.tokenizer_prefix or os.path.join(args.data_dir,
-                                                       f"tokenizer-{args.vocab_size}")
-        tok = tokenizer.train_tokenizer(domains, prefix, args.vocab_size,
-                                        model_type=args.model_type,
-                                        sample_chars=args.sample_chars)
+        prefix = args.tokenizer_prefix or tokenizer.trained_prefix(
+            args.data_dir, args.model_type, args.vocab_size)
+        tok = tokenizer.train_tokenizer(
+            domains, prefix, args.vocab_size, model_type=args.model_type,
+            character_coverage=DEFAULTS.tokenizer.character_coverage,
+            sample_chars=args.sample_chars)
     else:
         sys.exit("Give --tokenizer PATH (an existing .model) or --vocab_size N (train one).")
     tok_seconds = time.time() - start

@@ -243,7 +243,8 @@ def test_prepare_data_script(tmp_path, capsys):
                            "--seq_len", "32", "--no_progress"])
     assert list(summary) == ["toy", "python_docs", "python_code", "unicode_table"]
     assert all(v["train_rows"] > 0 and v["val_rows"] > 0 for v in summary.values())
-    assert os.path.isfile(tmp_path / "data" / "tokenizer-400.model")
+    # where a run with the same data.cache_dir looks for its trained tokenizer
+    assert os.path.isfile(tmp_path / "data" / "tokenizer-bpe-400.model")
     assert '"domain": "unicode_table"' in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"--tokenizer PATH"):
         script.main(["--demo", "--data_dir", str(tmp_path / "d"), "--seq_len", "8"])

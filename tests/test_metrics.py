@@ -130,14 +130,14 @@ def test_training_flops_counts_like_benchmark():
     assert cfg.flops_per_token(8) == 960 + 384
     assert metrics.training_flops(cfg, 1000, 8) == 1000 * (960 + 384)
 
-    stats = [{"task": "a", "steps": 8, "new_tokens": 2048, "replay_tokens": 0, "wall_s": 1.25},
-             {"task": "b", "steps": 6, "new_tokens": 1152, "replay_tokens": 384, "wall_s": 0.5}]
+    stats = [{"task": "a", "steps": 8, "new_tokens": 2048, "replay_tokens": 0},
+             {"task": "b", "steps": 6, "new_tokens": 1152, "replay_tokens": 384}]
     entries, totals = metrics.with_flops(stats, cfg, 8)
     assert "flops" not in stats[0]                       # input untouched
     assert entries[0]["flops"] == 2048 * 1344 and entries[1]["flops"] == 1536 * 1344
     assert entries[1]["task"] == "b" and entries[1]["replay_tokens"] == 384
     assert totals == {"new_tokens": 3200, "replay_tokens": 384, "tokens": 3584,
-                      "flops": 3584 * 1344, "wall_s": 1.75}
+                      "flops": 3584 * 1344}
 
 
 def test_metrics_from_results_of_a_joint_run():

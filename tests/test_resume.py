@@ -97,6 +97,19 @@ def test_kill_preempt_and_resume_is_bit_identical(reference):
     assert {8, 14, 20} <= set(steps) and len(set(steps) - {8, 14, 20}) <= 2
 
 
+def test_every_method_term_was_active(reference):
+    """The reference run really exercised what its checkpoints must carry: replayed rows
+    got distillation and DER terms once there was something to replay, never before."""
+    _, ref = reference
+    logged = [json.loads(line) for line in open(ref / "metrics.jsonl")]
+    first = [m for m in logged if m.get("task") == "en" and "loss" in m]
+    later = [m for m in logged if m.get("task") in ("num", "sym") and "loss" in m]
+    assert first and later
+    assert all(m.get("der_replay", 0) == 0 and m.get("distill_replay", 0) == 0 for m in first)
+    assert any(m.get("der_replay", 0) > 0 for m in later)
+    assert any(m.get("distill_replay", 0) > 0 for m in later)
+
+
 def test_resume_refuses_a_changed_config(reference, tmp_path):
     root, ref = reference
     work = tmp_path / "w"

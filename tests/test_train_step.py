@@ -86,7 +86,23 @@ def _reference_loss(params, batch):
 
 def test_loss_matches_reference():
     params0, _, metrics, _ = _run_one_step({"data": 1}, n_devices=1)
-    np.testing.assert_allclose(metrics["loss"], _reference_loss(params0, _batch()), rtol=1e-5)
+    batch = _batch()
+    np.testing.assert_allclose(metrics["loss"], _reference_loss(params0, batch), rtol=1e-5)
+    # per-source metrics: the current rows and the replayed rows taken apart by hand
+    rep = batch["is_replay"] == 1
+    parts = {name: {k: v[rows] for k, v in batch.items()}
+             for name, rows in (("current", ~rep), ("replay", rep))}
+    grads = {}
+    for name, part in parts.items():
+        np.testing.assert_allclose(metrics[f"loss_{name}"], _reference_loss(params0, part),
+                                   rtol=1e-5)
+        g = jax.grad(_jax_mean_loss)(params0, part)
+        grads[name] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64)
+        np.testing.assert_allclose(metrics[f"grad_norm_{name}"], np.linalg.norm(grads[name]),
+                                   rtol=1e-4)
+    cos = grads["current"] @ grads["replay"] / (
+        np.linalg.norm(grads["current"]) * np.linalg.norm(grads["replay"]))
+    np.testing.assert_allclose(metrics["grad_cos"], cos, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mesh_axes", [{"data": 8}, {"data": 1, "fsdp": 2, "tensor": 4},

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from cpt_jax import sharding as sharding_lib
+from cpt_jax.data.mixing import read_rows
 from cpt_jax.data.prepare import PackedRows
 from cpt_jax.data.sampler import ReplaySampler
 
@@ -28,17 +29,6 @@ def process_row_range(mesh, global_batch: int) -> tuple[int, int]:
     stops = [s[0].stop if s[0].stop is not None else global_batch for s in slices]
     lo, hi = min(starts), max(stops)
     return lo, hi
-
-
-def read_rows(sources: Sequence[PackedRows], domain: np.ndarray, row: np.ndarray):
-    """tokens, segment_ids [N, L+1] for rows `row` of sources[domain] (one read per source)."""
-    n, row_len = len(row), sources[0].row_len
-    tokens = np.empty((n, row_len), np.int32)
-    segs = np.empty((n, row_len), np.int32)
-    for d in np.unique(domain):
-        sel = np.flatnonzero(domain == d)
-        tokens[sel], segs[sel] = sources[int(d)].read(row[sel])
-    return tokens, segs
 
 
 def to_global(mesh, local: dict, global_batch: int, lo: int) -> dict:

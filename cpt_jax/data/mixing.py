@@ -72,6 +72,17 @@ def replay_rate_schedule(kind: str, rate: float, steps_in_task: int,
     return schedule
 
 
+def read_rows(sources: Sequence, domain: np.ndarray, row: np.ndarray):
+    """tokens, segment_ids [N, L+1] for rows `row` of sources[domain] (one read per source)."""
+    n, row_len = len(row), sources[0].row_len
+    tokens = np.empty((n, row_len), np.int32)
+    segs = np.empty((n, row_len), np.int32)
+    for d in np.unique(domain):
+        sel = np.flatnonzero(domain == d)
+        tokens[sel], segs[sel] = sources[int(d)].read(row[sel])
+    return tokens, segs
+
+
 class ConcatRows:
     """The rows of several ``PackedRows`` (or objects with its interface) as one split.
 
@@ -112,13 +123,7 @@ class ConcatRows:
         return source, idx - self.starts[source]
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
-        source, local = self.locate(indices)
-        tokens = np.zeros((source.size, self.row_len), np.int32)
-        segs = np.zeros((source.size, self.row_len), np.int32)
-        for s in np.unique(source):
-            sel = source == s
-            tokens[sel], segs[sel] = self.sources[int(s)].read(local[sel])
-        return tokens, segs
+        return read_rows(self.sources, *self.locate(indices))
 
     def __repr__(self):
         return f"ConcatRows({len(self.sources)} sources, rows={self.num_rows}, " \

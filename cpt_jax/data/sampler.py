@@ -248,10 +248,6 @@ class ReplaySampler:
         """New (task ``task``) rows used by steps [0, step)."""
         return int(step) * self.global_batch - self.replay_rows_before(task, step)
 
-    def new_epoch(self, task: int, step: int) -> float:
-        """How many passes over task ``task``'s train rows steps [0, step) made."""
-        return self.new_rows_before(task, step) / self.train_rows[task]
-
     # -- batches ----------------------------------------------------------------------
 
     def _stream(self, stream: str, task: int, first: int, count: int, n: int) -> np.ndarray:

@@ -18,12 +18,12 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sentencepiece as spm
 
+from cpt_jax import atomic
 from cpt_jax.data import sources
 
 # The sample is fed to the trainer as chunks of at most this many characters,
@@ -153,6 +153,11 @@ def sample_text(domains: Sequence[Any], sample_chars: int) -> list[str]:
     return out
 
 
+def trained_prefix(data_dir: str, model_type: str, vocab_size: int) -> str:
+    """Where a run (and scripts/prepare_data.py) keeps the tokenizer it trains itself."""
+    return os.path.join(data_dir, f"tokenizer-{model_type}-{int(vocab_size)}")
+
+
 def train_tokenizer(domains: Sequence[Any], out_prefix: str, vocab_size: int,
                     model_type: str = "bpe", character_coverage: float = 0.9995,
                     sample_chars: int = 10_000_000, num_threads: int = 4) -> Tokenizer:
@@ -204,23 +209,8 @@ def train_tokenizer(domains: Sequence[Any], out_prefix: str, vocab_size: int,
                              f"the vocabulary is too large for the sample, lower "
                              f"vocab_size={vocab_size} or raise sample_chars / add "
                              f"text.") from None
-    _atomic_write(model_path, proto.getvalue())
+    atomic.write_bytes(model_path, proto.getvalue())
     tok = Tokenizer(proto.getvalue(), path=model_path)
     info = {"key": key, "sha256": tok.sha256, "vocab_size": tok.vocab_size, **record}
-    _atomic_write(info_path, json.dumps(info, indent=1, sort_keys=True, default=str).encode())
+    atomic.write_json(info_path, info, sort_keys=True, default=str)
     return tok
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Writes ``data`` to a temp file in the same folder, then renames it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

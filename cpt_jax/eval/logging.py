@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cpt_jax import atomic
+
 JSONL_FILE = "metrics.jsonl"
 
 
@@ -91,10 +93,7 @@ class MetricsLogger:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, KeyError, TypeError):
                     pass  # a line cut short by the interruption
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, "".join(kept))
 
     def log(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Record ``scalars`` at ``step``: all of them in the jsonl line, numbers (not bools

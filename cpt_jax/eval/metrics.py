@@ -189,11 +189,9 @@ def training_flops(model_cfg, tokens: int, seq_len: int) -> float:
 def with_flops(task_stats: Sequence[dict], model_cfg, seq_len: int) -> tuple[list, dict]:
     """``results["task_stats"]`` with ``flops`` added to each entry, and the run's totals.
 
-    Each entry needs ``new_tokens`` and ``replay_tokens`` (``wall_s`` is summed when every
-    entry has it; the training loop leaves wall time out of results.json, which is a pure
-    function of the config).
-    Returns ``(entries, totals)``: new dicts (the input is not modified) and
-    ``{"new_tokens", "replay_tokens", "tokens", "flops", "wall_s"}`` over all tasks.
+    Each entry needs ``new_tokens`` and ``replay_tokens``. Returns ``(entries, totals)``:
+    new dicts (the input is not modified) and ``{"new_tokens", "replay_tokens", "tokens",
+    "flops"}`` over all tasks.
     """
     entries = []
     for t in task_stats:
@@ -205,6 +203,4 @@ def with_flops(task_stats: Sequence[dict], model_cfg, seq_len: int) -> tuple[lis
     }
     totals["tokens"] = totals["new_tokens"] + totals["replay_tokens"]
     totals["flops"] = float(sum(t["flops"] for t in entries))
-    if entries and all("wall_s" in t for t in entries):
-        totals["wall_s"] = round(sum(float(t["wall_s"]) for t in entries), 2)
     return entries, totals

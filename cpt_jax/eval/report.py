@@ -24,6 +24,7 @@ import json
 import os
 from typing import Sequence
 
+from cpt_jax import atomic
 from cpt_jax.eval import metrics as metrics_lib
 from cpt_jax.eval import plots
 
@@ -152,13 +153,6 @@ def run_labels(run_dirs: Sequence[str]) -> list[str]:
     return labels
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(run_dirs: Sequence[str], out_dir: str) -> dict:
     """Read every run, then write the table and figures into ``out_dir``.
 
@@ -196,6 +190,6 @@ def write_report(run_dirs: Sequence[str], out_dir: str) -> dict:
           "![retained loss vs training FLOPs](retained_vs_flops.png)", "",
           "Runs:", ""]
     md += [f"- `{label}`: {os.path.abspath(d)}" for label, d in zip(labels, run_dirs)]
-    _write_text(files["report.md"], "\n".join(md) + "\n")
-    _write_text(files["report.json"], json.dumps({"rows": rows}, indent=1) + "\n")
+    atomic.write_text(files["report.md"], "\n".join(md) + "\n")
+    atomic.write_text(files["report.json"], json.dumps({"rows": rows}, indent=1) + "\n")
     return {"rows": rows, "markdown": table, "files": files}

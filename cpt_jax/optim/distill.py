@@ -20,9 +20,6 @@ once (e.g. by the replayed token count).
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +114,7 @@ class DERStore:
     and needs O(rows_per_domain) memory. The training loop stores a selected row's top-k
     logits the first time it trains on it (``wants`` tells which rows of a batch those are);
     DER's reservoir sampling is replaced by this fixed rule so a run stays a pure function
-    of its config and survives a restart with ``save``/``load``.
+    of its config and survives a restart (run checkpoints store ``to_arrays()``).
 
     ``add`` keeps the first logits given for a row (DER records them once) and refuses to
     exceed the bound. Values are kept as ``values_dtype`` (float16 by default: 2 bytes, 3
@@ -230,7 +227,7 @@ class DERStore:
     # -- persistence ---------------------------------------------------------------------
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The store as named numpy arrays (what ``save`` and run checkpoints write)."""
+        """The store as named numpy arrays (what run checkpoints write)."""
         arrays = {"config": np.asarray([self.k, self.rows_per_domain, self.seed], np.int64),
                   "values_dtype": np.frombuffer(self.values_dtype.str.encode(), np.uint8)}
         for d, slots in self._slots.items():
@@ -259,31 +256,3 @@ class DERStore:
                               np.asarray(arrays[f"indices_{d}"]))
         return store
 
-    def save(self, path: str) -> None:
-        """Writes the store to ``path`` (.npz) atomically: a temp file, then a rename."""
-        path = os.fspath(path)
-        tmp = os.path.join(os.path.dirname(path) or ".",
-                           f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **self.to_arrays())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    @classmethod
-    def load(cls, path: str) -> "DERStore":
-        """The store ``save`` wrote to ``path``."""
-        with np.load(os.fspath(path), allow_pickle=False) as z:
-            return cls.from_arrays({name: z[name] for name in z.files})
-
-
-def replay_rows_mask(store: DERStore, domain_B: Sequence[int], row_B: Sequence[int],
-                     is_replay_B: Sequence[bool]) -> np.ndarray:
-    """float32 [B]: 1 for replayed rows of a batch that have stored logits (DER applies)."""
-    is_replay = np.asarray(is_replay_B, bool).reshape(-1)
-    return (store.has(domain_B, row_B) & is_replay).astype(np.float32)

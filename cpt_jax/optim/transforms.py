@@ -265,9 +265,3 @@ def set_ewc(opt_state, params, new_fisher, decay: float = 1.0):
         lambda s: EWCState(jax.tree.map(lambda f, n: decay * f + n, s.fisher, new_fisher),
                            params))
 
-
-def has_state(opt_state, cls) -> bool:
-    found = []
-    jax.tree.map(lambda s: found.append(isinstance(s, cls)), opt_state,
-                 is_leaf=lambda s: isinstance(s, cls))
-    return any(found)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpt_jax import hf
+from cpt_jax import atomic, hf
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data import prepare as prepare_lib
@@ -44,20 +44,13 @@ from cpt_jax.train.state import abstract_train_state, create_train_state, state_
 from cpt_jax.train.step import make_eval_step, make_train_step
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def load_tokenizer(config, domains, data_dir):
     """The run's tokenizer: an existing .model, or one trained on a sample of all domains."""
     t = config.tokenizer
     if t.path:
         tok = tokenizer_lib.load_tokenizer(os.path.expanduser(t.path))
     else:
-        prefix = os.path.join(data_dir, f"tokenizer-{t.model_type}-{config.model.vocab_size}")
+        prefix = tokenizer_lib.trained_prefix(data_dir, t.model_type, config.model.vocab_size)
         tok = tokenizer_lib.train_tokenizer(
             domains, prefix, config.model.vocab_size, model_type=t.model_type,
             character_coverage=t.character_coverage, sample_chars=t.sample_chars)
@@ -67,10 +60,6 @@ def load_tokenizer(config, domains, data_dir):
 
 def initial_params(config, mcfg):
     """Parameters to start from: None (fresh init), a Hugging Face directory or an orbax one."""
-    given = [k for k in ("hf", "orbax", "checkpoint") if config.init.get(k)]
-    if len(given) > 1:
-        raise ValueError(f"set only one of init.hf, init.orbax and init.checkpoint (got "
-                         f"{', '.join('init.' + k for k in given)})")
     if config.init.hf:
         cfg, params = hf.load_hf_llama(config.init.hf)
     elif config.init.orbax:
@@ -149,8 +138,6 @@ class Progress:
     task: int = 0
     step: int = 0
     global_step: int = 0
-    new_tokens: int = 0  # of the current task so far
-    replay_tokens: int = 0
     init_losses: dict = dataclasses.field(default_factory=dict)
     eval_curve: list = dataclasses.field(default_factory=list)
     loss_matrix: list = dataclasses.field(default_factory=list)
@@ -248,7 +235,6 @@ def run_start(config, parts: RunParts, ckpt, resume_step):
         state, progress, _, der = ckpt.restore(resume_step, abstract)
         return state, Progress(**progress), der
     if config.init.get("checkpoint"):
-        initial_params(config, parts.mcfg)  # only checks that one init.* is set
         directory, step = _checkpoint_dir(config.init.checkpoint)
         source = checkpoint_lib.RunCheckpointer(directory, read_only=True)
         step = source.latest_step() if step is None else step
@@ -307,7 +293,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
 
     results = make_results(config, parts, progress, config_json)
     if jax.process_index() == 0:
-        write_json_atomic(results_path, results)
+        atomic.write_json(results_path, results)
         plot_loss_curves(results, os.path.join(workdir, "loss_curves.png"))
     if config.save_final_params:
         checkpoint_lib.save_params(os.path.join(workdir, "final_params"), parts.mcfg,
@@ -355,7 +341,6 @@ def train(config, workdir, parts: RunParts, state, progress: Progress, der_array
     if not progress.eval_curve:
         progress.init_losses = evaluate(state.params)
         progress.eval_curve = [{"step": 0, "task": "init", "losses": progress.init_losses}]
-    tokens_per_row = config.seq_len
     bar = tqdm(total=sum(steps), initial=progress.global_step, disable=not is_main,
                dynamic_ncols=True)
     try:
@@ -373,9 +358,7 @@ def train(config, workdir, parts: RunParts, state, progress: Progress, der_array
                 state, m = train_step(state, batch, n_rep)
                 progress.step, progress.global_step = step + 1, progress.global_step + 1
                 g = progress.global_step
-                progress.replay_tokens += n_rep * tokens_per_row
-                progress.new_tokens += (config.global_batch - n_rep) * tokens_per_row
-                window_tok += config.global_batch * tokens_per_row
+                window_tok += config.global_batch * config.seq_len
                 end_of_task = step == steps[k] - 1
                 if g % config.log_every == 0 or end_of_task:
                     m = scalars(jax.device_get(m))
@@ -394,13 +377,14 @@ def train(config, workdir, parts: RunParts, state, progress: Progress, der_array
                 if end_of_task:
                     progress.loss_matrix.append([losses[n] for n in parts.eval_order])
                     progress.task_boundaries.append({"task": name, "end_step": g})
-                    progress.task_stats.append({"task": name, "steps": steps[k],
-                                                "new_tokens": progress.new_tokens,
-                                                "replay_tokens": progress.replay_tokens})
+                    progress.task_stats.append({
+                        "task": name, "steps": steps[k],
+                        "new_tokens": sampler.new_rows_before(k, steps[k]) * config.seq_len,
+                        "replay_tokens": sampler.replay_rows_before(k, steps[k])
+                        * config.seq_len})
                     logger.log(g, {"task": name,
                                    "task_wall_s": time.perf_counter() - t_start})
                     progress.task, progress.step = k + 1, 0
-                    progress.new_tokens = progress.replay_tokens = 0
                 preempted = preempt.reached(g)  # every step: multi-host sync needs it
                 every = config.checkpoint.every
                 if end_of_task or preempted or (every and g % every == 0):

@@ -14,7 +14,8 @@ import numpy as np
 from flax import linen as nn
 
 from cpt_jax import model as model_lib
-from cpt_jax.data.loader import read_rows
+from cpt_jax import sharding as sharding_lib
+from cpt_jax.data.mixing import ConcatRows
 from cpt_jax.optim import distill as distill_lib
 from cpt_jax.optim import transforms
 from cpt_jax.optim.fisher import diag_fisher
@@ -68,21 +69,17 @@ class TaskBoundary:
         self.snapshot = m.distill.weight > 0
         self.anchor = m.l2.weight > 0 and m.l2.anchor == "task_start"
         self.ewc = m.ewc.lam > 0
-        row_shard = {k: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-                     for k in ("tokens", "segment_ids")}
+        row_shard = {k: sharding_lib.replicated(mesh) for k in ("tokens", "segment_ids")}
         self._update = jax.jit(self._apply, in_shardings=(shardings, row_shard),
                                out_shardings=shardings, donate_argnums=0)
 
     def fisher_rows(self, task: int) -> dict:
         """`method.ewc.rows` rows drawn uniformly (seeded) from the replay buffer: the
         training rows of every task before `task`."""
-        sizes = np.array([len(s) for s in self.sources[:task]])
-        starts = np.concatenate([[0], np.cumsum(sizes)])
+        buffer = ConcatRows(self.sources[:task])
         rng = np.random.default_rng([self.config.seed, task, 0xE3C])
-        flat = rng.choice(starts[-1], size=self.config.method.ewc.rows,
-                          replace=starts[-1] < self.config.method.ewc.rows)
-        domain = np.searchsorted(starts, flat, side="right") - 1
-        tokens, segs = read_rows(self.sources, domain, flat - starts[domain])
+        n = self.config.method.ewc.rows
+        tokens, segs = buffer.read(rng.choice(len(buffer), size=n, replace=len(buffer) < n))
         return {"tokens": tokens, "segment_ids": segs}
 
     def _apply(self, state: TrainState, rows):
@@ -131,7 +128,7 @@ class DERRecorder:
         self.store = distill_lib.DERStore(der.k, der.rows_per_domain, seed=config.seed)
         self.sources, self.mesh, self.rules = list(train_sources), mesh, rules
         self.k, self.seq_len = int(der.k), config.seq_len
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rep = sharding_lib.replicated(mesh)
 
         def topk(params, tokens, seg):
             logits = model_lib.forward(mcfg, params, tokens[:, :-1], seg[:, :-1])
