@@ -26,7 +26,6 @@ Model FLOPs per token = 6 x (weight-matmul parameters, output projection include
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import sys
@@ -38,6 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cpt_jax import atomic
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.optim.builder import make_optimizer, make_schedule
@@ -115,14 +115,20 @@ def timed_steps(compiled, state, batch, steps: int):
     return state, metrics, times
 
 
-def prepare(config, n_replay: int = 0) -> dict:
-    """Build the state and compile the step of `config` for `n_replay` replayed rows."""
+def build_state(config):
+    """(model config, mesh, rules, schedule, optimizer, fresh sharded state, shardings)."""
     mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
     schedule = make_schedule(config.optim, 1000)  # any length: only speed is measured
     tx = make_optimizer(config, schedule)
     state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed))
+    return mcfg, mesh, rules, schedule, tx, state, shardings
+
+
+def prepare(config, n_replay: int = 0) -> dict:
+    """Build the state and compile the step of `config` for `n_replay` replayed rows."""
+    mcfg, mesh, rules, schedule, tx, state, shardings = build_state(config)
     step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule)
     batch = random_batch(config, jax.random.key(1))
     t0 = time.perf_counter()
@@ -227,11 +233,7 @@ def checkpoint_times(config, directory: str, repeats: int) -> dict:
     asynchronous, and the asynchronous save's time until it is on disk."""
     import shutil
 
-    mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
-    mesh = sharding_lib.make_mesh(config.mesh.to_dict())
-    rules = sharding_lib.rules_from_config(config.sharding_rules)
-    tx = make_optimizer(config, make_schedule(config.optim, [1000]))
-    state, _ = create_train_state(mcfg, tx, mesh, rules, jax.random.key(0))
+    state = build_state(config)[5]
     jax.block_until_ready(state)
     out = {"state_bytes": tree_bytes(state.params) + tree_bytes(state.opt_state)}
     for mode in ("blocking", "async"):
@@ -258,25 +260,17 @@ def main(argv):
     del argv
     if FLAGS.config is None:
         sys.exit("--config is required, e.g. --config configs/tiny.py")
-    if FLAGS.checkpoint_dir:
-        result = checkpoint_times(FLAGS.config, FLAGS.checkpoint_dir, FLAGS.checkpoint_repeats)
-        for k, v in result.items():
-            print(f"{k:<18}  {v:.4g}")
-        return
-    if FLAGS.methods:
+    if FLAGS.methods and not FLAGS.checkpoint_dir:  # prints its own table
         result = compare_methods(FLAGS.config, FLAGS.methods, FLAGS.steps, FLAGS.warmup)
-        if FLAGS.json:
-            with open(FLAGS.json, "w") as f:
-                json.dump(result, f, indent=1)
-        return
-    result = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup)
-    width = max(map(len, result))
-    for k, v in result.items():
-        v = f"{v:.4g}" if isinstance(v, float) else v
-        print(f"{k:<{width}}  {v}")
+    else:
+        result = (checkpoint_times(FLAGS.config, FLAGS.checkpoint_dir, FLAGS.checkpoint_repeats)
+                  if FLAGS.checkpoint_dir else benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup))
+        width = max(map(len, result))
+        for k, v in result.items():
+            v = f"{v:.4g}" if isinstance(v, float) else v
+            print(f"{k:<{width}}  {v}")
     if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic.write_json(FLAGS.json, result)
 
 
 if __name__ == "__main__":
