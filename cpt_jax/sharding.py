@@ -9,6 +9,7 @@ sharded over ``fsdp`` in weights but not in activations, whose ``batch`` takes `
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -139,3 +140,17 @@ def maybe_initialize_distributed(config) -> None:
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**distributed_kwargs(dist))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+    """Make `mesh` the ambient mesh and `rules` the logical-axis rules while tracing, so the
+    model's logical sharding constraints apply."""
+    if hasattr(jax, "set_mesh"):
+        mesh_ctx = jax.set_mesh(mesh)
+    elif hasattr(jax.sharding, "use_mesh"):
+        mesh_ctx = jax.sharding.use_mesh(mesh)
+    else:
+        mesh_ctx = contextlib.nullcontext()
+    with mesh_ctx, nn.logical_axis_rules(rules):
+        yield

@@ -41,7 +41,6 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
@@ -179,8 +178,6 @@ def _loglik_rows(config, params, tokens, segment_ids, cont_mask):
 def _scorer(config: model_lib.LlamaConfig, mesh, rules):
     """(jitted row scorer, parameter shardings) for one model/mesh/rules; cached so repeated
     calls with the same shapes reuse the compiled function."""
-    from cpt_jax.train.state import mesh_context
-
     p_shard = sharding_lib.logical_to_sharding(model_lib.param_logical_axes(config), mesh, rules)
     rows = sharding_lib.batch_sharding(mesh, 2)
     jitted = jax.jit(functools.partial(_loglik_rows, config),
@@ -188,7 +185,7 @@ def _scorer(config: model_lib.LlamaConfig, mesh, rules):
                      out_shardings=sharding_lib.replicated(mesh))
 
     def score(params, tokens, seg, cont):
-        with mesh_context(mesh), nn.logical_axis_rules(rules):
+        with sharding_lib.activate(mesh, rules):
             return jitted(params, tokens, seg, cont)
 
     return score, p_shard

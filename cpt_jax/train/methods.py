@@ -11,7 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
@@ -19,7 +18,7 @@ from cpt_jax.data.mixing import ConcatRows
 from cpt_jax.optim import distill as distill_lib
 from cpt_jax.optim import transforms
 from cpt_jax.optim.fisher import diag_fisher
-from cpt_jax.train.state import TrainState, mesh_context
+from cpt_jax.train.state import TrainState
 from cpt_jax.train.step import token_losses
 
 
@@ -107,7 +106,7 @@ class TaskBoundary:
             row_len = self.sources[0].row_len
             rows = {"tokens": np.zeros((1, row_len), np.int32),
                     "segment_ids": np.ones((1, row_len), np.int32)}
-        with mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
+        with sharding_lib.activate(self.mesh, self.rules):
             return self._update(state, rows)
 
 
@@ -148,7 +147,7 @@ class DERRecorder:
         pad = 1 << int(np.ceil(np.log2(rows.size)))  # bucketed sizes: few compiles
         padded = np.concatenate([rows, np.full(pad - rows.size, rows[0])])
         tokens, segs = self.sources[task].read(padded)
-        with mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
+        with sharding_lib.activate(self.mesh, self.rules):
             values, indices = jax.device_get(self._topk(params, tokens, segs))
         return self.store.add(task, rows, values[:rows.size], indices[:rows.size])
 

@@ -8,7 +8,6 @@ like the parameters, and the remaining scalars are replicated.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
@@ -29,15 +28,6 @@ class TrainState:
     # Frozen teacher for logit distillation on replayed rows (snapshot at each task
     # boundary), sharded like params; None when no distillation is configured.
     teacher: Any = None
-
-
-def mesh_context(mesh):
-    """Make `mesh` the ambient mesh while tracing, so logical sharding constraints apply."""
-    if hasattr(jax, "set_mesh"):
-        return jax.set_mesh(mesh)
-    if hasattr(jax.sharding, "use_mesh"):
-        return jax.sharding.use_mesh(mesh)
-    return contextlib.nullcontext()
 
 
 def param_shardings(config: model_lib.LlamaConfig, mesh, rules):

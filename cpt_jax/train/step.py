@@ -28,13 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.sampler import replay_positions
 from cpt_jax.optim.transforms import PerSourceGrads, SkipState, tree_dot
-from cpt_jax.train.state import TrainState, mesh_context
+from cpt_jax.train.state import TrainState
 
 
 def token_losses(config, params, batch):
@@ -209,11 +208,11 @@ def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainSta
         return cache[key]
 
     def step(state, batch, n_replay: int = 0):
-        with mesh_context(mesh), nn.logical_axis_rules(rules):
+        with sharding_lib.activate(mesh, rules):
             return jitted(int(n_replay), batch)(state, batch)
 
     def lower(state, batch, n_replay: int = 0):
-        with mesh_context(mesh), nn.logical_axis_rules(rules):
+        with sharding_lib.activate(mesh, rules):
             return jitted(int(n_replay), batch).lower(state, batch)
 
     step.lower = lower
@@ -232,7 +231,7 @@ def make_eval_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, r
                      out_shardings=sharding_lib.replicated(mesh))
 
     def step(params, batch):
-        with mesh_context(mesh), nn.logical_axis_rules(rules):
+        with sharding_lib.activate(mesh, rules):
             return jitted(params, batch)
 
     return step
