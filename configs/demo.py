@@ -9,8 +9,11 @@ then continually trained on code and the table with 25% replay of earlier tasks
     python scripts/train.py --config configs/demo.py --workdir runs/demo
     python scripts/train.py --config configs/demo.py:mer25 --workdir runs/mer25
 
-The part after ':' picks a method from METHODS below (default: replay25). Periods are
-scaled to the demo: the paper's Reptile period of 500 steps is ~4% of a 100B-token task
+The part after ':' picks a method from METHODS below (default: replay25). Methods with one
+Reptile period (``reptile``, ``mer25``) take its settings after commas, e.g.
+``configs/demo.py:mer25,meta_lr=0.9,every=20`` (``meta_lr`` is the fraction of each
+period's displacement kept; see ``cpt_jax.optim.transforms.reptile_interpolate``). Periods
+are scaled to the demo: the paper's Reptile period of 500 steps is ~4% of a 100B-token task
 (~12k steps at 4096 x 2048 tokens per batch); 4% of a 120-step demo task is 5 steps.
 """
 
@@ -34,7 +37,7 @@ METHODS = {
     "mer_original": lambda c: _reptile(c, (2, 0.3), (10, 0.1)),
     # A-GEM: replayed rows give the reference gradient only (Chaudhry et al. 2019).
     "agem": lambda c: c.method.agem.update(dict(enabled=True, add_replay=False)),
-    # EWC with the Fisher estimated on replay-buffer rows at each task end; no replay.
+    # Online EWC: at each task end the Fisher of the finished task is added; no replay.
     "ewc": lambda c: (c.replay.update(dict(rate=0.0)), c.method.ewc.update(dict(lam=1e3))),
     # L2 toward the previous task's final weights; no replay.
     "l2": lambda c: (c.replay.update(dict(rate=0.0)),
@@ -43,8 +46,9 @@ METHODS = {
     "distill": lambda c: c.method.distill.update(dict(weight=1.0, temperature=2.0)),
     # Dark Experience Replay (DER++: replay + logit matching on 256 stored rows per task).
     "der": lambda c: c.method.der.update(dict(weight=0.5, k=16, rows_per_domain=256)),
-    # Mix-review (He et al. 2021): replay decaying 0.25 -> 0.05 over each task, plus a weak
-    # L2 pull toward the pre-trained (task-0-start) weights.
+    # Mix-review (He et al. 2021): replay decaying 0.25 -> 0.05 over the run (code and
+    # table tasks), plus a weak
+    # weak L2 pull toward the pre-trained (task-0-start) weights.
     "mixreview": lambda c: (c.replay.update(dict(schedule="exp_decay", end_rate=0.05)),
                             c.method.l2.update(dict(weight=1e-4, anchor="init"))),
     # Joint training on the union of all three domains: the upper reference.
@@ -52,7 +56,23 @@ METHODS = {
 }
 
 
-def get_config(method: str = "replay25"):
+def _reptile_overrides(c, spec: str, arg: str) -> None:
+    """Apply ``meta_lr=X,every=K`` to a one-period Reptile method."""
+    if len(c.method.reptile) != 1:
+        raise ValueError(f"configs/demo.py:{arg}: only a method with one Reptile period "
+                         "(reptile, mer25) takes meta_lr=/every= settings")
+    period = dict(c.method.reptile[0])
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("meta_lr", "every") or not value:
+            raise ValueError(f"configs/demo.py:{arg}: {item!r} is not meta_lr=X or every=K; "
+                             "e.g. configs/demo.py:mer25,meta_lr=0.9,every=20")
+        period[key] = int(value) if key == "every" else float(value)
+    c.method.reptile = [period]
+
+
+def get_config(arg: str = "replay25"):
+    method, _, settings = arg.partition(",")
     if method not in METHODS:
         raise ValueError(f"unknown demo method {method!r}; choose one of {sorted(METHODS)}")
     c = default_config()
@@ -77,4 +97,6 @@ def get_config(method: str = "replay25"):
     c.eval.update(dict(every=40, max_rows=32, batch=32))
     c.method.name = method
     METHODS[method](c)
+    if settings:
+        _reptile_overrides(c, settings, arg)
     return c

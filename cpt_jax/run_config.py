@@ -59,8 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Tasks in order: {"domain": name, "steps": n} or {"domain": name, "tokens": n}.
     c.tasks = []
     # Replay (Abbes et al. 2025): fraction of each batch drawn from earlier tasks.
-    # schedule: "constant", or "linear_decay" / "exp_decay" from rate to end_rate over each
-    # task (mix-review, He et al. 2021).
+    # schedule: "constant", or "linear_decay" / "exp_decay" from rate to end_rate over the
+    # whole run, from task 1 to the last task's end (mix-review, He et al. 2021).
     c.replay = ml_collections.ConfigDict(dict(rate=0.0, accounting="additive",
                                               schedule="constant", end_rate=0.0))
     # Joint training on the union of all tasks' data (the upper reference): one task.
@@ -84,8 +84,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(every=100, max_rows=64, batch=16))
     # Starting point: fresh init; parameters from a Hugging Face directory (hf) or a params
     # checkpoint (orbax) with a new optimizer state; or the whole train state of another
-    # run's checkpoint (checkpoint: its workdir, or one checkpoints/STEP directory).
-    c.init = ml_collections.ConfigDict(dict(hf="", orbax="", checkpoint=""))
+    # run's checkpoint (checkpoint: its workdir, or one checkpoints/STEP directory). From a
+    # checkpoint the new run restarts the learning-rate schedule (Adam moments kept) unless
+    # continue_schedule, which carries the old run's schedule position over.
+    c.init = ml_collections.ConfigDict(dict(hf="", orbax="", checkpoint="",
+                                            continue_schedule=False))
     # Run checkpoints in <workdir>/checkpoints: every `every` steps (0: only at task ends),
     # at every task end and on SIGTERM; the last `keep` plus every task end are kept.
     # async_save: write in the background while training goes on.

@@ -3,9 +3,11 @@
     python scripts/report.py runs/seq runs/replay25 runs/replay50 [--out report]
 
 Prints the table (run, method, replay rate, params, training FLOPs, learned, retained,
-forgetting, BWT, FWT, mean loss over the run) and writes into --out: report.md,
-report.json, loss_curves.png (one panel per domain, one line per run), loss_matrices.png
-(each run's loss matrix as a heatmap) and retained_vs_flops.png. A RUN_DIR without
+final over all domains, forgetting, BWT, FWT, mean loss over the run; definitions in
+cpt_jax/eval/metrics.py) and writes into --out: report.md (runs named by their directory
+names, no local paths), report.json, loss_curves.png (one panel per domain, one line per
+run), loss_matrices.png (each run's loss matrix as a heatmap), retained_vs_flops.png and
+retained_vs_learned.png (one point per run, lower-left is better). A RUN_DIR without
 results.json is an error that names it; nothing is written then.
 """
 

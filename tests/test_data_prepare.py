@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -80,8 +81,28 @@ def test_exact_fit_has_no_padding_row():
 # prepare_domain
 
 
+def _wrapped_documents(tokens, segs, bos, eos):
+    """The complete [BOS] doc [EOS] token sequences of a split's rows, in row order."""
+    docs, cur = [], None
+    for t in _unpack(tokens, segs).tolist():
+        if t == bos:
+            assert cur is None, "a document starts inside another"
+            cur = [t]
+        else:
+            assert cur is not None, "tokens outside [BOS] ... [EOS]"
+            cur.append(t)
+            if t == eos:
+                docs.append(tuple(cur))
+                cur = None
+    assert cur is None, "the split ends inside a document"
+    return docs
+
+
 def test_prepare_roundtrip_and_split(tok, tmp_path):
+    """Every document lands, whole and once, in exactly one split, identified by content
+    (not by the code's split function); identical documents share a split."""
     docs = _docs(60)
+    docs = docs + docs[:10]  # identical documents must never straddle the split
     domain = _write_docs(tmp_path / "src", docs)
     out = prepare.prepare_domain(domain, tok, str(tmp_path / "data"), SEQ_LEN,
                                  val_fraction=0.2, seed=3, progress=False)
@@ -91,32 +112,45 @@ def test_prepare_roundtrip_and_split(tok, tmp_path):
                                           "val.array_record"]
     meta = json.load(open(os.path.join(folder, "meta.json")))
     assert meta["seq_len"] == SEQ_LEN and meta["vocab_size"] == tok.vocab_size
-    assert meta["tokenizer_sha256"] == tok.sha256 and meta["n_documents"] == 60
+    assert meta["tokenizer_sha256"] == tok.sha256 and meta["n_documents"] == 70
 
-    by_split = {"train": [], "val": []}
-    for doc in docs:
-        split = "val" if prepare.split_score(doc, 3) < 0.2 else "train"
-        by_split[split].append(doc)
-    assert by_split["val"] and by_split["train"]  # the split is non-trivial
+    wrapped = [(tok.bos_id, *tok.encode(d), tok.eos_id) for d in docs]
+    read = {}
     for split, rows in out.items():
         assert len(rows) == meta["splits"][split]["rows"] > 0
         tokens, segs = rows.read(np.arange(len(rows)))
-        expected = np.concatenate([[tok.bos_id, *tok.encode(d), tok.eos_id]
-                                   for d in by_split[split]])
-        np.testing.assert_array_equal(_unpack(tokens, segs), expected)
-        assert meta["splits"][split]["tokens"] == len(expected)
-        assert meta["splits"][split]["docs"] == len(by_split[split])
+        read[split] = (tokens, segs)
         # Random access with repeats, any order.
         t2, s2 = rows.read([len(rows) - 1, 0, 0])
         np.testing.assert_array_equal(t2, tokens[[-1, 0, 0]])
         np.testing.assert_array_equal(s2, segs[[-1, 0, 0]])
-    # Train and validation documents are disjoint.
-    assert not set(by_split["train"]) & set(by_split["val"])
+    found = {split: _wrapped_documents(*read[split], tok.bos_id, tok.eos_id)
+             for split in read}
+    # Both splits hold documents, and by content they are disjoint and cover all documents.
+    assert found["train"] and found["val"]
+    assert not set(found["train"]) & set(found["val"])
+    assert Counter(found["train"]) + Counter(found["val"]) == Counter(wrapped)
+    assert 0.05 < len(found["val"]) / len(wrapped) < 0.4  # about val_fraction = 0.2
+    for split in read:
+        # Within a split, the documents in source order and nothing else (no token lost).
+        mine = set(found[split])
+        expected = np.concatenate([w for w in wrapped if w in mine])
+        np.testing.assert_array_equal(_unpack(*read[split]), expected)
+        assert meta["splits"][split]["tokens"] == len(expected)
+        assert meta["splits"][split]["docs"] == len(found[split])
     with pytest.raises(IndexError, match=r"\[0, "):
         out["train"].read([len(out["train"])])
     # PackedRows survives pickling (worker processes).
     clone = pickle.loads(pickle.dumps(out["val"]))
     np.testing.assert_array_equal(clone.read([0])[0], out["val"].read([0])[0])
+
+    # Adding documents does not move the others between the splits.
+    more = _write_docs(tmp_path / "src", docs + _docs(30, seed=7))
+    grown = prepare.prepare_domain(more, tok, str(tmp_path / "data"), SEQ_LEN,
+                                   val_fraction=0.2, seed=3, progress=False)
+    grown_val = set(_wrapped_documents(*grown["val"].read(np.arange(len(grown["val"]))),
+                                       tok.bos_id, tok.eos_id))
+    assert {w for w in wrapped if w in grown_val} == set(found["val"])
 
 
 def test_at_least_one_validation_row_when_possible(tok, tmp_path):

@@ -92,14 +92,6 @@ def test_replay_walks_the_union_of_earlier_rows_without_replacement():
     assert sorted(draws[:pool]) == union and sorted(draws[pool:]) == union
 
 
-def test_sampler_only_indexes_training_rows():
-    """Validation rows live in a separate file; the sampler never goes past train_rows."""
-    sampler = ReplaySampler([5, 3], global_batch=7, rate=0.5, seed=0)
-    for step in range(30):
-        b = sampler.batch(1, step)
-        assert (b.row < np.array([5, 3])[b.domain]).all()
-
-
 def test_rate_schedule():
     def decay(step):
         return max(0.0, 0.5 - 0.125 * step)  # 4, 3, 2, 1, 0, 0, ... replay rows of 8

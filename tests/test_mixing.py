@@ -57,7 +57,7 @@ def test_schedule_bad_inputs():
         mixing.replay_rate_schedule("constant", 1.5, 10)
     with pytest.raises(ValueError, match="end_rate"):
         mixing.replay_rate_schedule("exp_decay", 0.5, 10)  # end_rate 0
-    with pytest.raises(ValueError, match="steps_in_task"):
+    with pytest.raises(ValueError, match="span_steps"):
         mixing.replay_rate_schedule("constant", 0.5, 0)
     with pytest.raises(ValueError, match=">= 0"):
         mixing.replay_rate_schedule("linear_decay", 0.5, 10)(-1)

@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from cpt_jax.eval import report
+from cpt_jax.eval import metrics, report
 from cpt_jax.model import LlamaConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,13 +19,14 @@ FLOPS_PER_TOKEN = 1344
 
 
 def _results(rate, R, name="", method=None, compute=None):
-    """A results.json dict for tasks a, b with a two-point-per-task eval curve."""
-    config = {"name": name, "seq_len": 8, "replay": {"rate": rate}, "model": dict(MODEL)}
+    """A results.json dict for tasks a, b (fresh init) with a two-point-per-task eval curve."""
+    config = {"name": name, "seq_len": 8, "replay": {"rate": rate}, "model": dict(MODEL),
+              "init": {"hf": "", "orbax": "", "checkpoint": ""}}
     if method is not None:
         config["method"] = method
     res = {
         "domains": ["a", "b"], "tasks": ["a", "b"], "loss_matrix": R,
-        "init_losses": {"a": 6.0, "b": 7.0},
+        "init_losses": {"a": 6.0, "b": 7.0}, "init_losses_random": {"a": 6.0, "b": 7.0},
         "eval_curve": [{"step": 0, "task": "init", "losses": {"a": 6.0, "b": 7.0}},
                        {"step": 10, "task": "a", "losses": {"a": R[0][0], "b": R[0][1]}},
                        {"step": 20, "task": "b", "losses": {"a": R[1][0], "b": R[1][1]}}],
@@ -54,12 +56,22 @@ def test_rows_against_hand_computed_values():
     # tokens 800 + 800 at 1344 FLOPs each, recomputed from task_stats and config.model
     assert row["flops"] == pytest.approx(1600 * FLOPS_PER_TOKEN)
     assert row["learned_loss"] == pytest.approx((2.0 + 1.0) / 2)
-    assert row["retained_loss"] == pytest.approx((3.0 + 1.0) / 2)
+    assert row["retained_loss"] == pytest.approx(3.0)              # earlier domain a only
+    assert row["final_loss_all"] == pytest.approx((3.0 + 1.0) / 2)
     assert row["forgetting"] == pytest.approx(3.0 - 2.0)
     assert row["bwt"] == pytest.approx(2.0 - 3.0)
     assert row["fwt"] == pytest.approx(7.0 - 5.0)
     # a: 10*(6+2)/2 + 10*(2+3)/2 = 65 over 20 -> 3.25; b: 10*(7+5)/2 + 10*(5+1)/2 = 90 -> 4.5
     assert row["curve_area_mean"] == pytest.approx((3.25 + 4.5) / 2)
+
+
+def test_fwt_of_a_pretrained_start_uses_the_random_init_losses():
+    pre = _results(0.0, [[2.0, 5.0], [3.0, 1.0]])
+    pre["config"]["init"]["hf"] = "/ckpt/llama"
+    pre["init_losses"] = {"a": 2.5, "b": 4.0}                      # the pre-trained model's
+    assert report.run_row(pre, "pre")["fwt"] == pytest.approx(7.0 - 5.0)    # not 4.0 - 5.0
+    del pre["init_losses_random"]                                   # an old results.json
+    assert report.run_row(pre, "pre")["fwt"] is None
 
 
 def test_method_and_flops_sources():
@@ -84,12 +96,29 @@ def test_markdown_table_format():
             report.run_row(_results(0.5, [[2.0, 5.0], [2.25, 1.5]]), "replay50")]
     lines = report.markdown_table(rows).splitlines()
     assert lines[0] == ("| run | method | replay rate | params | training FLOPs | learned | "
-                        "retained | forgetting | BWT | FWT | mean loss over run |")
-    assert len(lines) == 4 and all(line.count("|") == 12 for line in lines)
+                        "retained | final, all domains | forgetting | BWT | FWT | "
+                        "mean loss over run |")
+    assert len(lines) == 4 and all(line.count("|") == 13 for line in lines)
     cells = [c.strip() for c in lines[3].strip("|").split("|")]
     assert cells[:3] == ["replay50", "replay", "0.5"]
     assert cells[4] == f"{1600 * FLOPS_PER_TOKEN:.3g}"
-    assert cells[5:10] == ["1.750", "1.875", "0.250", "-0.250", "2.000"]
+    # learned (2 + 1.5)/2, retained 2.25, final (2.25 + 1.5)/2, forgetting 2.25 - 2,
+    # BWT 2 - 2.25, FWT 7 - 5
+    assert cells[5:11] == ["1.750", "2.250", "1.875", "0.250", "-0.250", "2.000"]
+
+
+def test_report_definitions_agree_with_metrics():
+    """Every formula report.md states is the one in the metrics module docstring."""
+    def flat(text):
+        return " ".join(text.split())
+    formulas = ["mean_j R[j][j]", "mean_{j < T-1} R[T-1][j]", "mean_j R[T-1][j]",
+                "R[T-1][j] - min_{j <= l < T-1} R[l][j]",
+                "mean_{i < T-1} (R[i][i] - R[T-1][i])", "mean_{i >= 1} (b[i] - R[i-1][i])"]
+    for f in formulas:
+        assert f in flat(report.DEFINITIONS) and f in flat(metrics.__doc__), f
+    for text in (report.DEFINITIONS, metrics.__doc__):
+        assert not re.search(r"R\[T\]", text)
+        assert "randomly initialised" in text.lower()
 
 
 def test_write_report_files(tmp_path):
@@ -97,17 +126,23 @@ def test_write_report_files(tmp_path):
     b = _write_run(tmp_path / "runs" / "replay", _results(0.25, [[2.0, 5.0], [2.2, 1.1]]))
     out = tmp_path / "rep"
     rep = report.write_report([a, b], str(out))
-    assert sorted(os.listdir(out)) == sorted(["report.md", "report.json", "loss_curves.png",
-                                              "loss_matrices.png", "retained_vs_flops.png"])
-    for name in ("loss_curves.png", "loss_matrices.png", "retained_vs_flops.png"):
+    pngs = ["loss_curves.png", "loss_matrices.png", "retained_vs_flops.png",
+            "retained_vs_learned.png"]
+    assert sorted(os.listdir(out)) == sorted(["report.md", "report.json"] + pngs)
+    assert sorted(rep["files"]) == sorted(os.listdir(out))
+    for name in pngs:
         with open(out / name, "rb") as f:
             assert f.read(8) == PNG_MAGIC
         assert os.path.getsize(out / name) > 5000
     md = (out / "report.md").read_text()
     assert rep["markdown"] in md and "![loss curves](loss_curves.png)" in md
+    assert "![retained loss vs learned loss](retained_vs_learned.png)" in md
+    # no machine-local paths: a report pasted into a README must not carry them
+    assert str(tmp_path) not in md and os.path.abspath(a) not in md and "Runs:" not in md
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["seq", "replay"]
-    assert rows[1]["retained_loss"] == pytest.approx(1.65)
+    assert rows[1]["retained_loss"] == pytest.approx(2.2)
+    assert rows[1]["final_loss_all"] == pytest.approx((2.2 + 1.1) / 2)
 
 
 def test_missing_results_is_named_and_nothing_written(tmp_path):
@@ -148,9 +183,13 @@ def test_joint_run_in_the_report(tmp_path):
     joint["config"].update(joint=True, tasks=[{"domain": "a", "steps": 10},
                                               {"domain": "b", "steps": 10}])
     row = report.run_row(joint, "joint")
-    assert row["method"] == "joint" and row["retained_loss"] == pytest.approx(2.0)
+    # retained: the earlier configured domain a only, as for a sequential run; final: both
+    assert row["method"] == "joint" and row["retained_loss"] == pytest.approx(2.5)
+    assert row["final_loss_all"] == pytest.approx((2.5 + 1.5) / 2)
     assert row["learned_loss"] is None and row["forgetting"] is None
     seq = _write_run(tmp_path / "seq", _results(0.0, [[2.0, 5.0], [3.0, 1.0]]))
     rep = report.write_report([seq, _write_run(tmp_path / "joint", joint)], str(tmp_path / "o"))
     assert "| joint | joint | 0 |" in rep["markdown"]
     assert os.path.getsize(rep["files"]["loss_matrices.png"]) > 5000
+    # the joint run has no learned loss, hence no point in retained_vs_learned (still drawn)
+    assert os.path.getsize(rep["files"]["retained_vs_learned.png"]) > 5000

@@ -118,8 +118,12 @@ def test_boundary_methods_run_through_the_loop(tmp_path):
     assert len(res["loss_matrix"]) == 3
     stats = res["task_stats"]
     assert [t["steps"] for t in stats] == [8, 4, 4]
-    # rate 0.25 -> 0 linearly over 4 steps: round(B * r) for r = .25, .1875, .125, .0625
-    assert stats[1]["replay_tokens"] == (2 + 2 + 1 + 1) * 32
+    # mix-review decays over the whole run, not per task: 0.25 -> 0 linearly over the 4 + 4
+    # nominal steps of tasks 1 and 2, B = 8 rows, round half up:
+    # task 1: 8 * (.25, .21875, .1875, .15625) = 2, 1.75, 1.5, 1.25 -> 2 + 2 + 2 + 1
+    # task 2: 8 * (.125, .09375, .0625, .03125) = 1, .75, .5, .25 -> 1 + 1 + 1 + 0
+    assert stats[1]["replay_tokens"] == 7 * 32
+    assert stats[2]["replay_tokens"] == 3 * 32
     logged = [json.loads(l) for l in open(tmp_path / "work" / "metrics.jsonl")]
     assert any("distill_replay" in m and m["distill_replay"] > 0 for m in logged)
 
@@ -131,8 +135,11 @@ def test_joint_training_is_one_task_over_the_union(tmp_path):
     assert res["tasks"] == ["joint"]
     assert res["task_stats"][0]["steps"] == 8 + 4 + 4 and res["task_stats"][0]["replay_tokens"] == 0
     assert len(res["loss_matrix"]) == 1 and len(res["loss_matrix"][0]) == 3
-    assert set(res["metrics"]) == {"retained_loss", "retained_ppl", "curve_area",
-                                   "curve_area_mean"}
+    assert set(res["metrics"]) == {
+        "retained_loss", "retained_ppl", "final_loss_all", "final_ppl_all", "init_loss_random",
+        "init_ppl_random", "init_loss_start", "init_ppl_start", "curve_area", "curve_area_mean"}
+    R = res["loss_matrix"][0]
+    assert res["metrics"]["retained_loss"] == pytest.approx((R[0] + R[1]) / 2)
 
 
 def test_divergence_stops_the_run_with_a_clear_message(tmp_path):

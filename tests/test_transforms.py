@@ -93,23 +93,53 @@ def test_reptile_quadratic_closed_form():
 
 
 def test_nested_reptile_is_original_mer():
-    """Two Reptile steps (within-batch beta every k1, across-batch gamma every k2) match a
-    hand-unrolled MER loop with two slow weights."""
-    eta, k1, beta, k2, gamma, t0 = 0.05, 2, 0.5, 6, 0.3, 1.0
+    """Two Reptile transforms (within-batch beta every k1 steps, across-batch gamma every
+    k2 = s k1 steps) follow Riemer et al. 2019, Algorithm 1, written here as the paper
+    nests it: each batch starts from theta_W <- theta (so after an across-batch step, from
+    the weights gamma produced); s batches make one across-batch period."""
+    eta, k1, beta, s, gamma, t0 = 0.05, 2, 0.5, 3, 0.3, 1.0
     grad = lambda t: 3.0 * t ** 3 - t  # a non-quadratic loss keeps the nesting honest
-    tx = optax.chain(optax.sgd(eta), T.reptile(k1, beta), T.reptile(k2, gamma))
-    traj = _run(tx, t0, lambda p: {"t": grad(p["t"])}, 12)
+    tx = optax.chain(optax.sgd(eta), T.reptile(k1, beta), T.reptile(s * k1, gamma))
+    n_periods = 3
+    traj = _run(tx, t0, lambda p: {"t": grad(p["t"])}, n_periods * s * k1)
 
-    t, slow_b, slow_g, want = t0, t0, t0, []
-    for n in range(1, 13):
-        t = t - eta * grad(t)
-        if n % k1 == 0:
-            t = slow_b + beta * (t - slow_b)
-            slow_b = t
-        if n % k2 == 0:
-            t = slow_g + gamma * (t - slow_g)
-            slow_g = t
-        want.append(t)
+    theta, want = t0, []
+    for _ in range(n_periods):
+        theta_A = theta  # start of an across-batch period
+        for _ in range(s):
+            theta_W = theta  # start of a batch
+            for i in range(k1):
+                theta = theta - eta * grad(theta)
+                if i < k1 - 1:
+                    want.append(theta)
+            theta = theta_W + beta * (theta - theta_W)  # within-batch Reptile
+            want.append(theta)
+        theta = theta_A + gamma * (theta - theta_A)  # across-batch Reptile
+        want[-1] = theta
+    np.testing.assert_allclose(traj, want, rtol=1e-5)
+
+
+def test_reptile_step_pure_function_matches_transform():
+    """reptile_step(params, slow, t) after each inner step gives the same weights as the
+    transform in the chain, and at a period end both slow and params are the
+    interpolation slow + eps (theta - slow)."""
+    p = {"w": jnp.array([1.0, -2.0])}
+    new, slow = T.reptile_step({"w": jnp.array([3.0, 0.0])}, p, 4, every=4, meta_lr=0.25)
+    np.testing.assert_allclose(new["w"], [1.5, -1.5])
+    np.testing.assert_allclose(slow["w"], [1.5, -1.5])
+    same, slow2 = T.reptile_step({"w": jnp.array([3.0, 0.0])}, p, 5, every=4, meta_lr=0.25)
+    np.testing.assert_allclose(same["w"], [3.0, 0.0])
+    np.testing.assert_allclose(slow2["w"], [1.0, -2.0])
+
+    eta, k, eps, t0 = 0.1, 3, 0.6, 1.2
+    grad = lambda t: t ** 3 + 0.5
+    traj = _run(optax.chain(optax.sgd(eta), T.reptile(k, eps)), t0,
+                lambda q: {"t": grad(q["t"])}, 10)
+    params, slow, want = {"t": jnp.float32(t0)}, {"t": jnp.float32(t0)}, []
+    for t in range(1, 11):
+        params = {"t": params["t"] - eta * grad(params["t"])}
+        params, slow = T.reptile_step(params, slow, t, every=k, meta_lr=eps)
+        want.append(float(params["t"]))
     np.testing.assert_allclose(traj, want, rtol=1e-5)
 
 
@@ -230,3 +260,25 @@ def test_non_finite_steps_are_skipped_and_counted():
     upd, state3 = tx.update(grads(0.1), state2, params)
     assert int(state3.bad_in_a_row) == 0 and int(state3.bad_total) == 2
     assert float(jnp.abs(upd["w"]).max()) > 0  # a finite step is applied again
+
+
+def test_schedule_count_skips_bad_steps_and_restarts():
+    """The schedule's count (the step whose learning rate the next update applies) does
+    not advance on a skipped step; restart_schedule sets it to 0 and keeps Adam's moments."""
+    tx = make_optimizer(default_config(), make_schedule(default_config().optim, 10))
+    params = {"w": jnp.ones((2, 2))}
+    state = tx.init(params)
+    g = lambda v: T.PerSourceGrads({"w": jnp.full((2, 2), v)}, None, jnp.float32(4),
+                                   jnp.float32(0))
+    _, state = tx.update(g(0.1), state, params)
+    _, state = tx.update(g(jnp.nan), state, params)
+    assert int(T.schedule_count(state)) == 1
+    _, state = tx.update(g(0.2), state, params)
+    assert int(T.schedule_count(state)) == 2
+    restarted = T.restart_schedule(state)
+    assert int(T.schedule_count(restarted)) == 0
+    adam = lambda s: [x for x in jax.tree.leaves(
+        s, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(x, optax.ScaleByAdamState)][0]
+    assert int(adam(restarted).count) == 2
+    np.testing.assert_array_equal(adam(restarted).mu["w"], adam(state).mu["w"])

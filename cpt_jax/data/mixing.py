@@ -1,7 +1,7 @@
 """What each task's batches mix: replay-rate schedules, and the union of all tasks' data.
 
-``replay_rate_schedule`` builds the ``step_within_task -> rate`` callables that
-``ReplaySampler(rate=...)`` accepts (the fraction of each batch replayed from earlier
+``replay_rate_schedule`` builds the ``step -> rate`` decay from which the loop makes the
+per-task callables that ``ReplaySampler(rate=...)`` accepts (the fraction of each batch replayed from earlier
 tasks, Abbes et al. 2025, "Revisiting Replay and Gradient Alignment for Continual
 Pre-Training of LLMs"), including mix-review's decaying share (He et al. 2021).
 
@@ -20,12 +20,14 @@ import numpy as np
 RATE_SCHEDULES = ("constant", "linear_decay", "exp_decay")
 
 
-def replay_rate_schedule(kind: str, rate: float, steps_in_task: int,
+def replay_rate_schedule(kind: str, rate: float, span_steps: int,
                          end_rate: float = 0.0) -> Callable[[int], float]:
-    """``step_within_task -> replay fraction`` in [0, 1]; pure and deterministic.
+    """``step -> replay fraction`` in [0, 1]; pure and deterministic.
 
-    With progress ``x = min(step / steps_in_task, 1)`` (so the rate reaches ``end_rate`` at
-    the task's end and stays there if the task runs longer, as it may under "additive"
+    ``step`` counts from the start of the span the schedule decays over (the loop spans
+    every task that can replay, so the decay does not restart at a task boundary). With
+    progress ``x = min(step / span_steps, 1)`` (so the rate reaches ``end_rate`` at the
+    span's end and stays there if training runs longer, as it may under "additive"
     accounting, where the step count depends on the schedule itself):
 
     - ``"constant"``: ``rate`` (``end_rate`` is ignored);
@@ -36,21 +38,21 @@ def replay_rate_schedule(kind: str, rate: float, steps_in_task: int,
       Response Models"), which mixes pre-training data into fine-tuning with a mix ratio
       ``mix_ratio * mix_decay ** epoch``. In their units a ratio m (pre-training data per
       unit of target data) is a batch fraction ``m / (1 + m)``; ``mix_decay`` d applied over
-      E epochs of the task corresponds to ``end_rate = rate * d ** E`` here, with the decay
-      spread smoothly over the steps rather than applied once per epoch.
+      E epochs corresponds to ``end_rate = rate * d ** E`` here, with the decay spread
+      smoothly over the steps rather than applied once per epoch.
 
     Args:
-      steps_in_task: the task's nominal length in steps (>= 1), e.g. its step budget.
+      span_steps: the length of the decay in nominal (replay-free) steps, >= 1.
     """
     if kind not in RATE_SCHEDULES:
         raise ValueError(f"replay.schedule={kind!r} is not a known replay schedule; use one "
                          f"of {list(RATE_SCHEDULES)}.")
-    rate, end_rate, n = float(rate), float(end_rate), int(steps_in_task)
+    rate, end_rate, n = float(rate), float(end_rate), int(span_steps)
     for name, value in (("rate", rate), ("end_rate", end_rate)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"replay.{name}={value} must be in [0, 1].")
     if n < 1:
-        raise ValueError(f"steps_in_task={steps_in_task} must be >= 1.")
+        raise ValueError(f"span_steps={span_steps} must be >= 1.")
     if kind == "exp_decay" and not 0.0 < end_rate <= rate:
         raise ValueError(f"exp_decay needs 0 < replay.end_rate <= replay.rate, got rate="
                          f"{rate}, end_rate={end_rate} (an exponential never reaches 0; for "
@@ -59,7 +61,7 @@ def replay_rate_schedule(kind: str, rate: float, steps_in_task: int,
 
     def schedule(step: int) -> float:
         if int(step) < 0:
-            raise ValueError(f"step within the task must be >= 0, got {step}.")
+            raise ValueError(f"step must be >= 0, got {step}.")
         x = min(int(step) / n, 1.0)
         if kind == "constant":
             return rate

@@ -1,28 +1,59 @@
 """Continual-learning metrics in loss terms: pure functions of the loss matrix.
 
-R[i][j] is the validation loss on the domain of task j after training task i (T tasks, so
-R is T x T); b[j] is the loss of the randomly initialised model on domain j. Lower loss is
-better, so signs are chosen to read naturally:
+Every definition used by results.json ``metrics`` and by the run report (``report.py``) is
+here. R[i][j] is the validation loss on the domain of task j after training task i (tasks
+0..T-1, so R is T x T). Lower loss is better; each metric's sign is chosen so that the
+reading given after it holds.
 
-- learned loss (plasticity): R[j][j], mean over j.
-- retained loss: mean_j R[T-1][j], the final model on every domain.
-- forgetting (Chaudhry et al. 2018, "Riemannian Walk"), loss terms:
-  f_j = R[T-1][j] - min_{l < T-1} R[l][j] for j < T-1, averaged; > 0 means forgotten.
-- BWT (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory"), loss terms:
-  mean_{i < T-1} (R[i][i] - R[T-1][i]); > 0 means later tasks improved earlier ones.
-- FWT: mean_{i >= 1} (b[i] - R[i-1][i]); > 0 means earlier tasks helped before training on i.
-- last-step forgetting: mean_{j < T-1} (R[T-1][j] - R[j][j]), the loss gained on domain j
-  between the end of its own task and the end of the run: forgetting measured against the
-  model right after each task instead of the best earlier one. It is exactly -BWT (same
-  terms, opposite sign), reported so that both conventions can be read off directly; it
-  differs from Chaudhry's f_j when a domain's best loss before the last task was not the
-  one at the end of its own task (e.g. it kept improving during the next task).
+- learned loss (plasticity, ``learned_loss``): mean_j R[j][j], each domain right after its
+  own task.
+- retained loss (``retained_loss``): mean_{j < T-1} R[T-1][j], the final model on the
+  EARLIER domains only (the last task's own domain measures plasticity, not retention);
+  None when T == 1.
+- final loss over all domains (``final_loss_all``): mean_j R[T-1][j], the final model on
+  every domain, the last one included.
+- forgetting (``forgetting``; Chaudhry et al. 2018, "Riemannian Walk for Incremental
+  Learning", in loss terms): f_j = R[T-1][j] - min_{j <= l < T-1} R[l][j], mean over
+  j < T-1; > 0 means forgotten. Only rows from the end of task j on count as domain j's best
+  loss: a lower loss before domain j was trained (transfer from earlier tasks) is not
+  something that was learned and then lost.
+- BWT (``backward_transfer``; Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory", in loss
+  terms): mean_{i < T-1} (R[i][i] - R[T-1][i]); > 0 means later tasks improved earlier ones.
+- FWT (``forward_transfer``; Lopez-Paz & Ranzato 2017, in loss terms):
+  mean_{i >= 1} (b[i] - R[i-1][i]), where b[i] is the loss of a RANDOMLY INITIALISED model on
+  domain i (results.json ``init_losses_random``), also when the run starts from a
+  pre-trained checkpoint; > 0 means the model was better on domain i before training on it
+  than a random model (for a pre-trained start, pre-training is credited as well).
+- last-step forgetting (``forgetting_last``): mean_{j < T-1} (R[T-1][j] - R[j][j]), the loss
+  gained on domain j between the end of its own task and the end of the run. It is exactly
+  -BWT, reported so that both conventions can be read off directly; it differs from
+  Chaudhry's f_j when domain j's best loss was reached after its own task (it kept improving
+  during a later one).
 - area under the loss curve (``curve_area``): for each domain, the trapezoid integral of its
   validation loss over the evaluated steps divided by the step span, i.e. the mean loss over
   the whole run. It sees transient forgetting that recovers before a task ends, which the
   end-of-task matrix R cannot.
+- start losses: ``init_loss_random`` = mean_j b[j] (the random-init model, what FWT uses);
+  ``init_loss_start`` = mean over domains of results.json ``init_losses``, the losses of the
+  model the run starts from (equal to ``init_loss_random`` for a fresh init, the pre-trained
+  model's losses otherwise).
 
-``metrics_from_results`` recomputes all of the above from a ``results.json`` dictionary.
+``summary`` puts a perplexity exp(loss) beside every loss, named with ``loss`` replaced by
+``ppl``: ``learned_ppl``, ``retained_ppl``, ``final_ppl_all``, ``init_ppl_random``,
+``init_ppl_start``. Differences of losses (forgetting, BWT, FWT) have none. An undefined
+metric (T == 1, or b unknown) is None, and so is its perplexity.
+
+``metrics_from_results`` recomputes all of the above from a ``results.json`` dictionary:
+
+- b comes from ``init_losses_random``. Results written before that key existed have only
+  ``init_losses``; those are used as b when the run was a fresh init (``config.init.hf``,
+  ``.orbax`` and ``.checkpoint`` all empty or absent), else FWT and ``init_loss_random`` are
+  None.
+- a joint run (one task over the union of all data) has one row of losses over the domains
+  of the configured task order: its retained loss is the mean over all but the last
+  configured task's domain, the domains a sequential run's retained loss averages, so the
+  two compare; ``final_loss_all`` is the mean of the whole row. Learned loss, forgetting,
+  BWT and FWT need a task sequence and are absent.
 
 Compute accounting (``training_flops``, ``with_flops``) uses the same count as
 ``scripts/benchmark.py``: ``LlamaConfig.flops_per_token(seq_len)`` training FLOPs per token
@@ -37,6 +68,8 @@ from typing import Sequence
 
 import numpy as np
 
+INIT_KEYS = ("hf", "orbax", "checkpoint")  # config.init sources of a pre-trained start
+
 
 def _matrix(R) -> np.ndarray:
     R = np.asarray(R, dtype=np.float64)
@@ -46,23 +79,33 @@ def _matrix(R) -> np.ndarray:
 
 
 def learned_loss(R) -> float:
+    """Plasticity: mean_j R[j][j]."""
     return float(np.mean(np.diag(_matrix(R))))
 
 
-def retained_loss(R) -> float:
+def retained_loss(R) -> float | None:
+    """mean_{j < T-1} R[T-1][j]: the final model on the earlier domains; None when T == 1."""
+    R = _matrix(R)
+    return None if R.shape[0] < 2 else float(np.mean(R[-1, :-1]))
+
+
+def final_loss_all(R) -> float:
+    """mean_j R[T-1][j]: the final model on every domain, the last task's included."""
     return float(np.mean(_matrix(R)[-1]))
 
 
 def forgetting(R) -> float | None:
+    """Chaudhry et al. 2018 in loss terms: mean_{j < T-1} of
+    R[T-1][j] - min_{j <= l < T-1} R[l][j]; None when T == 1."""
     R = _matrix(R)
     T = R.shape[0]
     if T < 2:
         return None
-    f = [R[-1, j] - R[: T - 1, j].min() for j in range(T - 1)]
-    return float(np.mean(f))
+    return float(np.mean([R[-1, j] - R[j: T - 1, j].min() for j in range(T - 1)]))
 
 
 def backward_transfer(R) -> float | None:
+    """BWT, Lopez-Paz & Ranzato 2017 in loss terms: mean_{i < T-1} (R[i][i] - R[T-1][i])."""
     R = _matrix(R)
     T = R.shape[0]
     if T < 2:
@@ -71,9 +114,13 @@ def backward_transfer(R) -> float | None:
 
 
 def forward_transfer(R, b: Sequence[float]) -> float | None:
+    """FWT, Lopez-Paz & Ranzato 2017 in loss terms: mean_{i >= 1} (b[i] - R[i-1][i]), with
+    b[i] the loss of a randomly initialised model on domain i; None when T == 1."""
     R = _matrix(R)
     T = R.shape[0]
     b = np.asarray(b, dtype=np.float64)
+    if b.shape != (T,):
+        raise ValueError(f"b must hold one loss per domain ({T}), got shape {b.shape}")
     if T < 2:
         return None
     return float(np.mean([b[i] - R[i - 1, i] for i in range(1, T)]))
@@ -115,18 +162,32 @@ def curve_area(eval_curve: Sequence[dict], domains: Sequence[str] | None = None
     return out
 
 
-def summary(R, b: Sequence[float] | None = None) -> dict:
-    """All metrics of a run, with a perplexity ``*_ppl`` (exp of the loss) beside every
-    ``*_loss`` entry. Differences of losses (forgetting, BWT, FWT) have no perplexity."""
-    out = {"learned_loss": learned_loss(R), "retained_loss": retained_loss(R),
-           "forgetting": forgetting(R), "forgetting_last": forgetting_last(R),
-           "bwt": backward_transfer(R)}
-    if b is not None:
-        out["fwt"] = forward_transfer(R, b)
-        out["init_loss"] = float(np.mean(np.asarray(b, dtype=np.float64)))
-    for key in [k for k in out if k.endswith("_loss")]:
-        out[key[: -len("_loss")] + "_ppl"] = _ppl(out[key])
+def _mean(xs) -> float | None:
+    return None if xs is None else float(np.mean(np.asarray(xs, dtype=np.float64)))
+
+
+def _with_ppl(out: dict) -> dict:
+    """``out`` with a perplexity beside every loss: key with ``loss`` replaced by ``ppl``."""
+    for key in [k for k in out if "loss" in k.split("_")]:
+        out[key.replace("loss", "ppl", 1)] = _ppl(out[key])
     return out
+
+
+def summary(R, b: Sequence[float] | None = None, start: Sequence[float] | None = None
+            ) -> dict:
+    """All matrix metrics of a sequential run, with perplexities (see the module docstring).
+
+    ``b``: per-domain losses of a randomly initialised model (FWT, ``init_loss_random``);
+    ``start``: per-domain losses of the model the run started from (``init_loss_start``).
+    Either may be None (unknown), and then so are the metrics that need it.
+    """
+    return _with_ppl({
+        "learned_loss": learned_loss(R), "retained_loss": retained_loss(R),
+        "final_loss_all": final_loss_all(R), "forgetting": forgetting(R),
+        "forgetting_last": forgetting_last(R), "bwt": backward_transfer(R),
+        "fwt": None if b is None else forward_transfer(R, b),
+        "init_loss_random": _mean(b), "init_loss_start": _mean(start),
+    })
 
 
 def loss_matrix_columns(results: dict) -> list[str]:
@@ -138,34 +199,58 @@ def loss_matrix_columns(results: dict) -> list[str]:
     return list(results["tasks"])
 
 
+def random_init_losses(results: dict) -> dict | None:
+    """{domain: loss} of a randomly initialised model for FWT: ``init_losses_random``, or,
+    in results written before that key, ``init_losses`` if the run was a fresh init (no
+    ``config.init`` source); None when unknown (an old run from a pre-trained start)."""
+    if results.get("init_losses_random"):
+        return results["init_losses_random"]
+    init = (results.get("config") or {}).get("init") or {}
+    if any(init.get(k) for k in INIT_KEYS):
+        return None
+    return results.get("init_losses") or None
+
+
 def metrics_from_results(results: dict) -> dict:
     """``summary`` of a results.json dict plus ``curve_area`` (mean loss per domain over the
     run) and its mean over domains, ``curve_area_mean``.
 
-    A run stopped before its last task (rows = the first tasks) gets the metrics of its
-    finished square part; a joint run (one row over all domains) gets only the retained
-    loss, since learned loss, forgetting and transfer need a task sequence.
+    b (FWT, ``init_loss_random``) is ``random_init_losses(results)``; ``init_loss_start``
+    comes from ``init_losses``. A run stopped before its last task (rows = the first tasks)
+    gets the metrics of its finished square part. A joint run (one row over all domains)
+    gets ``retained_loss`` (all but the last configured task's domain), ``final_loss_all``,
+    the start losses and their perplexities, since learned loss, forgetting and transfer
+    need a task sequence.
     """
     R = np.asarray(results["loss_matrix"], dtype=np.float64)
     if R.ndim != 2 or R.shape[0] == 0:
         raise ValueError("results have an empty loss_matrix: no task finished")
     cols = loss_matrix_columns(results)
     n = R.shape[0]
-    init = results.get("init_losses") or {}
-    b = [init[c] for c in cols] if all(c in init for c in cols) else None
+
+    def per_column(losses):
+        return [losses[c] for c in cols] if losses and all(c in losses for c in cols) else None
+
+    b, start = per_column(random_init_losses(results)), per_column(results.get("init_losses"))
     if n == R.shape[1] or list(results["tasks"])[:n] == cols[:n]:
-        out = summary(R[:, :n], None if b is None else b[:n])
+        out = summary(R[:, :n], None if b is None else b[:n],
+                      None if start is None else start[:n])
     else:
-        retained = float(np.mean(R[-1]))
-        out = {"retained_loss": retained, "retained_ppl": _ppl(retained)}
+        row = R[-1]
+        out = _with_ppl({
+            "retained_loss": float(np.mean(row[:-1])) if len(row) > 1 else None,
+            "final_loss_all": float(np.mean(row)),
+            "init_loss_random": _mean(b), "init_loss_start": _mean(start)})
     area = curve_area(results["eval_curve"], results.get("domains"))
     out["curve_area"] = area
     out["curve_area_mean"] = float(np.mean(list(area.values())))
     return out
 
 
-def _ppl(loss: float) -> float:
-    """exp(loss), inf rather than OverflowError for a diverged run."""
+def _ppl(loss: float | None) -> float | None:
+    """exp(loss), inf rather than OverflowError for a diverged run; None for None."""
+    if loss is None:
+        return None
     try:
         return math.exp(loss)
     except OverflowError:

@@ -130,23 +130,44 @@ def plot_loss_matrices(runs: Mapping[str, dict], path: str) -> None:
 
 
 def plot_retained_vs_flops(points: Sequence[tuple[str, float, float]], path: str) -> None:
-    """Retained loss (mean final loss over all domains) against training FLOPs.
+    """Retained loss (final model on the earlier domains, ``metrics.retained_loss``) against
+    training FLOPs.
 
     ``points``: ``(label, flops, retained_loss)`` per run; one labelled marker each. The
     FLOPs axis is logarithmic when the runs span more than a factor of 10.
     """
     fig = _figure((6, 4))
     ax = fig.add_subplot()
-    for i, (label, flops, retained) in enumerate(points):
-        ax.scatter([flops], [retained], color=f"C{i % 10}", zorder=3)
-        ax.annotate(label, (flops, retained), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
+    _labelled_points(ax, points)
     flops = [p[1] for p in points if p[1] and p[1] > 0]
     if flops and max(flops) / min(flops) > 10:
         ax.set_xscale("log")
-    ax.margins(0.15)  # room for the labels
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("retained loss (lower is better)")
     ax.set_title("retained loss vs compute")
-    ax.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+def plot_retained_vs_learned(points: Sequence[tuple[str, float, float]], path: str) -> None:
+    """Retained loss (stability) against learned loss (plasticity), both from
+    ``cpt_jax.eval.metrics``: lower-left is better.
+
+    ``points``: ``(label, learned_loss, retained_loss)`` per run; one labelled marker each,
+    e.g. one per meta-learning rate of a MER sweep.
+    """
+    fig = _figure((6, 4))
+    ax = fig.add_subplot()
+    _labelled_points(ax, points)
+    ax.set_xlabel("learned loss: mean R[j][j] (lower is better)")
+    ax.set_ylabel("retained loss: earlier domains (lower is better)")
+    ax.set_title("retained vs learned loss (lower-left is better)")
+    save_figure(fig, path)
+
+
+def _labelled_points(ax, points: Sequence[tuple[str, float, float]]) -> None:
+    """One marker per ``(label, x, y)``, its label beside it, and a light grid."""
+    for i, (label, x, y) in enumerate(points):
+        ax.scatter([x], [y], color=f"C{i % 10}", zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.margins(0.15)  # room for the labels
+    ax.grid(alpha=0.3)

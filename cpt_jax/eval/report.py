@@ -1,15 +1,21 @@
-"""Compare runs: one Markdown table and three figures from several ``results.json`` files.
+"""Compare runs: one Markdown table and four figures from several ``results.json`` files.
 
 Answers the question a CPT experiment asks, "how much did I forget, how much did I learn, at
 what compute", for a set of runs (e.g. replay rates 0 / 0.25 / 0.5, or MER vs replay):
 
-- a table with, per run: method, replay rate, model size, training FLOPs, learned and
-  retained loss, forgetting (Chaudhry et al. 2018), BWT (Lopez-Paz & Ranzato 2017), FWT and
-  the mean loss over the whole run (area under the loss curves); definitions in
-  ``cpt_jax.eval.metrics``;
+- a table with, per run: method, replay rate, model size, training FLOPs, learned loss,
+  retained loss (earlier domains), final loss over all domains, forgetting (Chaudhry et al.
+  2018), BWT (Lopez-Paz & Ranzato 2017), FWT and the mean loss over the whole run (area under
+  the loss curves); the definitions are those of ``cpt_jax.eval.metrics``'s docstring, and
+  ``DEFINITIONS`` (the text report.md carries) states them in the same terms;
 - ``loss_curves.png``: every run's validation loss, one panel per domain;
 - ``loss_matrices.png``: each run's loss matrix R[i][j] as a heatmap;
-- ``retained_vs_flops.png``: retained loss against training FLOPs, one point per run.
+- ``retained_vs_flops.png``: retained loss against training FLOPs, one point per run;
+- ``retained_vs_learned.png``: retained loss against learned loss, one point per run
+  (lower-left is better: the stability-plasticity trade-off, e.g. of a MER meta-rate sweep).
+
+report.md names runs by their labels (``run_labels``) only, never by local paths, so it can be
+pasted into a README.
 
 Metrics are recomputed from the loss matrix and curves (not read from ``results["metrics"]``)
 so runs written by older versions compare on the same definitions. Training FLOPs come from
@@ -33,9 +39,25 @@ RESULTS_FILE = "results.json"
 COLUMNS = [  # (row key, table header)
     ("run", "run"), ("method", "method"), ("replay_rate", "replay rate"),
     ("params", "params"), ("flops", "training FLOPs"), ("learned_loss", "learned"),
-    ("retained_loss", "retained"), ("forgetting", "forgetting"), ("bwt", "BWT"),
-    ("fwt", "FWT"), ("curve_area_mean", "mean loss over run"),
+    ("retained_loss", "retained"), ("final_loss_all", "final, all domains"),
+    ("forgetting", "forgetting"), ("bwt", "BWT"), ("fwt", "FWT"),
+    ("curve_area_mean", "mean loss over run"),
 ]
+METRIC_KEYS = ("learned_loss", "retained_loss", "final_loss_all", "forgetting", "bwt",
+               "fwt", "curve_area_mean")  # the columns taken from metrics_from_results
+
+# What report.md says the columns mean: the definitions of cpt_jax.eval.metrics, same terms.
+DEFINITIONS = (
+    "Losses in nats/token (lower is better). R[i][j] is the loss on domain j after task i, "
+    "tasks 0..T-1. learned: mean_j R[j][j]. retained: mean_{j < T-1} R[T-1][j], the final "
+    "model on the earlier domains (a joint run: all but the last configured task's domain). "
+    "final, all domains: mean_j R[T-1][j]. forgetting (Chaudhry et al. 2018): mean over "
+    "j < T-1 of R[T-1][j] - min_{j <= l < T-1} R[l][j] (> 0 = forgotten). BWT (Lopez-Paz & "
+    "Ranzato 2017): mean_{i < T-1} (R[i][i] - R[T-1][i]) (> 0 = later tasks helped). FWT: "
+    "mean_{i >= 1} (b[i] - R[i-1][i]), b[i] the loss of a randomly initialised model, also "
+    "for runs from a pre-trained checkpoint (> 0 = better than random before training on "
+    "the domain). mean loss over run: area under each domain's loss curve / steps, averaged "
+    "over domains. – = undefined (one task, a joint run, or b unknown).")
 
 
 def load_results(run_dir: str) -> dict:
@@ -112,8 +134,7 @@ def run_row(results: dict, label: str) -> dict:
         "replay_rate": (config.get("replay") or {}).get("rate"),
         "params": cfg.num_params() if cfg is not None else None,
         "flops": training_flops_of(results),
-        **{k: m.get(k) for k in ("learned_loss", "retained_loss", "forgetting", "bwt", "fwt",
-                                 "curve_area_mean")},
+        **{k: m.get(k) for k in METRIC_KEYS},
     }
 
 
@@ -153,13 +174,20 @@ def run_labels(run_dirs: Sequence[str]) -> list[str]:
     return labels
 
 
+def _points(rows: Sequence[dict], x_key: str) -> list[tuple[str, float, float]]:
+    """``(run, x, retained_loss)`` of the rows where both values are known."""
+    return [(r["run"], r[x_key], r["retained_loss"]) for r in rows
+            if r[x_key] is not None and r["retained_loss"] is not None]
+
+
 def write_report(run_dirs: Sequence[str], out_dir: str) -> dict:
     """Read every run, then write the table and figures into ``out_dir``.
 
     Every run is read (and validated) before anything is written. Returns
     ``{"rows": [...], "markdown": str, "files": {name: path}}``; files are ``report.md``,
-    ``report.json`` (the rows as numbers), ``loss_curves.png``, ``loss_matrices.png`` and
-    ``retained_vs_flops.png``.
+    ``report.json`` (the rows as numbers), ``loss_curves.png``, ``loss_matrices.png``,
+    ``retained_vs_flops.png`` and ``retained_vs_learned.png``. A run lacking a plotted
+    value (no FLOPs, or a joint run's learned loss) has no point in that figure.
     """
     if not run_dirs:
         raise ValueError("no run directories given")
@@ -172,24 +200,18 @@ def write_report(run_dirs: Sequence[str], out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     files = {name: os.path.join(out_dir, name) for name in (
         "report.md", "report.json", "loss_curves.png", "loss_matrices.png",
-        "retained_vs_flops.png")}
+        "retained_vs_flops.png", "retained_vs_learned.png")}
     plots.plot_runs_loss_curves(runs, files["loss_curves.png"])
     plots.plot_loss_matrices(runs, files["loss_matrices.png"])
-    points = [(r["run"], r["flops"], r["retained_loss"]) for r in rows if r["flops"] is not None]
-    plots.plot_retained_vs_flops(points, files["retained_vs_flops.png"])
+    plots.plot_retained_vs_flops(_points(rows, "flops"), files["retained_vs_flops.png"])
+    plots.plot_retained_vs_learned(_points(rows, "learned_loss"),
+                                   files["retained_vs_learned.png"])
 
-    md = ["# Continual pre-training runs", "",
-          "Losses in nats/token (lower is better). learned: mean R[j][j]; retained: mean final "
-          "loss over all domains; forgetting: mean over earlier domains of final loss minus "
-          "best earlier loss (> 0 = forgotten); BWT: mean R[i][i] - R[T][i] (> 0 = later "
-          "tasks helped); FWT: random-init loss minus loss before training on the domain; "
-          "mean loss over run: area under each domain's loss curve / steps, averaged.", "",
-          table, "",
+    md = ["# Continual pre-training runs", "", DEFINITIONS, "", table, "",
           "![loss curves](loss_curves.png)", "",
           "![loss matrices](loss_matrices.png)", "",
           "![retained loss vs training FLOPs](retained_vs_flops.png)", "",
-          "Runs:", ""]
-    md += [f"- `{label}`: {os.path.abspath(d)}" for label, d in zip(labels, run_dirs)]
+          "![retained loss vs learned loss](retained_vs_learned.png)"]
     atomic.write_text(files["report.md"], "\n".join(md) + "\n")
     atomic.write_text(files["report.json"], json.dumps({"rows": rows}, indent=1) + "\n")
     return {"rows": rows, "markdown": table, "files": files}

@@ -8,8 +8,10 @@ A step whose gradients hold a NaN or Inf is skipped whole (no update, no state c
 counted; the loop stops the run after ``optim.max_bad_steps`` consecutive skipped steps.
 
 The base optimizer is AdamW with global-norm clipping (Abbes et al. 2025: betas (0.9, 0.95),
-eps 1e-8, weight decay 0.1 on weight matrices only, clip 1.0). The first element combines
-the step's per-source gradients; regularisers add their gradients before clipping (they are
+eps 1e-8, weight decay 0.1, clip 1.0). Weight decay applies to every weight matrix and the
+embeddings, not to the RMSNorm scales (``decay_mask``), as GPT-style pre-training code
+decays every parameter of two or more dimensions; a test pins this. The first element
+combines the step's per-source gradients; regularisers add their gradients before clipping (they are
 part of the loss); Reptile acts on the optimizer's update (MER). Config keys: ``optim.*``
 for the base optimizer, ``method.*`` for the continual-learning pieces.
 """

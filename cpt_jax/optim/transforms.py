@@ -104,19 +104,54 @@ class ReptileState(NamedTuple):
     slow: Any  # theta_slow, parameter-shaped
 
 
+def reptile_interpolate(slow, params, meta_lr: float):
+    """theta_slow + meta_lr * (theta - theta_slow): Nichol et al. 2018's outer step.
+
+    ``meta_lr`` is the fraction of the period's displacement KEPT: 1 keeps all of it (no
+    meta step), 0 returns to the slow weights. Abbes et al. 2025's code README writes the
+    same update as ``(1 - eps) theta_slow + eps theta``, i.e. eps = meta_lr; a pull-back of
+    eps toward the slow weights, ``(1 - eps) theta + eps theta_slow``, is meta_lr = 1 - eps.
+    """
+    return jax.tree.map(lambda s, p: s + meta_lr * (p - s), slow, params)
+
+
+def reptile_step(params, slow, step, every: int, meta_lr: float):
+    """Reptile as a pure function of (params, slow, step) -> (params, slow).
+
+    ``step`` counts the inner (optimizer) steps taken, ``params`` are the weights after the
+    latest one. At every ``every``-th step the weights become
+    ``reptile_interpolate(slow, params, meta_lr)`` and that point is the next period's slow
+    copy; otherwise both pass through. For a hand-written loop or a notebook::
+
+        params = optax.apply_updates(params, updates); t += 1
+        params, slow = reptile_step(params, slow, t, every=500, meta_lr=0.9)
+    """
+    def meta(args):
+        p, s = args
+        new = reptile_interpolate(s, p, meta_lr)
+        return new, new
+
+    return jax.lax.cond(jnp.asarray(step) % every == 0, meta, lambda args: args,
+                        (params, slow))
+
+
 def reptile(every: int, meta_lr: float) -> optax.GradientTransformation:
     """Reptile meta-update (Nichol et al. 2018) as run by MER in Abbes et al. 2025.
 
     Ordinary optimizer steps are the inner loop; every ``every`` steps the parameters
-    after the inner update are pulled back toward the slow weights:
-    theta <- theta_slow + meta_lr * (theta - theta_slow), and theta_slow <- theta.
+    after the inner update are moved to theta_slow + meta_lr * (theta - theta_slow)
+    (``reptile_interpolate``: ``meta_lr`` is the fraction of the period's displacement
+    kept). The weights the step ends with become the next period's theta_slow.
     Between meta steps the inner update passes through untouched (``lax.cond``, so the
     cost is a few parameter-sized vector ops once per period). Memory: one parameter copy.
 
     Placed after the base optimizer in the chain. Composed twice with two periods and
     rates it gives the original MER's within-batch (beta) and across-batch (gamma) Reptile
     steps (Riemer et al. 2019, "Learning to Learn without Forgetting by Maximizing
-    Transfer and Minimizing Interference").
+    Transfer and Minimizing Interference", Algorithm 1). The slow copy is taken lazily, from
+    the parameters the next step starts from, so that when both periods end on one step
+    the within-batch copy theta_W is taken AFTER the across-batch (gamma) step, as in the
+    paper, and not from the beta result that gamma then moved.
     """
     if every < 1:
         raise ValueError(f"reptile every={every} must be >= 1")
@@ -127,15 +162,17 @@ def reptile(every: int, meta_lr: float) -> optax.GradientTransformation:
     def update(updates, state: ReptileState, params=None):
         if params is None:
             raise ValueError("reptile needs params: call tx.update(grads, state, params)")
+        # A period ended on the previous step: the weights this step starts from (after
+        # every transform of that step) are the new slow copy.
+        slow = jax.lax.cond(state.count % every == 0, lambda: jax.tree.map(jnp.copy, params),
+                            lambda: state.slow)
         count = state.count + 1
 
-        def meta(args):
-            upd, slow = args
-            target = jax.tree.map(lambda s, p, u: s + meta_lr * (p + u - s), slow, params, upd)
-            return jax.tree.map(jnp.subtract, target, params), target
+        def meta(upd):
+            inner = jax.tree.map(jnp.add, params, upd)
+            return jax.tree.map(jnp.subtract, reptile_interpolate(slow, inner, meta_lr), params)
 
-        updates, slow = jax.lax.cond(count % every == 0, meta, lambda args: args,
-                                     (updates, state.slow))
+        updates = jax.lax.cond(count % every == 0, meta, lambda upd: upd, updates)
         return updates, ReptileState(count, slow)
 
     return optax.GradientTransformation(init, update)
@@ -202,8 +239,10 @@ def ewc(lam: float) -> optax.GradientTransformation:
     """Elastic weight consolidation (Kirkpatrick et al. 2017), diagonal Fisher.
 
     Adds the gradient of lam/2 * sum_i F_i (theta_i - theta*_i)^2. F is zero until the
-    first task ends; the loop then sets F (online accumulation across tasks, Schwarz et al.
-    2018, "Progress & Compress") and theta* with ``set_ewc``. Memory: two parameter copies.
+    first task ends; at each task boundary the loop adds the Fisher of the task just
+    finished, estimated at the current weights, to the running sum (online EWC, Schwarz et
+    al. 2018, "Progress & Compress": each task's Fisher enters once) and moves theta* to
+    the current weights, with ``set_ewc``. Memory: two parameter copies.
     """
 
     def init(params):
@@ -253,13 +292,39 @@ def _replace_states(opt_state, cls, fn):
                         is_leaf=lambda s: isinstance(s, cls))
 
 
+def _schedule_states(opt_state) -> list:
+    return [s for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+        if isinstance(s, optax.ScaleByScheduleState)]
+
+
+def schedule_count(opt_state) -> jax.Array:
+    """The learning-rate schedule's step count in an optimizer state: the step whose rate
+    the next update applies. It advances only on applied steps (``skip_non_finite`` leaves
+    it untouched on a skipped step), so ``schedule(schedule_count(s))`` is the rate that
+    is actually used."""
+    states = _schedule_states(opt_state)
+    if len(states) != 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimizer state, found "
+                         f"{len(states)}")
+    return states[0].count
+
+
+def restart_schedule(opt_state):
+    """The same state with the learning-rate schedule back at step 0 (warmup again); Adam's
+    moments and their bias-correction count, and every method's state, are kept."""
+    return _replace_states(opt_state, optax.ScaleByScheduleState,
+                           lambda s: s._replace(count=jnp.zeros_like(s.count)))
+
+
 def set_anchor(opt_state, params):
     """Move every l2_anchor anchor to `params` (e.g. at the start of a task)."""
     return _replace_states(opt_state, AnchorState, lambda s: AnchorState(params))
 
 
 def set_ewc(opt_state, params, new_fisher, decay: float = 1.0):
-    """At a task boundary: F <- decay * F + F_new, theta* <- params."""
+    """At a task boundary: F <- decay * F + F_new, theta* <- params (F_new: the Fisher of
+    the task just finished only)."""
     return _replace_states(
         opt_state, EWCState,
         lambda s: EWCState(jax.tree.map(lambda f, n: decay * f + n, s.fisher, new_fisher),

@@ -15,11 +15,13 @@ have, and writes the same results.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -35,6 +37,7 @@ from cpt_jax.eval import metrics as metrics_lib
 from cpt_jax.eval.logging import MetricsLogger
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.optim import transforms
 from cpt_jax.optim.distill import DERStore
 from cpt_jax.run_config import check_config
 from cpt_jax.train import checkpoint as checkpoint_lib
@@ -81,6 +84,19 @@ def _check_same_shape(loaded: model_lib.LlamaConfig, wanted: model_lib.LlamaConf
                                      for k, (a, b) in diff.items()))
 
 
+def starts_pretrained(config) -> bool:
+    """True when the run starts from trained weights (init.hf, init.orbax, init.checkpoint)."""
+    return any(config.init.get(k) for k in ("hf", "orbax", "checkpoint"))
+
+
+def random_init_params(config, parts):
+    """The randomly initialised model of ``config.seed``, sharded like the run's parameters:
+    FWT's baseline (Lopez-Paz & Ranzato 2017), also for a run that starts pre-trained."""
+    init = jax.jit(functools.partial(model_lib.init_params, parts.mcfg),
+                   out_shardings=parts.shardings.params)
+    return init(jax.random.key(config.seed))
+
+
 def scalars(metrics: dict) -> dict:
     """Flatten step metrics to floats; a vector v (e.g. per-layer cosines) -> key/i."""
     out = {}
@@ -113,14 +129,24 @@ def nominal_steps(config, task: dict) -> int:
 
 
 def replay_rates(config, tasks):
-    """The sampler's replay rate: a constant, or one decaying schedule per task."""
+    """The sampler's replay rate: a constant, or one schedule per task that decays over the
+    whole run (mix-review, He et al. 2021): from ``replay.rate`` at the start of the first
+    task that can replay (task 1) to ``replay.end_rate`` at the end of the last, measured
+    in the tasks' nominal (replay-free) steps, never restarting at a task boundary."""
     r = config.replay
     if config.joint:
         return 0.0
     if r.schedule == "constant":
         return r.rate
-    return [replay_rate_schedule(r.schedule, r.rate, nominal_steps(config, t), r.end_rate)
-            for t in tasks]
+    nominal = [nominal_steps(config, t) for t in tasks]
+    starts = np.concatenate([[0], np.cumsum(nominal[1:])]).astype(int)  # task k >= 1
+    decay = replay_rate_schedule(r.schedule, r.rate, max(int(starts[-1]), 1), r.end_rate)
+
+    def task_rate(k):
+        offset = int(starts[k - 1]) if k else 0
+        return lambda step: decay(offset + int(step))
+
+    return [task_rate(k) for k in range(len(tasks))]
 
 
 CHECKPOINT_DIR = "checkpoints"
@@ -138,7 +164,8 @@ class Progress:
     task: int = 0
     step: int = 0
     global_step: int = 0
-    init_losses: dict = dataclasses.field(default_factory=dict)
+    init_losses: dict = dataclasses.field(default_factory=dict)  # the starting model
+    init_losses_random: dict = dataclasses.field(default_factory=dict)  # FWT's baseline
     eval_curve: list = dataclasses.field(default_factory=list)
     loss_matrix: list = dataclasses.field(default_factory=list)
     task_boundaries: list = dataclasses.field(default_factory=list)
@@ -228,7 +255,8 @@ def run_start(config, parts: RunParts, ckpt, resume_step):
     Resuming: the checkpoint at ``resume_step``. Otherwise a fresh init, parameters from
     init.hf / init.orbax with a new optimizer state, or the whole state of another run's
     checkpoint (init.checkpoint: optimizer moments, counters and Reptile/EWC state carry
-    over; the new run's progress starts at step 0).
+    over; the new run's progress starts at step 0, and so does its learning-rate schedule
+    unless init.continue_schedule).
     """
     abstract = abstract_train_state(parts.mcfg, parts.tx, parts.shardings)
     if resume_step is not None:
@@ -242,6 +270,9 @@ def run_start(config, parts: RunParts, ckpt, resume_step):
             raise FileNotFoundError(f"init.checkpoint={config.init.checkpoint}: no complete "
                                     f"checkpoint under {directory}")
         state, _, _, _ = source.restore(step, abstract)
+        if not config.init.continue_schedule:  # a new run: its own warmup and decay
+            state = state.replace(step=jnp.zeros_like(state.step),
+                                  opt_state=transforms.restart_schedule(state.opt_state))
         return state, Progress(), None
     state, _ = create_train_state(parts.mcfg, parts.tx, parts.mesh, parts.rules,
                                   jax.random.key(config.seed),
@@ -340,6 +371,9 @@ def train(config, workdir, parts: RunParts, state, progress: Progress, der_array
                            resume_step=progress.global_step + 1 if resumed else None)
     if not progress.eval_curve:
         progress.init_losses = evaluate(state.params)
+        progress.init_losses_random = (
+            evaluate(random_init_params(config, parts)) if starts_pretrained(config)
+            else progress.init_losses)
         progress.eval_curve = [{"step": 0, "task": "init", "losses": progress.init_losses}]
     bar = tqdm(total=sum(steps), initial=progress.global_step, disable=not is_main,
                dynamic_ncols=True)
@@ -408,6 +442,7 @@ def make_results(config, parts: RunParts, progress: Progress, config_json: dict)
         "method": config.method.name,
         "loss_matrix": progress.loss_matrix,
         "init_losses": progress.init_losses,
+        "init_losses_random": progress.init_losses_random,
         "eval_curve": progress.eval_curve,
         "task_boundaries": progress.task_boundaries,
         "task_stats": task_stats,

@@ -14,7 +14,6 @@ import numpy as np
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.data.mixing import ConcatRows
 from cpt_jax.optim import distill as distill_lib
 from cpt_jax.optim import transforms
 from cpt_jax.optim.fisher import diag_fisher
@@ -56,7 +55,8 @@ def make_loss_fn(config, mcfg):
 
 
 class TaskBoundary:
-    """What happens between tasks: teacher snapshot, L2 anchor move, EWC Fisher update.
+    """What happens between tasks: teacher snapshot, L2 anchor move, EWC Fisher update
+    (online EWC: F <- decay * F + F of the task just finished, at the current weights).
 
     One jitted function over the sharded state (donated, shardings unchanged).
     """
@@ -73,12 +73,13 @@ class TaskBoundary:
                                out_shardings=shardings, donate_argnums=0)
 
     def fisher_rows(self, task: int) -> dict:
-        """`method.ewc.rows` rows drawn uniformly (seeded) from the replay buffer: the
-        training rows of every task before `task`."""
-        buffer = ConcatRows(self.sources[:task])
+        """`method.ewc.rows` rows drawn uniformly (seeded) from the training rows of the
+        task just finished, `task - 1`: online EWC adds each task's Fisher once (Schwarz
+        et al. 2018); the earlier tasks' Fisher is already in the running sum."""
+        source = self.sources[task - 1]
         rng = np.random.default_rng([self.config.seed, task, 0xE3C])
         n = self.config.method.ewc.rows
-        tokens, segs = buffer.read(rng.choice(len(buffer), size=n, replace=len(buffer) < n))
+        tokens, segs = source.read(rng.choice(len(source), size=n, replace=len(source) < n))
         return {"tokens": tokens, "segment_ids": segs}
 
     def _apply(self, state: TrainState, rows):

@@ -32,7 +32,7 @@ import optax
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.sampler import replay_positions
-from cpt_jax.optim.transforms import PerSourceGrads, SkipState, tree_dot
+from cpt_jax.optim.transforms import PerSourceGrads, SkipState, schedule_count, tree_dot
 from cpt_jax.train.state import TrainState
 
 
@@ -161,6 +161,9 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
         metrics.update(gradient_cosines(g_cur, g_rep))
 
     grads = PerSourceGrads(g_cur, g_rep, aux_c["tokens"], aux_r["tokens"])
+    # the rate this update applies (a skipped step does not advance the schedule)
+    lr = (lr_schedule(schedule_count(state.opt_state)) if lr_schedule is not None
+          else jnp.zeros(()))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -172,7 +175,7 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
         "tokens": tc + tr,
         "grad_norm_current": optax.tree.norm(g_cur),
         "update_norm": optax.tree.norm(updates),
-        "lr": lr_schedule(state.step) if lr_schedule is not None else jnp.zeros(()),
+        "lr": lr,
     })
     for k in aux_r:
         if k not in ("tokens", "ce_sum"):  # method-specific terms, e.g. distillation
