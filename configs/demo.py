@@ -46,9 +46,8 @@ METHODS = {
     "distill": lambda c: c.method.distill.update(dict(weight=1.0, temperature=2.0)),
     # Dark Experience Replay (DER++: replay + logit matching on 256 stored rows per task).
     "der": lambda c: c.method.der.update(dict(weight=0.5, k=16, rows_per_domain=256)),
-    # Mix-review (He et al. 2021): replay decaying 0.25 -> 0.05 over the run (code and
-    # table tasks), plus a weak
-    # weak L2 pull toward the pre-trained (task-0-start) weights.
+    # Mix-review (He et al. 2021): replay decaying 0.25 -> 0.05 over the run (the code and
+    # table tasks), plus a weak L2 pull toward the pre-trained (task-0-start) weights.
     "mixreview": lambda c: (c.replay.update(dict(schedule="exp_decay", end_rate=0.05)),
                             c.method.l2.update(dict(weight=1e-4, anchor="init"))),
     # Joint training on the union of all three domains: the upper reference.

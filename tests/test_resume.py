@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from cpt_jax.optim.transforms import schedule_count
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.train.loop import prepare_run, run, run_start
 from cpt_jax.train.resume import ConfigMismatch, config_diff
@@ -177,6 +178,7 @@ def test_start_from_another_runs_full_state(reference, tmp_path):
     root, ref = reference
     c = resume_config(root)
     c.init.checkpoint = str(ref / "checkpoints" / "8")
+    c.init.continue_schedule = True  # the whole state, schedule position included
     parts = prepare_run(c, str(tmp_path))
     state, progress, _ = run_start(c, parts, None, None)
     assert progress.global_step == 0 and progress.task == 0
@@ -187,6 +189,13 @@ def test_start_from_another_runs_full_state(reference, tmp_path):
     for g, w in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     assert int(state.step) == 8
+    # by default a new run restarts its schedule; everything else is the same state
+    c.init.continue_schedule = False
+    fresh, _, _ = run_start(c, parts, None, None)
+    assert int(fresh.step) == 0 and int(schedule_count(fresh.opt_state)) == 0
+    assert int(schedule_count(state.opt_state)) == 8
+    for g, w in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(want.params)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
     c.model.d_ff = 128  # another model: the first differing tensor is named
     with pytest.raises(ValueError, match=r"tensor params/layers/mlp/down/kernel: checkpoint "
