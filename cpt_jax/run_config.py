@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.method.mix_weights = ml_collections.FieldReference(None, field_type=list)
     c.method.agem = ml_collections.ConfigDict(dict(enabled=False, add_replay=False))
     # MER / Reptile: a list of {"every": k, "meta_lr": eps}; two entries = original MER.
+    # meta_lr is Nichol's outer step size, the fraction of each period's displacement KEPT:
+    # theta <- theta_slow + meta_lr (theta - theta_slow). Written (1-eps) theta + eps
+    # theta_slow (a pull-back of eps), the same update keeps 1 - eps: meta_lr = 1 - eps.
     c.method.reptile = []
     c.method.reptile_reset_moments = False
     c.method.l2 = ml_collections.ConfigDict(dict(weight=0.0, anchor="init"))  # or task_start
