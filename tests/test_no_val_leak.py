@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_data_prepare import _wrapped_documents
 
 from cpt_jax.data.loader import BatchLoader
 from cpt_jax.train import loop
@@ -91,20 +92,7 @@ def _ngrams(seq, n=N_GRAM):
 def _split_documents(rows, bos, eos):
     """All complete wrapped documents of a prepared split, read in file order."""
     tokens, segs = rows.read(np.arange(len(rows)))
-    stream = [int(t) for t in tokens[segs > 0]]
-    docs, cur = [], None
-    for t in stream:
-        if t == bos:
-            assert cur is None, "a document starts inside another"
-            cur = [t]
-        else:
-            assert cur is not None, "tokens outside [BOS] ... [EOS]"
-            cur.append(t)
-            if t == eos:
-                docs.append(tuple(cur))
-                cur = None
-    assert cur is None, "the split ends inside a document"
-    return docs
+    return _wrapped_documents(tokens, segs, bos, eos)
 
 
 @pytest.fixture(scope="module")
