@@ -1,18 +1,32 @@
 """Writing a file so that no reader ever sees half of it: the bytes go to a temp file beside
 the target, which is flushed to disk and then renamed over it. An interrupted write leaves
-the old file (if any) as it was and no temp file behind."""
+the old file (if any) as it was and no temp file behind.
+
+The temp file is created with mode 0666 (``os.open(..., O_CREAT | O_EXCL)``), so the
+kernel applies the process umask (and any default ACL) exactly as for an ordinary
+``open(path, "w")``; ``tempfile.mkstemp`` would make every output private (0600)."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+
+
+def _create_temp(folder: str, base: str) -> tuple[int, str]:
+    """(fd, path) of a new, exclusively created temp file in ``folder``."""
+    while True:
+        tmp = os.path.join(folder, f".{base}.tmp{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # another writer drew the same name; draw again
+            continue
 
 
 def write_bytes(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".tmp")
+    fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
