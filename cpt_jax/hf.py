@@ -36,7 +36,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from cpt_jax.model import LlamaConfig
@@ -227,26 +227,38 @@ class _TensorReader:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: directory / fname for name, fname in weight_map.items()}
         elif single.exists():
-            with safe_open(single, framework="np") as f:
+            with _safe_open(single) as f:
                 self.files = {name: single for name in f.keys()}
         else:
             raise FileNotFoundError(
                 f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}; point --hf/path at a "
                 "directory written by save_pretrained(..., safe_serialization=True)")
-        for p in set(self.files.values()):
+        for p in sorted(set(self.files.values())):
             if not p.exists():
                 raise FileNotFoundError(f"{INDEX_FILE} in {directory} names missing shard {p.name}")
+            with _safe_open(p):  # a damaged shard is named now, not mid-conversion
+                pass
 
     def names(self):
         return self.files.keys()
 
     def get(self, name: str) -> np.ndarray:
         path = self.files[name]
-        try:
-            with safe_open(path, framework="np") as f:
+        with _safe_open(path) as f:
+            try:
                 return f.get_tensor(name)
-        except (TypeError, ValueError, RuntimeError):
-            return _read_raw(path, name)
+            except (TypeError, ValueError, RuntimeError):
+                return _read_raw(path, name)
+
+
+def _safe_open(path: Path):
+    """``safe_open`` whose failure names the file (safetensors' own error does not)."""
+    try:
+        return safe_open(path, framework="np")
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a valid safetensors file ({e}); re-download it, or re-save the "
+            "model with save_pretrained(..., safe_serialization=True)") from None
 
 
 def _to_ours(kind: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
@@ -397,13 +409,20 @@ def _host(tree):
 
 
 def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                  tokenizer=None) -> Path:
     """Write ``params`` as a HF ``LlamaForCausalLM`` directory at ``path``.
 
     Produces ``config.json`` and ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
     shards plus ``model.safetensors.index.json`` when the weights exceed ``max_shard_bytes``.
     ``dtype`` ("float32", "bfloat16", "float16") casts every tensor; None keeps the dtype of
     the embedding table. Params may be stacked (``layers``) or per-layer (``layers_{i}``).
+
+    ``tokenizer`` (the model's SentencePiece tokenizer: a ``cpt_jax.data.tokenizer.Tokenizer``
+    or the path of its ``.model``) adds ``tokenizer.json`` and the other files
+    ``AutoTokenizer`` reads (``cpt_jax.hf_tokenizer``: it encodes exactly as SentencePiece),
+    the BOS/EOS/pad ids to ``config.json`` and a ``generation_config.json``. Without it the
+    directory holds the model alone.
 
     The directory is written under a temporary name beside ``path`` and renamed at the end,
     so a failure never leaves a half-written model. An existing non-empty ``path`` is an
@@ -423,6 +442,12 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
     np_dtype = _NP_DTYPES[dtype]
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    token_ids = None
+    if tokenizer is not None:
+        tokenizer = _tokenizer(tokenizer, config)
+        token_ids = {f"{k}_token_id": (i if i >= 0 else None) for k, i in
+                     (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
+                      ("pad", tokenizer.pad_id))}
 
     # Plan the shards from shapes alone (greedy in checkpoint order, as transformers does),
     # so file names can say "-of-N" before any tensor is converted.
@@ -457,14 +482,35 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
             index = {"metadata": {"total_size": total},
                      "weight_map": {name: fnames[j] for name, j in shard_of.items()}}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(
-            json.dumps(config_to_hf(config, dtype), indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(
+            {**config_to_hf(config, dtype), **(token_ids or {})}, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            from cpt_jax import hf_tokenizer
+
+            (tmp / "generation_config.json").write_text(json.dumps(
+                token_ids, indent=2, sort_keys=True) + "\n")
+            hf_tokenizer.save_hf_tokenizer(tokenizer.sp.serialized_model_proto(), str(tmp),
+                                           model_max_length=config.max_seq_len)
         _publishable(tmp)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _tokenizer(tokenizer, config: LlamaConfig):
+    """The SentencePiece tokenizer to export (a Tokenizer or a .model path), checked to fit."""
+    from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(str(tokenizer))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(
+            f"the tokenizer {tokenizer.path or ''} has {tokenizer.vocab_size} pieces but the "
+            f"model only {config.vocab_size} embeddings; export with the tokenizer the model "
+            "was trained with")
+    return tokenizer
 
 
 def _publishable(directory: Path):

@@ -2,7 +2,10 @@
 
   hf-to-orbax   HF LlamaForCausalLM directory (config.json + safetensors) -> params checkpoint
                 (model_config.json + orbax params/), the format training runs start from.
-  orbax-to-hf   params checkpoint -> HF directory that transformers' from_pretrained loads.
+  orbax-to-hf   params checkpoint -> HF directory that transformers' from_pretrained loads,
+                with the run's tokenizer (--tokenizer, or found from the run the checkpoint
+                belongs to) as tokenizer.json etc., which AutoTokenizer loads and which
+                encodes exactly as the SentencePiece model (cpt_jax.hf_tokenizer).
 
 Examples:
   python scripts/convert_hf.py hf-to-orbax --hf ~/models/Llama-3.2-1B --out ckpt/llama1b
@@ -22,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpt_jax.data.tokenizer import TokenizerError  # noqa: E402
 from cpt_jax.hf import DEFAULT_MAX_SHARD_BYTES, load_hf_llama, save_hf_llama  # noqa: E402
+from cpt_jax.hf_tokenizer import TokenizerExportError, find_run_tokenizer  # noqa: E402
 from cpt_jax.train.checkpoint import load_params, save_params  # noqa: E402
 
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -35,10 +40,18 @@ def hf_to_orbax(hf: str, out: str, param_dtype: str | None = "float32", overwrit
 
 
 def orbax_to_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = False,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: str | None = None):
+    """Export ``ckpt`` to ``out``; ``tokenizer`` (a SentencePiece .model) defaults to the
+    run's. Warns on stderr when no tokenizer is written."""
+    tokenizer = tokenizer or find_run_tokenizer(ckpt)
     config, params = load_params(ckpt)
     save_hf_llama(config, params, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                  overwrite=overwrite)
+                  overwrite=overwrite, tokenizer=tokenizer)
+    if tokenizer is None:
+        print(f"warning: {out} has no tokenizer: none was given and none could be found from "
+              f"{ckpt}/../results.json, so AutoTokenizer.from_pretrained({out!r}) will fail; "
+              "rerun with --tokenizer PATH (the SentencePiece .model the model was trained "
+              "with)", file=sys.stderr)
     return config
 
 
@@ -70,18 +83,26 @@ def main(argv=None):
                    help="dtype of the written tensors (default: the checkpoint's dtype)")
     b.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
                    help="split safetensors into shards of at most this many GB (default 5)")
+    b.add_argument("--tokenizer", help="SentencePiece .model to export beside the weights "
+                   "(default: the tokenizer of the run the checkpoint belongs to)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     args = ap.parse_args(argv)
-    if args.command == "hf-to-orbax":
-        dtype = None if args.param_dtype == "keep" else args.param_dtype
-        config = hf_to_orbax(args.hf, args.out, dtype, args.overwrite)
-    else:
-        config = orbax_to_hf(args.ckpt, args.out, args.dtype, args.overwrite,
-                             int(args.max_shard_gb * 1e9))
+    try:
+        if args.command == "hf-to-orbax":
+            dtype = None if args.param_dtype == "keep" else args.param_dtype
+            config = hf_to_orbax(args.hf, args.out, dtype, args.overwrite)
+        else:
+            config = orbax_to_hf(args.ckpt, args.out, args.dtype, args.overwrite,
+                                 int(args.max_shard_gb * 1e9), args.tokenizer)
+    except (OSError, ValueError, KeyError, TokenizerError, TokenizerExportError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"convert_hf.py: error: {msg}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: {config.n_layers} layers, d_model {config.d_model}, "
           f"{config.num_params() / 1e6:.1f}M params")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

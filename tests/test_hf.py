@@ -371,3 +371,92 @@ def test_params_checkpoint_errors(tmp_path):
         save_params(tmp_path / "ckpt2", dataclasses.replace(config, n_heads=8, n_kv_heads=2,
                                                             head_dim=8), params)
     assert not (tmp_path / "ckpt2").exists()
+
+
+# ----------------------------------------------------------------------------- tokenizer export
+
+
+def _tiny_spm(path: Path, byte_fallback=False) -> Path:
+    """A tiny SentencePiece BPE model: without byte fallback it fits the fixtures' 128 ids,
+    with it (256 byte pieces) it does not."""
+    import sentencepiece as spm
+
+    text = ["the cat sat on the mat", "  def f(x):\n    return x", "a dog ran fast"] * 30
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(path.with_suffix("")),
+        vocab_size=300 if byte_fallback else 60, byte_fallback=byte_fallback, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False,
+        remove_extra_whitespaces=False, minloglevel=2)
+    return path
+
+
+def test_orbax_to_hf_writes_the_tokenizer_and_token_ids(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    import sentencepiece as spm
+
+    convert = _load_convert_module()
+    model = _tiny_spm(tmp_path / "tok.model")
+    convert.hf_to_orbax(str(FIXTURES / "gqa"), str(tmp_path / "ckpt"))
+    script = str(ROOT / "scripts" / "convert_hf.py")
+    proc = subprocess.run([sys.executable, script, "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"),
+                           "--out", str(tmp_path / "hf"), "--tokenizer", str(model)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    out = tmp_path / "hf"
+    cfg = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 3)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 3)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in ["  def f(x):", " the cat", "mat\n  sat  "]:
+        assert tok.encode(text).ids == [1] + sp.encode(text)
+    assert load_hf_llama(out)[0] == load_hf_llama(FIXTURES / "gqa")[0]
+
+
+def test_orbax_to_hf_finds_the_run_tokenizer_or_warns(tmp_path):
+    convert = _load_convert_module()
+    model = _tiny_spm(tmp_path / "tok.model")
+    run = tmp_path / "run"
+    convert.hf_to_orbax(str(FIXTURES / "tied"), str(run / "final_params"))
+    script = str(ROOT / "scripts" / "convert_hf.py")
+
+    def export(out):
+        return subprocess.run([sys.executable, script, "orbax-to-hf", "--ckpt",
+                               str(run / "final_params"), "--out", str(tmp_path / out)],
+                              capture_output=True, text=True)
+
+    proc = export("bare")  # no results.json beside the checkpoint: no tokenizer, a warning
+    assert proc.returncode == 0
+    assert "warning:" in proc.stderr and "--tokenizer PATH" in proc.stderr
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    config = {"model": {"vocab_size": 128}, "tokenizer": {"path": str(model)}}
+    (run / "results.json").write_text(json.dumps({"config": config}))
+    proc = export("found")
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    assert (tmp_path / "found" / "tokenizer.model").read_bytes() == model.read_bytes()
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    model = _tiny_spm(tmp_path / "tok.model", byte_fallback=True)
+    config, params = load_hf_llama(FIXTURES / "gqa")  # 128 embeddings
+    with pytest.raises(ValueError, match=r"tok.model has \d+ pieces but the model only 128"):
+        save_hf_llama(config, params, tmp_path / "out", tokenizer=str(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.model", "tok.vocab"]
+
+
+def test_invalid_safetensors_file_is_named(tmp_path):
+    d = copy_fixture("gqa", tmp_path)
+    (d / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=rf"{d / 'model.safetensors'} is not a valid safetensors"):
+        load_hf_llama(d)
+    s = copy_fixture("sharded", tmp_path)
+    (s / "model-00002-of-00003.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match=r"model-00002-of-00003.safetensors is not a valid"):
+        load_hf_llama(s)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_hf.py"), "hf-to-orbax",
+                           "--hf", str(d), "--out", str(tmp_path / "ckpt")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("convert_hf.py: error: ")
+    assert str(d / "model.safetensors") in proc.stderr
