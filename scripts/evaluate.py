@@ -1,30 +1,35 @@
 """Score a params checkpoint on multiple-choice tasks, and export it for lm-evaluation-harness.
 
     python scripts/evaluate.py --ckpt runs/x/final_params --tasks tasks/*.jsonl \
-        [--tokenizer PATH] [--out scores.json] [--hf-export hf/x [--dtype bfloat16]]
+        [--tokenizer PATH] [--out scores.json] [--hf-export hf/x [--dtype bfloat16]] \
+        [--lm-eval-config lm_eval_tasks/]
 
 --tasks: JSON-lines files of {"context": str, "choices": [str, ...], "label": int}; each is
 scored zero-shot by log-likelihood (cpt_jax.eval.downstream): acc, acc_norm (per character,
-as lm-evaluation-harness), acc_norm_token and chance are printed and, with --out, written.
+as lm-evaluation-harness), acc_norm_token and chance are printed and, with --out, written
+together with every item's per-choice log-likelihoods and token counts.
 
 --tokenizer: the run's SentencePiece .model. Left out, it is found from the run the
 checkpoint belongs to (CKPT/../results.json: config.tokenizer.path, or the tokenizer the run
 trained under its data cache).
 
 --hf-export OUTDIR: writes a Hugging Face LlamaForCausalLM directory (cpt_jax.hf.save_hf_llama)
-with the tokenizer beside it (tokenizer.model, tokenizer_config.json for the sentencepiece
-LlamaTokenizer, special_tokens_map.json) and prints the lm-evaluation-harness command that
-evaluates it on standard benchmarks. That command needs, in its environment:
-pip install lm_eval transformers torch sentencepiece protobuf. The model was trained on
-[BOS] document [EOS] rows, so the command asks for add_bos_token=True, and for the slow
-(sentencepiece) tokenizer, which encodes exactly as training did.
+with the tokenizer beside it (tokenizer.json, which AutoTokenizer loads and which encodes
+exactly as the SentencePiece model, see cpt_jax.hf_tokenizer; tokenizer.model and the config
+files) and prints the lm-evaluation-harness command that evaluates it on standard
+benchmarks. That command needs, in its environment: pip install lm_eval transformers torch.
+The model was trained on [BOS] document [EOS] rows, so the command asks for add_bos_token=True.
+
+--lm-eval-config DIR: writes each --tasks file as a local lm-evaluation-harness task
+(DIR/NAME.yaml + DIR/NAME.jsonl, cpt_jax.eval.lm_eval_task) with the native scorer's prompt,
+and prints the command that scores it on the export with per-item samples, to compare with
+--out.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 from pathlib import Path
@@ -32,59 +37,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpt_jax import atomic  # noqa: E402
-from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer, trained_prefix  # noqa: E402
-from cpt_jax.eval import downstream  # noqa: E402
+from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from cpt_jax.eval import downstream, lm_eval_task  # noqa: E402
 from cpt_jax.hf import save_hf_llama  # noqa: E402
+from cpt_jax.hf_tokenizer import TokenizerExportError, find_run_tokenizer  # noqa: E402
 from cpt_jax.train.checkpoint import CONFIG_FILE, load_params  # noqa: E402
 
 LM_EVAL_TASKS = "hellaswag,piqa,arc_easy,arc_challenge"
 
 
-def find_run_tokenizer(ckpt: str) -> str | None:
-    """The tokenizer of the run whose workdir holds ``ckpt`` (None if it cannot be told)."""
-    workdir = os.path.dirname(os.path.abspath(ckpt))
-    res_path = os.path.join(workdir, "results.json")
-    if not os.path.isfile(res_path):
-        return None
-    with open(res_path) as f:
-        config = json.load(f).get("config") or {}
-    tok = config.get("tokenizer") or {}
-    if tok.get("path"):
-        return os.path.expanduser(tok["path"])
-    data_dir = os.path.expanduser((config.get("data") or {}).get("cache_dir") or
-                                  os.path.join(workdir, "data"))
-    path = trained_prefix(data_dir, tok.get("model_type", "bpe"),
-                          config["model"]["vocab_size"]) + ".model"
-    return path if os.path.isfile(path) else None
-
-
-def export_tokenizer(tok, out_dir: str, model_max_length: int) -> None:
-    """tokenizer.model + the config files transformers' LlamaTokenizer reads.
-
-    ``legacy: true`` makes LlamaTokenizer hand text straight to sentencepiece, so it encodes
-    exactly as cpt_jax's Tokenizer does; ``add_bos_token: true`` matches training rows.
-    """
-    piece = tok.sp.id_to_piece
-    special = {"bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
-               "unk_token": piece(tok.unk_id)}
-    if tok.pad_id >= 0:
-        special["pad_token"] = piece(tok.pad_id)
-    config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True,
-              "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
-              "model_max_length": int(model_max_length), "sp_model_kwargs": {}}
-    atomic.write_bytes(os.path.join(out_dir, "tokenizer.model"), open(tok.path, "rb").read())
-    atomic.write_bytes(os.path.join(out_dir, "tokenizer_config.json"),
-                  (json.dumps(config, indent=2) + "\n").encode())
-    atomic.write_bytes(os.path.join(out_dir, "special_tokens_map.json"),
-                  (json.dumps(special, indent=2) + "\n").encode())
-
-
-def lm_eval_command(hf_dir: str, dtype: str, with_tokenizer: bool) -> str:
-    args = f"pretrained={hf_dir},dtype={dtype},add_bos_token=True"
-    if with_tokenizer:
-        args += ",use_fast_tokenizer=False"
-    return (f"lm_eval --model hf --model_args {args} --tasks {LM_EVAL_TASKS} "
-            "--batch_size 16")
+def lm_eval_command(hf_dir: str, dtype: str) -> str:
+    return (f"lm_eval --model hf --model_args pretrained={hf_dir},dtype={dtype},"
+            f"add_bos_token=True --tasks {LM_EVAL_TASKS} --batch_size 16")
 
 
 def _table(scores: dict) -> str:
@@ -112,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the exported weights")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR")
+    ap.add_argument("--lm-eval-config", metavar="DIR",
+                    help="write the --tasks files as local lm-evaluation-harness tasks here")
     args = ap.parse_args(argv)
 
     def fail(msg):
@@ -120,6 +86,8 @@ def main(argv=None) -> int:
 
     if not args.tasks and not args.hf_export:
         return fail("nothing to do: give --tasks and/or --hf-export")
+    if args.lm_eval_config and not args.tasks:
+        return fail("--lm-eval-config writes the --tasks files as lm-eval tasks: give --tasks")
     if not os.path.isfile(os.path.join(args.ckpt, CONFIG_FILE)):
         return fail(f"{args.ckpt} is not a params checkpoint (no {CONFIG_FILE}); give a "
                     "directory written by checkpoint.save_params, e.g. WORKDIR/final_params "
@@ -142,30 +110,41 @@ def main(argv=None) -> int:
 
     config, params = load_params(args.ckpt)
     if tasks:
-        scores = downstream.evaluate_tasks(config, params, tok, tasks,
-                                           batch_size=args.batch_size, seq_len=args.seq_len)
+        try:
+            scored = downstream.score_tasks(config, params, tok, tasks,
+                                            batch_size=args.batch_size, seq_len=args.seq_len)
+        except downstream.TaskError as e:
+            return fail(str(e))
+        scores = {name: downstream.task_metrics(tasks[name], scored[name]) for name in tasks}
         print(_table(scores))
         if args.out:
-            atomic.write_bytes(args.out, (json.dumps(
-                {"ckpt": os.path.abspath(args.ckpt), "tokenizer": tok.path,
-                 "tasks": scores}, indent=1) + "\n").encode())
+            atomic.write_json(args.out, {"ckpt": os.path.abspath(args.ckpt),
+                                         "tokenizer": tok.path, "tasks": scores,
+                                         "items": scored})
             print(f"wrote {args.out}")
     if args.hf_export:
         try:
             save_hf_llama(config, params, args.hf_export, dtype=args.dtype,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, tokenizer=tok)
         except FileExistsError as e:
             return fail(f"{e} (use --overwrite)")
-        if tok is not None:
-            export_tokenizer(tok, args.hf_export, config.max_seq_len)
-        else:
-            print("note: no tokenizer given or found; the export has none (pass --tokenizer "
-                  "to add tokenizer.model)", file=sys.stderr)
+        except (TokenizerError, TokenizerExportError) as e:
+            return fail(str(e))
+        if tok is None:
+            print(f"warning: {args.hf_export} has no tokenizer: none was given and none could "
+                  f"be found from {args.ckpt}/../results.json, so AutoTokenizer will fail on "
+                  "it; pass --tokenizer PATH (the run's SentencePiece .model)", file=sys.stderr)
         print(f"wrote Hugging Face checkpoint {args.hf_export}")
-        print("evaluate it with lm-evaluation-harness "
-              "(pip install lm_eval transformers torch sentencepiece protobuf):")
-        print("  " + lm_eval_command(os.path.abspath(args.hf_export), args.dtype,
-                                     tok is not None))
+        print("evaluate it with lm-evaluation-harness (pip install lm_eval transformers torch):")
+        print("  " + lm_eval_command(os.path.abspath(args.hf_export), args.dtype))
+    if args.lm_eval_config:
+        names = [lm_eval_task.write_lm_eval_task(p, args.lm_eval_config)
+                 for t in args.tasks for p in (sorted(glob.glob(t)) or [t])]
+        hf_dir = os.path.abspath(args.hf_export) if args.hf_export else "HF_EXPORT_DIR"
+        print(f"wrote lm-evaluation-harness task(s) {', '.join(names)} to {args.lm_eval_config}; "
+              "score them on the export (per-item log-likelihoods under lm_eval_out/) with:")
+        print("  " + lm_eval_task.lm_eval_command(hf_dir, os.path.abspath(args.lm_eval_config),
+                                                   names, args.dtype))
     return 0
 
 

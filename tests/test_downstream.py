@@ -221,33 +221,53 @@ def test_evaluate_cli_scores_and_exports(tmp_path):
         {"context": "the dog ran", "choices": [" fast", " slow", " red"], "label": 0}]))
     out = tmp_path / "scores.json"
     hf_dir = tmp_path / "hf"
+    lm_dir = tmp_path / "lm_eval_tasks"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"),
          "--ckpt", str(tmp_path / "ckpt"), "--tasks", str(task), "--tokenizer", tok.path,
-         "--hf-export", str(hf_dir), "--out", str(out), "--batch-size", "8"],
+         "--hf-export", str(hf_dir), "--out", str(out), "--batch-size", "8",
+         "--lm-eval-config", str(lm_dir)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(out.read_text())
     toy = scores["tasks"]["toy"]
     assert toy["n"] == 3 and 0.0 <= toy["acc"] <= 1.0
     assert toy["chance"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 3) / 3)
-    # the CLI scores what the library scores
-    lib = ds.evaluate_tasks(cfg, params, tok, {"toy": ds.load_task(str(task))})
+    # the CLI scores what the library scores, item by item and choice by choice
+    examples = ds.load_task(str(task))
+    lib = ds.evaluate_tasks(cfg, params, tok, {"toy": examples})
     assert toy == pytest.approx(lib["toy"])
+    reqs = ds.make_requests(tok, examples)
+    want = ds.score_requests(cfg, params, reqs)
+    items = scores["items"]["toy"]
+    assert [len(it["loglik"]) for it in items] == [2, 2, 3]
+    np.testing.assert_allclose([x for it in items for x in it["loglik"]], want, rtol=1e-6)
+    assert [n for it in items for n in it["n_tokens"]] == [n for _, n in reqs]
 
-    assert sorted(os.listdir(hf_dir)) == ["config.json", "model.safetensors",
-                                          "special_tokens_map.json", "tokenizer.model",
-                                          "tokenizer_config.json"]
+    assert sorted(os.listdir(hf_dir)) == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     assert (hf_dir / "tokenizer.model").read_bytes() == open(tok.path, "rb").read()
     tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
-    assert tc["tokenizer_class"] == "LlamaTokenizer" and tc["add_bos_token"] is True
+    assert tc["add_bos_token"] is True
     assert (tc["bos_token"], tc["eos_token"], tc["unk_token"]) == ("<s>", "</s>", "<unk>")
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == (1, 2, 3)
     cfg2, params2 = load_hf_llama(str(hf_dir))
     assert cfg2.vocab_size == 300
     np.testing.assert_array_equal(params2["layers"]["mlp"]["up"]["kernel"],
                                   params["layers"]["mlp"]["up"]["kernel"])
     assert f"lm_eval --model hf --model_args pretrained={hf_dir}" in proc.stdout
-    assert "--tasks hellaswag,piqa,arc_easy,arc_challenge" in proc.stdout
+    assert "add_bos_token=True --tasks hellaswag,piqa,arc_easy,arc_challenge" in proc.stdout
+
+    # the local lm-eval task: the same items, the native prompt
+    yaml_text = (lm_dir / "toy.yaml").read_text()
+    for line in ("task: toy", "dataset_path: json", f"test: {json.dumps(str(lm_dir / 'toy.jsonl'))}",
+                 "output_type: multiple_choice", "doc_to_text: context",
+                 "doc_to_choice: choices", "doc_to_target: label", 'target_delimiter: ""'):
+        assert line in yaml_text.splitlines() or "    " + line in yaml_text.splitlines(), line
+    assert ds.load_task(str(lm_dir / "toy.jsonl")) == examples
+    assert f"--include_path {lm_dir} --tasks toy" in proc.stdout
 
 
 def test_evaluate_cli_errors(tmp_path):
@@ -258,11 +278,8 @@ def test_evaluate_cli_errors(tmp_path):
 
 
 def test_evaluate_finds_the_run_tokenizer(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_script", os.path.join(ROOT, "scripts", "evaluate.py"))
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
+    from cpt_jax import hf_tokenizer as ev  # shared by evaluate.py and convert_hf.py
+
     work = tmp_path / "run"
     (work / "data").mkdir(parents=True)
     config = {"model": {"vocab_size": 300}, "tokenizer": {"path": "", "model_type": "bpe"},

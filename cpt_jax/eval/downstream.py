@@ -250,10 +250,13 @@ def choice_metrics(examples: Sequence[dict], lls: Sequence[float],
     return out
 
 
-def evaluate_tasks(config: model_lib.LlamaConfig, params, tokenizer,
-                   tasks: Mapping[str, Sequence[dict]], *, batch_size: int = 32,
-                   seq_len: int | None = None, mesh=None, rules=None) -> dict:
-    """``{task: choice_metrics}`` for every task; all tasks share one compiled scorer.
+def score_tasks(config: model_lib.LlamaConfig, params, tokenizer,
+                tasks: Mapping[str, Sequence[dict]], *, batch_size: int = 32,
+                seq_len: int | None = None, mesh=None, rules=None) -> dict:
+    """``{task: [{"loglik": [per choice], "n_tokens": [per choice]}, ...]}``, one entry per
+    example in order: the summed log-likelihood of each choice (what the harness's
+    ``loglikelihood`` request returns, for cross-checks) and its token count. All tasks
+    share one compiled scorer.
 
     ``tokenizer`` needs ``encode(str) -> list[int]`` and ``bos_id`` (e.g.
     ``cpt_jax.data.tokenizer.Tokenizer``).
@@ -273,6 +276,26 @@ def evaluate_tasks(config: model_lib.LlamaConfig, params, tokenizer,
                          mesh=mesh, rules=rules)
     out = {}
     for name, examples in tasks.items():
-        a, b = spans[name]
-        out[name] = choice_metrics(examples, lls[a:b], [n for _, n in reqs[a:b]])
+        k, items = spans[name][0], []
+        for ex in examples:
+            m = len(ex["choices"])
+            items.append({"loglik": [float(x) for x in lls[k: k + m]],
+                          "n_tokens": [n for _, n in reqs[k: k + m]]})
+            k += m
+        out[name] = items
     return out
+
+
+def task_metrics(examples: Sequence[dict], items: Sequence[dict]) -> dict:
+    """``choice_metrics`` of one task from its ``score_tasks`` items."""
+    return choice_metrics(examples, [x for it in items for x in it["loglik"]],
+                          [n for it in items for n in it["n_tokens"]])
+
+
+def evaluate_tasks(config: model_lib.LlamaConfig, params, tokenizer,
+                   tasks: Mapping[str, Sequence[dict]], *, batch_size: int = 32,
+                   seq_len: int | None = None, mesh=None, rules=None) -> dict:
+    """``{task: choice_metrics}`` for every task (scored by ``score_tasks``)."""
+    scored = score_tasks(config, params, tokenizer, tasks, batch_size=batch_size,
+                         seq_len=seq_len, mesh=mesh, rules=rules)
+    return {name: task_metrics(tasks[name], scored[name]) for name in tasks}
