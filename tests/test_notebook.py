@@ -38,3 +38,50 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert rows["sequential"]["forgetting"] > rows["replay"]["forgetting"]
     assert rows["sequential"]["retained_loss"] > rows["replay"]["retained_loss"]
     assert rows["replay"]["flops"] > rows["sequential"]["flops"]
+
+
+INSTALL_PROBE = """
+import json, subprocess, sys
+calls = []
+subprocess.check_call = lambda args, **kw: calls.append(args[4:])  # record, do not install
+cell = next(c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code")
+src = "".join(cell["source"]).replace('CPT_JAX_SOURCE = ""', f"CPT_JAX_SOURCE = {sys.argv[2]!r}")
+try:
+    exec(src, {})
+except RuntimeError as e:
+    print(json.dumps({"error": str(e)}))
+    sys.exit()
+except ModuleNotFoundError:  # nothing was really installed from a URL
+    pass
+print(json.dumps({"calls": calls}))
+"""
+
+
+def _install_cell(cwd, source=""):
+    """Runs the notebook's install cell in a Python without site-packages (so cpt_jax is
+    not installed), pip replaced by a recorder; returns its calls or its error."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", INSTALL_PROBE, NOTEBOOK, source],
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_install_cell_finds_a_checkout_or_asks_for_a_source(tmp_path):
+    repo = tmp_path / "clone"
+    (repo / "cpt_jax").mkdir(parents=True)
+    (repo / "cpt_jax" / "__init__.py").write_text('__version__ = "probe"\n')
+    (repo / "setup.cfg").write_text("")
+    (repo / "notebooks").mkdir()
+    # a checkout above the working directory (notebooks/ of a clone) or below it (Colab)
+    for cwd in (repo / "notebooks", tmp_path):
+        assert _install_cell(cwd) == {"calls": [["-q", "-e", str(repo)]]}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    msg = _install_cell(elsewhere)["error"]
+    assert "no checkout was found" in msg and "set CPT_JAX_SOURCE" in msg
+    # the marked variable: a git URL (pip needs the git+ scheme) or a wheel as given
+    url = "https://example.org/group/cpt_jax.git"
+    assert _install_cell(elsewhere, url)["calls"] == [["-q", f"git+{url}"]]
