@@ -17,7 +17,7 @@ trained under its data cache).
 with the tokenizer beside it (tokenizer.json, which AutoTokenizer loads and which encodes
 exactly as the SentencePiece model, see cpt_jax.hf_tokenizer; tokenizer.model and the config
 files) and prints the lm-evaluation-harness command that evaluates it on standard
-benchmarks. That command needs, in its environment: pip install lm_eval transformers torch.
+benchmarks. That command needs, in its environment: pip install 'lm_eval[hf]' torch.
 The model was trained on [BOS] document [EOS] rows, so the command asks for add_bos_token=True.
 
 --lm-eval-config DIR: writes each --tasks file as a local lm-evaluation-harness task
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                   f"be found from {args.ckpt}/../results.json, so AutoTokenizer will fail on "
                   "it; pass --tokenizer PATH (the run's SentencePiece .model)", file=sys.stderr)
         print(f"wrote Hugging Face checkpoint {args.hf_export}")
-        print("evaluate it with lm-evaluation-harness (pip install lm_eval transformers torch):")
+        print("evaluate it with lm-evaluation-harness (pip install 'lm_eval[hf]' torch):")
         print("  " + lm_eval_command(os.path.abspath(args.hf_export), args.dtype))
     if args.lm_eval_config:
         names = [lm_eval_task.write_lm_eval_task(p, args.lm_eval_config)

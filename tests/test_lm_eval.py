@@ -40,7 +40,7 @@ ITEMS = [
     ("0041;LATIN CAPITAL LETTER A;", ["Lu;0;L", "Ll;0;L"]),
     ("  elif", [" y:", " z :"]),
     ("\n", ["    x", "y"]),
-    ("lambda", [" x: x", ": 0"]),
+    ("", ["import os", "    pass"]),  # empty context: BOS alone conditions the choice
     ("  return\t", ["None", " True"]),
 ]
 
