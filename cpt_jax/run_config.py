@@ -6,6 +6,8 @@ batch, data (domains, tokenizer) and the task sequence. A run is a pure function
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from cpt_jax import sharding as sharding_lib
@@ -45,7 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
         # 2024) or "infinite" (warmup, cooldown, constant, anneal at each task's end).
         schedule="cosine", cooldown_frac=0.1, constant_lr_ratio=0.5, anneal_frac=0.1,
         # Steps with a non-finite gradient are skipped; this many in a row stop the run.
-        max_bad_steps=10))
+        max_bad_steps=10,
+        # Loss-spike guard: a step is skipped (and counted like a non-finite one) when its
+        # loss exceeds loss_spike_factor x the median of the task's recent losses, or when
+        # its update is larger than max_update_ratio x the weights' norm. 0 turns either off.
+        loss_spike_factor=3.0, max_update_ratio=1.0))
     c.optim.warmup_steps = ml_collections.FieldReference(None, field_type=int)
 
     # Data: named text domains (cpt_jax.data.sources), prepared once into a cache.
@@ -102,48 +108,119 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 def check_config(c) -> None:
-    """Reject configs that cannot run, naming the key and the fix."""
-    if not 0.0 <= c.replay.rate <= 1.0:
-        raise ValueError(f"replay.rate={c.replay.rate} must be in [0, 1] "
-                         "(the fraction of each batch replayed from earlier tasks)")
-    if c.replay.accounting not in ("additive", "compute_equivalent"):
-        raise ValueError(f"replay.accounting={c.replay.accounting!r}: use 'additive' or "
-                         "'compute_equivalent'")
+    """Reject a config that cannot run, naming the key and the fix, before any work is
+    done (no tokenizer trained, no data prepared, no workdir written)."""
+    from cpt_jax.data import sources
+    from cpt_jax.data.mixing import RATE_SCHEDULES
+    from cpt_jax.model import LlamaConfig
+    from cpt_jax.optim.schedules import SCHEDULES
+
+    try:
+        LlamaConfig.from_dict(c.model.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from None
+    for key in ("seq_len", "global_batch", "microbatches", "log_every"):
+        _need(isinstance(c[key], int) and c[key] >= 1, f"{key}={c[key]} must be an integer >= 1")
+    _need(c.global_batch % c.microbatches == 0,
+          f"global_batch={c.global_batch} is not divisible by microbatches={c.microbatches}")
+    _need(c.seq_len <= c.model.max_seq_len,
+          f"seq_len={c.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")
+
+    r = c.replay
+    _need(0.0 <= r.rate <= 1.0, f"replay.rate={r.rate} must be in [0, 1] (the fraction of "
+          "each batch replayed from earlier tasks)")
+    _need(0.0 <= r.end_rate <= 1.0, f"replay.end_rate={r.end_rate} must be in [0, 1]")
+    _need(r.accounting in ("additive", "compute_equivalent"),
+          f"replay.accounting={r.accounting!r}: use 'additive' or 'compute_equivalent'")
+    _need(r.schedule in RATE_SCHEDULES,
+          f"replay.schedule={r.schedule!r}: use one of {list(RATE_SCHEDULES)}")
+
+    o = c.optim
+    _need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {list(SCHEDULES)}")
+    _need(0.0 <= o.warmup_frac < 1.0, f"optim.warmup_frac={o.warmup_frac} must be in [0, 1)")
+    _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _need(o.clip_norm > 0, f"optim.clip_norm={o.clip_norm} must be > 0")
+    _need(o.max_bad_steps >= 1, f"optim.max_bad_steps={o.max_bad_steps} must be >= 1")
+    _need(o.loss_spike_factor == 0 or o.loss_spike_factor > 1,
+          f"optim.loss_spike_factor={o.loss_spike_factor} must be > 1 (0 turns the guard off)")
+    _need(o.max_update_ratio >= 0,
+          f"optim.max_update_ratio={o.max_update_ratio} must be >= 0 (0 turns the guard off)")
+
+    for d in c.data.domains:
+        sources.normalize_domain(d)  # names the domain and the missing or unknown key
     names = [d["name"] for d in c.data.domains]
     dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"data.domains: duplicate domain name(s) {dup}; names must be unique")
-    if not c.tasks:
-        raise ValueError("tasks is empty: list the domains to train on, in order")
+    _need(not dup, f"data.domains: duplicate domain name(s) {dup}; names must be unique")
+    _need(0.0 < c.data.val_fraction < 1.0,
+          f"data.val_fraction={c.data.val_fraction} must be in (0, 1): every domain needs "
+          "validation rows for the loss matrix")
+    _need(c.eval.max_rows >= 1 and c.eval.batch >= 1 and c.eval.every >= 0,
+          f"eval.max_rows={c.eval.max_rows} and eval.batch={c.eval.batch} must be >= 1 "
+          f"(every domain is evaluated on up to max_rows rows) and eval.every="
+          f"{c.eval.every} >= 0")
+    t = c.tokenizer
+    _need(t.model_type in ("bpe", "unigram"),
+          f"tokenizer.model_type={t.model_type!r}: use 'bpe' or 'unigram'")
+    _need(not t.path or os.path.isfile(os.path.expanduser(t.path)),
+          f"tokenizer.path={t.path!r} does not exist; give a SentencePiece .model file, or "
+          "leave it empty to train one on the domains")
+
+    _need(bool(c.tasks), "tasks is empty: list the domains to train on, in order")
     tnames = [t.get("domain") for t in c.tasks]
     dup = sorted({n for n in tnames if tnames.count(n) > 1})
-    if dup:
-        raise ValueError(f"tasks: domain(s) {dup} appear twice; each task trains on its own "
-                         "domain once")
+    _need(not dup, f"tasks: domain(s) {dup} appear twice; each task trains on its own "
+          "domain once")
     for t in c.tasks:
         unknown = sorted(set(t) - {"domain", "steps", "tokens"})
-        if unknown:
-            raise ValueError(f"task {t}: unknown key(s) {unknown}; use domain, steps or tokens")
-        if t.get("domain") not in names:
-            raise ValueError(f"task {t}: domain {t.get('domain')!r} is not in data.domains "
-                             f"{names}")
-        if ("steps" in t) == ("tokens" in t):
-            raise ValueError(f"task {t}: give exactly one budget, steps or tokens")
-    if c.method.l2.anchor not in ("init", "task_start"):
-        raise ValueError(f"method.l2.anchor={c.method.l2.anchor!r}: use 'init' (the weights the "
-                         "run starts from) or 'task_start'")
-    for r in c.method.reptile:
-        if set(r) != {"every", "meta_lr"} or int(r["every"]) < 1:
-            raise ValueError(f"method.reptile entry {r}: give {{'every': k >= 1, 'meta_lr': eps}}")
+        _need(not unknown, f"task {t}: unknown key(s) {unknown}; use domain, steps or tokens")
+        _need(t.get("domain") in names,
+              f"task {t}: domain {t.get('domain')!r} is not in data.domains {names}")
+        _need(("steps" in t) != ("tokens" in t), f"task {t}: give exactly one budget, steps "
+              "or tokens")
+        budget = t.get("steps", t.get("tokens"))
+        _need(isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1,
+              f"task {t}: its budget must be a positive integer")
+
+    m = c.method
+    _need(m.l2.anchor in ("init", "task_start"), f"method.l2.anchor={m.l2.anchor!r}: use "
+          "'init' (the weights the run starts from) or 'task_start'")
+    for rep in m.reptile:
+        _need(isinstance(rep, dict) and set(rep) == {"every", "meta_lr"}
+              and int(rep["every"]) >= 1 and 0 < float(rep["meta_lr"]) <= 1,
+              f"method.reptile entry {rep}: give {{'every': k >= 1, 'meta_lr': eps in (0, 1]}}")
+    _need(not m.mix_weights or (len(m.mix_weights) == 2 and min(m.mix_weights) >= 0),
+          f"method.mix_weights={m.mix_weights}: give two weights >= 0 (current, replay)")
+    _need(m.ewc.rows >= 1 and m.ewc.chunk >= 1,
+          f"method.ewc.rows={m.ewc.rows} and chunk={m.ewc.chunk} must be >= 1")
+    _need(m.distill.temperature > 0,
+          f"method.distill.temperature={m.distill.temperature} must be > 0")
+    _need(1 <= m.der.k <= c.model.vocab_size and m.der.rows_per_domain >= 1,
+          f"method.der.k={m.der.k} must be in [1, vocab_size] and rows_per_domain >= 1")
+
     given = [f"init.{k}" for k in ("hf", "orbax", "checkpoint") if c.init.get(k)]
-    if len(given) > 1:
-        raise ValueError(f"{' and '.join(given)} are all set: start from only one of them")
-    if c.checkpoint.every < 0 or c.checkpoint.keep < 1:
-        raise ValueError(f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at "
-                         f"task ends) and checkpoint.keep={c.checkpoint.keep} >= 1")
-    if c.global_batch % c.microbatches:
-        raise ValueError(f"global_batch={c.global_batch} is not divisible by "
-                         f"microbatches={c.microbatches}")
-    if c.seq_len > c.model.max_seq_len:
-        raise ValueError(f"seq_len={c.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}")
+    _need(len(given) <= 1, f"{' and '.join(given)} are all set: start from only one of them")
+    for key in given:
+        path = os.path.expanduser(c.init[key.split(".")[1]])
+        _need(os.path.exists(path), f"{key}={path!r} does not exist")
+    _need(c.checkpoint.every >= 0 and c.checkpoint.keep >= 1,
+          f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at task ends) and "
+          f"checkpoint.keep={c.checkpoint.keep} >= 1")
+
+
+def check_mesh(c, n_devices: int) -> None:
+    """The mesh fits the devices and every (micro)batch splits evenly over its batch shards."""
+    shape = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(c.mesh.to_dict(),
+                                                                      n_devices)))
+    shards = shape["data"] * shape["fsdp"]
+    micro = c.global_batch // c.microbatches
+    _need(micro % shards == 0,
+          f"global_batch={c.global_batch} / microbatches={c.microbatches} = {micro} rows do not "
+          f"split over the {shards} batch shards of mesh {shape}; make global_batch a multiple "
+          f"of {shards * c.microbatches} or change mesh")

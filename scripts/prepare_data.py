@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cpt_jax import cli  # noqa: E402  pylint: disable=wrong-import-position
 from cpt_jax.data import prepare, sources, tokenizer  # noqa: E402  pylint: disable=wrong-import-position
 from cpt_jax.run_config import default_config  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -70,14 +71,14 @@ def main(argv=None) -> dict:
         try:
             domains.append(json.loads(text))
         except json.JSONDecodeError as e:
-            sys.exit(f"--domain {text!r} is not a JSON dict ({e}); quote it, e.g. "
-                     f"--domain '{{\"name\": \"en\", \"kind\": \"text_glob\", "
-                     f"\"pattern\": \"/data/*.txt\"}}'")
+            raise cli.UserError(f"--domain {text!r} is not a JSON dict ({e}); quote it, e.g. "
+                                f"--domain '{{\"name\": \"en\", \"kind\": \"text_glob\", "
+                                f"\"pattern\": \"/data/*.txt\"}}'") from None
     if args.demo:
         domains += [{"kind": "demo", "demo": name, "max_chars": args.demo_max_chars}
                     for name in sources.DEMOS]
     if not domains:
-        sys.exit("No domains: give --domain JSON (repeatable) and/or --demo.")
+        raise cli.UserError("No domains: give --domain JSON (repeatable) and/or --demo.")
     domains = [sources.validate_domain(d) for d in domains]
 
     start = time.time()
@@ -91,7 +92,8 @@ def main(argv=None) -> dict:
             character_coverage=DEFAULTS.tokenizer.character_coverage,
             sample_chars=args.sample_chars)
     else:
-        sys.exit("Give --tokenizer PATH (an existing .model) or --vocab_size N (train one).")
+        raise cli.UserError("Give --tokenizer PATH (an existing .model) or --vocab_size N "
+                            "(train one).")
     tok_seconds = time.time() - start
     print(json.dumps({"tokenizer": tok.path, "vocab_size": tok.vocab_size,
                       "seconds": round(tok_seconds, 2)}))
@@ -112,4 +114,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main(lambda argv: main(argv) and 0))

@@ -1,41 +1,60 @@
 """Continual pre-training through a task sequence.
 
     python scripts/train.py --config configs/demo.py --workdir runs/demo \
-        [--config.replay.rate=0.5 --config.global_batch=32 ...]
+        [--config.replay.rate=0.5 --config.global_batch=32 \
+         --config.tasks='[{"domain": "prose", "steps": 100}]' ...]
 
 Writes WORKDIR/results.json (loss matrix, eval curve, metrics, config), metrics.jsonl
-(training scalars), loss_curves.png and checkpoints/. An unknown --config key is an error.
+(training scalars), loss_curves.png and checkpoints/. Any config key can be overridden
+(lists and dicts as JSON); an unknown key is an error that names the nearest one.
 
 Run the same command again after a crash, a kill or a preemption and the run resumes from
 its latest checkpoint, with the same result as an uninterrupted run. On SIGTERM the run
 saves at the next step boundary and exits with status 0. A workdir whose checkpoint was
-made with a different config is refused unless --allow_config_change is given.
+made with a different config or other data is refused unless --allow_config_change.
+
+A bad input (config value, data, checkpoint, tokenizer) is reported on one line and exits
+with status 2; a run that diverged exits with status 1; --debug shows the traceback.
 """
 
+from __future__ import annotations
+
+import argparse
+import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cpt_jax.train.loop import run
-from cpt_jax.train.resume import Preempted
+from absl import logging  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (an existing one is resumed).")
-flags.DEFINE_bool("allow_config_change", False,
-                  "Resume a workdir whose checkpoint was written with a different config.")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+from cpt_jax import cli  # noqa: E402
+from cpt_jax.train.loop import run  # noqa: E402
+from cpt_jax.train.resume import Preempted  # noqa: E402
 
 
-def main(argv):
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+def parse_args(argv):
+    overrides, rest = cli.split_overrides(argv)
+    ap = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
+                                 epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True,
+                    help="run config file, configs/X.py or configs/X.py:ARG")
+    ap.add_argument("--workdir", required=True,
+                    help="output directory (an existing one is resumed)")
+    ap.add_argument("--allow_config_change", action="store_true",
+                    help="resume a workdir whose checkpoint was written with a different "
+                         "config or data")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    args = ap.parse_args(rest)
+    return args, overrides
+
+
+def main(argv) -> int:
+    args, overrides = parse_args(argv)
+    config = cli.load_config(args.config, overrides)
+    logging.set_verbosity(logging.ERROR)  # orbax logs every save (and read-only opens)
     try:
-        results = run(FLAGS.config, FLAGS.workdir,
-                      allow_config_change=FLAGS.allow_config_change)
+        results = run(config, args.workdir, allow_config_change=args.allow_config_change)
     except Preempted as e:
         print(e, file=sys.stderr)
         return 0
@@ -44,8 +63,9 @@ def main(argv):
         print(f"  {task:>14}: " + "  ".join(f"{x:.3f}" for x in row))
     print("metrics:", {k: round(v, 4) if isinstance(v, float) else v
                        for k, v in results["metrics"].items()})
-    print(f"wrote {FLAGS.workdir}/results.json and loss_curves.png")
+    print(f"wrote {args.workdir}/results.json and loss_curves.png")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(cli.run_main(main))

@@ -280,7 +280,7 @@ def test_prepare_data_script(tmp_path, capsys):
     # where a run with the same data.cache_dir looks for its trained tokenizer
     assert os.path.isfile(tmp_path / "data" / "tokenizer-bpe-400.model")
     assert '"domain": "unicode_table"' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"--tokenizer PATH"):
+    with pytest.raises(ValueError, match=r"--tokenizer PATH"):
         script.main(["--demo", "--data_dir", str(tmp_path / "d"), "--seq_len", "8"])
 
 

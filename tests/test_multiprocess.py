@@ -202,7 +202,7 @@ def test_two_process_training_run_matches_one(tmp_path):
         return [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
 
     logs = two_processes([[], ["--signal", "SIGTERM", "--at", "5"]])
-    stops = [re.findall(r"preempted: saved the checkpoint of step (\d+)", log) for log in logs]
+    stops = [re.findall(r"preempted: stopped, and the newest checkpoint is step (\d+)", log) for log in logs]
     assert stops[0] == stops[1] and len(stops[0]) == 1, logs
     stop = int(stops[0][0])
     assert 5 <= stop < 20 and not (tmp_path / "two" / "results.json").exists()

@@ -81,7 +81,7 @@ def test_kill_preempt_and_resume_is_bit_identical(reference):
     proc = _signal_run(root, work, "SIGTERM", 6)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stop = killed_at + 6
-    assert f"preempted: saved the checkpoint of step {stop}" in proc.stderr
+    assert f"preempted: stopped, and the newest checkpoint is step {stop}" in proc.stderr
     assert checkpoint_lib.RunCheckpointer(work / "checkpoints").latest_step() == stop
     assert not (work / "results.json").exists()
 
@@ -155,7 +155,7 @@ def test_resume_on_another_mesh_and_device_count(reference, tmp_path):
     c.mesh.update(dict(data=2, fsdp=4))
     parts = prepare_run(c, str(work))
     ckpt = checkpoint_lib.RunCheckpointer(work / "checkpoints", read_only=True)
-    state, progress, _ = run_start(c, parts, ckpt, 8)
+    state, progress, _ = run_start(c, parts, ckpt, [8])
     assert (progress.task, progress.step, progress.global_step) == (1, 0, 8)
     kernel = state.params["layers"]["mlp"]["up"]["kernel"]
     assert kernel.sharding.spec == parts.shardings.params["layers"]["mlp"]["up"]["kernel"].spec

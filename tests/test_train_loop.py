@@ -2,14 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
-from cpt_jax.train.checkpoint import RunCheckpointer
 from cpt_jax.train.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,16 +89,6 @@ def test_bad_config_is_rejected_before_training(tmp_path):
         run(c, str(tmp_path / "w3"))
 
 
-def test_cli_rejects_unknown_config_key(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "train.py"),
-         "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(tmp_path),
-         "--config.replay.ratee=0.5"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "ratee" in proc.stderr
-    assert not os.path.exists(tmp_path / "results.json")
-
-
 def test_boundary_methods_run_through_the_loop(tmp_path):
     """EWC, distillation, L2-to-task-start, a decaying replay rate and nested Reptile
     together: the loop completes, replayed rows carry a distillation term, and the decaying
@@ -140,19 +126,3 @@ def test_joint_training_is_one_task_over_the_union(tmp_path):
         "init_ppl_random", "init_loss_start", "init_ppl_start", "curve_area", "curve_area_mean"}
     R = res["loss_matrix"][0]
     assert res["metrics"]["retained_loss"] == pytest.approx((R[0] + R[1]) / 2)
-
-
-def test_divergence_stops_the_run_with_a_clear_message(tmp_path):
-    c = _config(tmp_path)
-    c.optim.update(dict(lr=1e12, warmup_steps=0, clip_norm=1e30, max_bad_steps=2))
-    c.log_every = 1
-    c.checkpoint.every = 1
-    with pytest.raises(FloatingPointError, match="optim.max_bad_steps=2"):
-        run(c, str(tmp_path / "work"))
-    assert not os.path.exists(tmp_path / "work" / "results.json")
-    # the last checkpoint is complete and holds finite parameters (skipped steps apply no
-    # update), so the run can be resumed with a lower learning rate
-    ckpt = RunCheckpointer(tmp_path / "work" / "checkpoints", read_only=True)
-    state = ckpt.read_arrays(ckpt.latest_step())
-    assert state["opt_state"]["bad_total"] >= 1  # saved during the bad streak
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))

@@ -11,7 +11,9 @@ The train/validation split is by document: a document goes to validation when a 
 hash of its text falls below ``val_fraction`` (so identical documents never straddle the
 split, and adding documents does not move the others). If that leaves validation empty
 but the domain has at least two documents, the train document with the smallest hash is
-moved to validation, so there is at least one validation row whenever possible.
+moved to validation. A domain of one document (a book, a manual) is split inside it: the
+last ``val_fraction`` of its tokens (at least one) are its validation rows. So every
+domain has validation rows and training rows.
 
 Layout, one folder per (domain, source content, tokenizer, seq_len, split settings)::
 
@@ -395,12 +397,18 @@ def _build(d: dict, tok: Tokenizer, final: str, key: str, seq_len: int,
     os.makedirs(tmp)
     try:
         meta = _write_splits(d, tok, tmp, seq_len, val_fraction, seed, progress, None)
-        if meta["splits"]["val"]["docs"] == 0 and val_fraction > 0 and meta["n_documents"] > 1:
-            # Rare (tiny domains): redo with the lowest-scoring document forced to val.
+        one_doc = meta["n_documents"] == 1
+        if val_fraction > 0 and (meta["splits"]["val"]["docs"] == 0 or one_doc):
+            # Rare (tiny domains): redo with the lowest-scoring document forced to val, or
+            # a single document's tail held out.
             shutil.rmtree(tmp)
             os.makedirs(tmp)
             meta = _write_splits(d, tok, tmp, seq_len, val_fraction, seed, progress,
-                                 meta["min_score_doc"])
+                                 meta["min_score_doc"], tail_split=one_doc)
+        if meta["splits"]["train"]["rows"] == 0:
+            raise PrepareError(f"Domain {d['name']!r}: no training rows (all "
+                               f"{meta['n_documents']} documents went to validation); lower "
+                               f"val_fraction={val_fraction}.")
         meta.pop("min_score_doc")
         meta["key"] = key
         meta["files"] = {f"{s}.array_record": _file_integrity(
@@ -419,7 +427,8 @@ def _build(d: dict, tok: Tokenizer, final: str, key: str, seq_len: int,
 
 
 def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fraction: float,
-                  seed: int, progress: bool, force_val: int | None) -> dict:
+                  seed: int, progress: bool, force_val: int | None,
+                  tail_split: bool = False) -> dict:
     pad_id = tok.pad_id if tok.pad_id >= 0 else 0
     writers = {s: _SplitWriter(os.path.join(folder, f"{s}.array_record"), seq_len + 1, pad_id)
                for s in SPLITS}
@@ -439,8 +448,13 @@ def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fracti
                 is_val = score < val_fraction or n_docs == force_val
                 if not is_val and score < min_score:
                     min_score, min_doc = score, n_docs
-                writers["val" if is_val else "train"].add(
-                    [tok.bos_id, *ids, tok.eos_id], len(doc))
+                if tail_split:  # one document: its last val_fraction of tokens validate
+                    cut = len(ids) - max(1, int(len(ids) * val_fraction))
+                    writers["train"].add([tok.bos_id, *ids[:cut]], len(doc))
+                    writers["val"].add([*ids[cut:], tok.eos_id], 0)
+                else:
+                    writers["val" if is_val else "train"].add(
+                        [tok.bos_id, *ids, tok.eos_id], len(doc))
                 n_docs += 1
             bar.update(len(batch))
     except BaseException:
@@ -453,9 +467,6 @@ def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fracti
     if n_docs == 0:
         raise PrepareError(f"Domain {d['name']!r} has no non-empty document "
                            f"({n_empty} empty); check its source.")
-    if stats["train"]["rows"] == 0:
-        raise PrepareError(f"Domain {d['name']!r}: no training rows (all {n_docs} documents "
-                           f"went to validation); lower val_fraction={val_fraction}.")
     return {"format": FORMAT_VERSION, "name": d["name"], "domain": d,
             "seq_len": seq_len, "row_len": seq_len + 1,
             "record": "int32 [2, seq_len + 1]: tokens, segment_ids (0 = padding)",
@@ -466,4 +477,4 @@ def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fracti
             "n_empty_documents": n_empty,
             "n_tokens": sum(s["tokens"] for s in stats.values()),
             "n_rows": sum(s["rows"] for s in stats.values()),
-            "splits": stats, "min_score_doc": min_doc}
+            "splits": stats, "min_score_doc": min_doc, "tail_split": tail_split}

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -153,6 +154,24 @@ def sample_text(domains: Sequence[Any], sample_chars: int) -> list[str]:
     return out
 
 
+def _training_error(e: RuntimeError, names: list, vocab_size: int, sample) -> TokenizerError:
+    """One explanation of a failed SentencePiece training, in the run's terms."""
+    text = str(e)
+    most = re.search(r"value <= (\d+)", text)
+    if most:
+        n_chars = len(set("".join(sample)))
+        binary = sum(not c.isprintable() and c not in "\n\t" for c in set("".join(sample)))
+        hint = (f"; {binary} distinct control characters suggest binary input, check the "
+                "sources" if binary > 32 else "")
+        return TokenizerError(
+            f"the domains {names} hold too little distinct text for vocab_size={vocab_size}: "
+            f"SentencePiece can make at most {most.group(1)} pieces from them (their "
+            f"{n_chars} distinct characters, byte fallback and the merges the text allows). "
+            f"Lower model.vocab_size to at most {most.group(1)}, or add text{hint}")
+    return TokenizerError(f"SentencePiece training on domains {names} failed: "
+                          f"{' '.join(text.split())}")
+
+
 def trained_prefix(data_dir: str, model_type: str, vocab_size: int) -> str:
     """Where a run (and scripts/prepare_data.py) keeps the tokenizer it trains itself."""
     return os.path.join(data_dir, f"tokenizer-{model_type}-{int(vocab_size)}")
@@ -204,11 +223,7 @@ def train_tokenizer(domains: Sequence[Any], out_prefix: str, vocab_size: int,
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sample), model_writer=proto,
                                        **args)
     except RuntimeError as e:
-        names = [d["name"] for d in specs]
-        raise TokenizerError(f"SentencePiece training on domains {names} failed: {e}. If "
-                             f"the vocabulary is too large for the sample, lower "
-                             f"vocab_size={vocab_size} or raise sample_chars / add "
-                             f"text.") from None
+        raise _training_error(e, [d["name"] for d in specs], int(vocab_size), sample) from None
     atomic.write_bytes(model_path, proto.getvalue())
     tok = Tokenizer(proto.getvalue(), path=model_path)
     info = {"key": key, "sha256": tok.sha256, "vocab_size": tok.vocab_size, **record}

@@ -123,6 +123,15 @@ def training_flops_of(results: dict) -> float | None:
     return metrics_lib.with_flops(stats, cfg, int(seq_len))[1]["flops"]
 
 
+def replay_rate_done(results: dict) -> float | None:
+    """The configured replay rate, or 0 when the run replayed no token (a one-task run has
+    no earlier task to replay, whatever the config says)."""
+    rate = ((results.get("config") or {}).get("replay") or {}).get("rate")
+    if rate and (results.get("compute") or {}).get("replay_tokens") == 0:
+        return 0.0
+    return rate
+
+
 def run_row(results: dict, label: str) -> dict:
     """One table row (raw numbers, None where unknown) for a run's results."""
     config = results.get("config") or {}
@@ -131,7 +140,7 @@ def run_row(results: dict, label: str) -> dict:
     return {
         "run": label,
         "method": method_label(config, results.get("method")),
-        "replay_rate": (config.get("replay") or {}).get("rate"),
+        "replay_rate": replay_rate_done(results),
         "params": cfg.num_params() if cfg is not None else None,
         "flops": training_flops_of(results),
         **{k: m.get(k) for k in METRIC_KEYS},

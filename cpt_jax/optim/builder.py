@@ -1,11 +1,12 @@
 """Build the optax chain of a run from its config.
 
-    skip_non_finite(
+    guard_steps(
         [replay_mix | agem] -> [l2_anchor] -> [ewc] -> clip_by_global_norm -> AdamW(schedule)
         -> [reptile(every_1, meta_lr_1) -> reptile(every_2, meta_lr_2) ...])
 
-A step whose gradients hold a NaN or Inf is skipped whole (no update, no state change) and
-counted; the loop stops the run after ``optim.max_bad_steps`` consecutive skipped steps.
+A bad step (NaN/Inf gradients, a loss spike, an update out of proportion to the weights;
+``transforms.guard_steps``) is skipped whole (no update, no state change) and counted; the
+loop stops the run after ``optim.max_bad_steps`` consecutive skipped steps.
 
 The base optimizer is AdamW with global-norm clipping (Abbes et al. 2025: betas (0.9, 0.95),
 eps 1e-8, weight decay 0.1, clip 1.0). Weight decay applies to every weight matrix and the
@@ -61,4 +62,5 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
     chain.append(base)
     for r in m.reptile:
         chain.append(transforms.reptile(int(r["every"]), float(r["meta_lr"])))
-    return transforms.skip_non_finite(optax.chain(*chain))
+    return transforms.guard_steps(optax.chain(*chain), opt.loss_spike_factor,
+                                  opt.max_update_ratio)

@@ -44,6 +44,10 @@ class CheckpointError(RuntimeError):
     """A run checkpoint could not be written or read."""
 
 
+class ShapeMismatch(ValueError):
+    """A checkpoint's tensors do not have the shapes the config implies (not damage)."""
+
+
 def _flat(tree) -> dict[str, object]:
     """{'a/b/c': leaf} for a nested dict (or any pytree keyed by dict keys)."""
     out = {}
@@ -109,21 +113,21 @@ def _check_shapes(expected: dict, found: dict, found_name: str, expected_name: s
         return any(n.startswith("layers/") for n in names)
 
     if expected and found and stacked(expected) != stacked(found):
-        raise ValueError(
+        raise ShapeMismatch(
             f"{found_name} has {'stacked' if stacked(found) else 'per-layer'} layers but "
             f"{expected_name} implies {'stacked' if stacked(expected) else 'per-layer'} ones: "
             "set scan_layers the same on both sides (stacked 'layers/...' vs 'layers_i/...')")
     for name in expected:
         if name not in found:
-            raise ValueError(f"tensor {name} is missing from the {found_name} "
+            raise ShapeMismatch(f"tensor {name} is missing from the {found_name} "
                              f"({expected_name} implies shape {tuple(expected[name].shape)})")
         if tuple(found[name]) != tuple(expected[name].shape):
-            raise ValueError(
+            raise ShapeMismatch(
                 f"tensor {name}: {found_name} has shape {tuple(found[name])} but "
                 f"{expected_name} implies {tuple(expected[name].shape)}")
     extra = sorted(set(found) - set(expected))
     if extra:
-        raise ValueError(f"{found_name} has tensor(s) {extra[:5]} that {expected_name} does not "
+        raise ShapeMismatch(f"{found_name} has tensor(s) {extra[:5]} that {expected_name} does not "
                          "(e.g. scan_layers differs: stacked 'layers' vs per-layer 'layers_i')")
 
 
@@ -178,6 +182,21 @@ def load_params(path, shardings=None, *, expected_config: LlamaConfig | None = N
     return config, params
 
 
+def newest_readable(steps, read):
+    """``read(step)`` for the newest of ``steps`` that can be read -> (step, value,
+    [(damaged newer step, error)]); (None, None, damaged) when none can. A checkpoint that
+    fails to read (a truncated array file, emptied metadata) is passed over, not deleted."""
+    damaged = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, read(step), damaged
+        except ShapeMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure to read means damaged
+            damaged.append((step, e))
+    return None, None, damaged
+
+
 def _tree_shapes(tree) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in _flat(tree).items()}
 
@@ -217,6 +236,23 @@ class RunCheckpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def step_dirs(self) -> list[int]:
+        """Steps of every step directory on disk, readable or not (orbax leaves out one
+        whose metadata it cannot parse, which must still be set aside, not overwritten)."""
+        return sorted(int(d) for d in os.listdir(self.directory)
+                      if d.isdigit() and (self.directory / d).is_dir())
+
+    def move_aside(self, step: int) -> Path:
+        """Move the damaged checkpoint ``step`` to ``<directory>_damaged/STEP`` (nothing is
+        deleted): the run goes on from an older one and can save that step again."""
+        target = self.directory.parent / f"{self.directory.name}_damaged" / str(step)
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(self.directory / str(step), target)
+        self._manager.reload()
+        return target
 
     def _failed(self, what: str, e: BaseException) -> CheckpointError:
         steps = self._manager.all_steps(read=True)

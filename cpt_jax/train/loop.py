@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 
 import jax
@@ -39,10 +40,12 @@ from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim.builder import make_optimizer, make_schedule
 from cpt_jax.optim import transforms
 from cpt_jax.optim.distill import DERStore
-from cpt_jax.run_config import check_config
+from cpt_jax.run_config import check_config, check_mesh
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.train.methods import DERRecorder, TaskBoundary, make_loss_fn
-from cpt_jax.train.resume import PreemptionWatch, Preempted, check_resume_config, check_workdir
+from cpt_jax.train.resume import (ConfigMismatch, PreemptionWatch, Preempted, TrainingDiverged,
+                                  check_resume_config, check_same_data, check_workdir,
+                                  data_fingerprints)
 from cpt_jax.train.state import abstract_train_state, create_train_state, state_shardings
 from cpt_jax.train.step import make_eval_step, make_train_step
 
@@ -109,16 +112,38 @@ def scalars(metrics: dict) -> dict:
     return out
 
 
-def check_divergence(metrics: dict, max_bad_steps: int, step: int) -> None:
-    """Stop the run once `max_bad_steps` consecutive steps had non-finite gradients (they
-    were skipped: no update was applied). Checked at log steps, so it never syncs the
-    device more often than logging does."""
+def check_divergence(metrics: dict, max_bad_steps: int, step: int, ckpt) -> None:
+    """Stop the run (TrainingDiverged) once ``max_bad_steps`` consecutive steps were
+    skipped (non-finite, a loss spike or an exploding update: no update was applied),
+    naming the newest checkpoint, which is healthy (``train`` saves no other kind).
+    Checked at log steps, so it never syncs the device more often than logging does."""
     bad = int(metrics.get("bad_steps_in_a_row", 0))
     if bad >= max_bad_steps:
-        raise FloatingPointError(
-            f"training diverged: the last {bad} steps up to step {step} had NaN/Inf "
-            f"gradients and were skipped (optim.max_bad_steps={max_bad_steps}); lower "
-            "optim.lr, raise optim.warmup_steps or check the data")
+        ckpt.wait()
+        last = ckpt.latest_step()
+        reason = transforms.SKIP_REASONS.get(int(metrics.get("skip_reason", 0)), "bad steps")
+        where = (f"the last healthy checkpoint is step {last} in {ckpt.directory}" if last
+                 is not None else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"training diverged: the last {bad} steps up to step {step} were skipped, the "
+            f"last for {reason} (optim.max_bad_steps={max_bad_steps}); {where}. Lower "
+            "optim.lr, raise optim.warmup_steps or check the data, and rerun in a new "
+            "--workdir (init.checkpoint can start from that checkpoint)")
+
+
+def check_val_rows(config, parts) -> None:
+    """Every domain must have validation rows: a domain without them would be reported as
+    loss 0.000 in every row of the loss matrix."""
+    for name in parts.names:
+        val = parts.prepared[name]["val"]
+        if len(val) == 0:
+            meta = val.meta
+            raise ValueError(
+                f"domain {name!r} has no validation rows: its {meta['n_documents']} "
+                f"document(s) all went to training with data.val_fraction="
+                f"{config.data.val_fraction}, in {os.path.dirname(val.path)} (prepared by an "
+                "older version, which did not hold out part of a single document). Delete "
+                "that folder to prepare it again, add documents or raise data.val_fraction")
 
 
 def nominal_steps(config, task: dict) -> int:
@@ -164,6 +189,7 @@ class Progress:
     task: int = 0
     step: int = 0
     global_step: int = 0
+    data_fingerprints: dict | None = None  # resume.data_fingerprints of the run's data
     init_losses: dict = dataclasses.field(default_factory=dict)  # the starting model
     init_losses_random: dict = dataclasses.field(default_factory=dict)  # FWT's baseline
     eval_curve: list = dataclasses.field(default_factory=list)
@@ -249,18 +275,28 @@ def _checkpoint_dir(path: str) -> tuple[str, int | None]:
     return path, None
 
 
-def run_start(config, parts: RunParts, ckpt, resume_step):
+def run_start(config, parts: RunParts, peek, resume_steps, damaged=()):
     """The state and progress to train from -> (state, progress, DER arrays or None).
 
-    Resuming: the checkpoint at ``resume_step``. Otherwise a fresh init, parameters from
+    Resuming: the newest of ``resume_steps`` that can be restored (``peek``: the workdir's
+    read-only checkpointer); newer damaged ones (and ``damaged``, found unreadable before)
+    are moved aside with a warning. Otherwise a fresh init, parameters from
     init.hf / init.orbax with a new optimizer state, or the whole state of another run's
     checkpoint (init.checkpoint: optimizer moments, counters and Reptile/EWC state carry
     over; the new run's progress starts at step 0, and so does its learning-rate schedule
     unless init.continue_schedule).
     """
     abstract = abstract_train_state(parts.mcfg, parts.tx, parts.shardings)
-    if resume_step is not None:
-        state, progress, _, der = ckpt.restore(resume_step, abstract)
+    if resume_steps:
+        step, restored, more = checkpoint_lib.newest_readable(
+            resume_steps, lambda s: peek.restore(s, abstract))
+        damaged = [*damaged, *more]
+        if step is None:
+            raise checkpoint_lib.CheckpointError(
+                f"no checkpoint in {peek.directory} can be read ({_damage(damaged)}); delete "
+                f"{peek.directory} to start the run over")
+        set_aside(peek, damaged)
+        state, progress, _, der = restored
         return state, Progress(**progress), der
     if config.init.get("checkpoint"):
         directory, step = _checkpoint_dir(config.init.checkpoint)
@@ -281,6 +317,46 @@ def run_start(config, parts: RunParts, ckpt, resume_step):
     return state, Progress(), None
 
 
+def _damage(damaged) -> str:
+    return "; ".join(f"step {s}: {' '.join(str(e).split())[:200]}" for s, e in damaged)
+
+
+def set_aside(peek, damaged) -> None:
+    """Move damaged checkpoints out of the way (process 0), saying so."""
+    if jax.process_index() == 0:
+        for step, e in damaged:
+            moved = peek.move_aside(step)
+            print(f"warning: checkpoint {peek.directory / str(step)} is damaged "
+                  f"({' '.join(str(e).split())[:200]}); moved it to {moved} and resumed from "
+                  "the previous one", file=sys.stderr)
+    checkpoint_lib.sync_processes("cpt_jax_damaged_set_aside")
+
+
+def readable_checkpoints(peek) -> tuple[list[int], dict, dict, list]:
+    """The workdir's checkpoint steps up to the newest whose JSON items can be read, that
+    one's config and progress, and the damaged newer ones (set aside once a checkpoint
+    is restored)."""
+    step, items, damaged = checkpoint_lib.newest_readable(
+        peek.step_dirs(), lambda s: (peek.read_json(s, "config"), peek.read_json(s, "progress")))
+    if step is None and damaged:
+        raise checkpoint_lib.CheckpointError(
+            f"no checkpoint in {peek.directory} can be read ({_damage(damaged)}); delete "
+            f"{peek.directory} to start the run over")
+    if step is None:
+        return [], {}, {}, []
+    return [s for s in peek.step_dirs() if s <= step], items[0], items[1], damaged
+
+
+def check_position(progress: Progress, steps: list, where: str) -> None:
+    """A resumed run's position must exist in the (possibly changed) task list."""
+    if progress.task > len(steps) or (progress.task < len(steps)
+                                       and progress.step > steps[progress.task]):
+        raise ConfigMismatch(
+            f"{where} is at step {progress.step} of task {progress.task}, beyond the new task "
+            f"list ({len(steps)} tasks of {steps} steps); use a new --workdir for this task "
+            "list (init.checkpoint can start from that checkpoint)")
+
+
 def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Run the whole task sequence, or resume it from the workdir's latest checkpoint;
     returns (and writes) the results dictionary.
@@ -290,34 +366,41 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """
     check_config(config)
     sharding_lib.maybe_initialize_distributed(config)
+    check_mesh(config, jax.device_count())
     workdir = check_workdir(workdir)
     config_json = json.loads(config.to_json_best_effort())
+    fingerprints = data_fingerprints(config)
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    resume_step = None
+    resume_steps, peek, damaged = [], None, []
     if os.path.isdir(ckpt_dir):  # check before any data is prepared
         peek = checkpoint_lib.RunCheckpointer(ckpt_dir, read_only=True)
-        resume_step = peek.latest_step()
-        if resume_step is not None:
-            check_resume_config(peek.read_json(resume_step, "config"), config_json,
-                                f"workdir {workdir} (checkpoint of step {resume_step})",
-                                allow_config_change)
+        resume_steps, stored_config, stored_progress, damaged = readable_checkpoints(peek)
+        if resume_steps:
+            where = f"workdir {workdir} (checkpoint of step {resume_steps[-1]})"
+            check_resume_config(stored_config, config_json, where, allow_config_change)
+            check_same_data(stored_progress.get("data_fingerprints"), fingerprints, where,
+                            allow_config_change)
     results_path = os.path.join(workdir, "results.json")
-    if resume_step is None and os.path.exists(results_path):  # results but no checkpoint
+    if not resume_steps and os.path.exists(results_path):  # results but no checkpoint
         with open(results_path) as f:
             written_by = json.load(f).get("config", {})
         check_resume_config(written_by, config_json, f"workdir {workdir} (its results.json)",
                             allow_config_change)
 
     parts = prepare_run(config, workdir)
+    check_val_rows(config, parts)
+    warn_replay_without_history(config, parts)
+    state, progress, der_arrays = run_start(config, parts, peek, resume_steps, damaged)
+    check_position(progress, parts.steps, f"workdir {workdir}")
+    progress.data_fingerprints = fingerprints
     ends = [int(e) for e in np.cumsum(parts.steps)]
     c = config.checkpoint
     ckpt = checkpoint_lib.RunCheckpointer(ckpt_dir, keep=c.keep, keep_steps=ends,
                                           async_save=c.async_save)
-    state, progress, der_arrays = run_start(config, parts, ckpt, resume_step)
     preempt = PreemptionWatch()
     try:
         state, progress = train(config, workdir, parts, state, progress, der_arrays, ckpt,
-                                preempt, config_json, resumed=resume_step is not None)
+                                preempt, config_json, resumed=bool(resume_steps))
     finally:
         preempt.close()
         ckpt.close()  # waits for the last save
@@ -330,6 +413,15 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
         checkpoint_lib.save_params(os.path.join(workdir, "final_params"), parts.mcfg,
                                    state.params, overwrite=True)  # each process its shards
     return results
+
+
+def warn_replay_without_history(config, parts: RunParts) -> None:
+    """replay.rate > 0 replays nothing when no task has an earlier one (a one-task or joint
+    run): say so once; results.json's compute.replay_tokens records the replay done."""
+    if config.replay.rate > 0 and len(parts.steps) == 1:
+        print(f"warning: replay.rate={config.replay.rate} has no effect: this run has one "
+              f"task ({parts.task_names[0]}) and so no earlier task to replay; results.json "
+              "records replay_tokens=0", file=sys.stderr)
 
 
 def train(config, workdir, parts: RunParts, state, progress: Progress, der_arrays, ckpt,
@@ -357,8 +449,18 @@ def train(config, workdir, parts: RunParts, state, progress: Progress, der_array
             for b in batches:
                 s, c = eval_step(params, b)
                 tot, cnt = tot + float(s), cnt + float(c)
-            out[n] = tot / max(cnt, 1.0)
+            if cnt == 0:
+                raise ValueError(f"domain {n!r}: its validation rows hold no token to score")
+            out[n] = tot / cnt
         return out
+
+    def healthy(m) -> bool:
+        """Only weights from applied steps with finite evaluations are ever saved, so the
+        newest checkpoint is the one to go back to after a divergence."""
+        if m is None:
+            m = scalars(jax.device_get(metrics))
+        evals = progress.eval_curve[-1]["losses"].values()
+        return int(m.get("bad_steps_in_a_row", 0)) == 0 and all(np.isfinite(list(evals)))
 
     def save(wait=False):
         t0 = time.perf_counter()
@@ -389,14 +491,15 @@ def train(config, workdir, parts: RunParts, state, progress: Progress, der_array
                 n_rep = sampler.n_replay(k, step)
                 if der:
                     der.record(state.params, k, sampler.batch(k, step))
-                state, m = train_step(state, batch, n_rep)
+                state, metrics = train_step(state, batch, n_rep)
+                m = None
                 progress.step, progress.global_step = step + 1, progress.global_step + 1
                 g = progress.global_step
                 window_tok += config.global_batch * config.seq_len
                 end_of_task = step == steps[k] - 1
                 if g % config.log_every == 0 or end_of_task:
-                    m = scalars(jax.device_get(m))
-                    check_divergence(m, config.optim.max_bad_steps, g)
+                    m = scalars(jax.device_get(metrics))
+                    check_divergence(m, config.optim.max_bad_steps, g, ckpt)
                     now = time.perf_counter()
                     m.update(step=g, task=name, tokens_per_s=window_tok / (now - window_t))
                     window_t, window_tok = now, 0
@@ -421,11 +524,12 @@ def train(config, workdir, parts: RunParts, state, progress: Progress, der_array
                     progress.task, progress.step = k + 1, 0
                 preempted = preempt.reached(g)  # every step: multi-host sync needs it
                 every = config.checkpoint.every
-                if end_of_task or preempted or (every and g % every == 0):
+                if (end_of_task or preempted or (every and g % every == 0)) and healthy(m):
                     blocked = save(wait=preempted)
                     logger.log(g, {"task": name, "checkpoint_blocking_s": blocked})
                 if preempted:
-                    raise Preempted(g, workdir)
+                    ckpt.wait()
+                    raise Preempted(ckpt.latest_step(), workdir)
     finally:
         bar.close()
         logger.close()

@@ -56,7 +56,8 @@ def make_loss_fn(config, mcfg):
 
 class TaskBoundary:
     """What happens between tasks: teacher snapshot, L2 anchor move, EWC Fisher update
-    (online EWC: F <- decay * F + F of the task just finished, at the current weights).
+    (online EWC: F <- decay * F + F of the task just finished, at the current weights), and
+    a fresh loss history for the spike guard.
 
     One jitted function over the sharded state (donated, shardings unchanged).
     """
@@ -83,7 +84,8 @@ class TaskBoundary:
         return {"tokens": tokens, "segment_ids": segs}
 
     def _apply(self, state: TrainState, rows):
-        opt_state, teacher = state.opt_state, state.teacher
+        # a new domain's loss legitimately jumps: the spike guard starts its history afresh
+        opt_state, teacher = transforms.reset_loss_history(state.opt_state), state.teacher
         if self.snapshot:
             teacher = jax.tree.map(jnp.copy, state.params)
         if self.anchor:
@@ -99,8 +101,6 @@ class TaskBoundary:
         return state.replace(opt_state=opt_state, teacher=teacher)
 
     def __call__(self, state: TrainState, task: int) -> TrainState:
-        if not (self.snapshot or self.anchor or self.ewc):
-            return state
         if self.ewc:
             rows = self.fisher_rows(task)
         else:  # unused placeholder of the same structure

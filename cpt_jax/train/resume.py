@@ -1,8 +1,10 @@
-"""What a run needs to stop and start again safely: a writable workdir, a config that
-matches the checkpoint it resumes from, and a clean stop on preemption (SIGTERM)."""
+"""What a run needs to stop and start again safely: a writable workdir, a config and data
+that match the checkpoint it resumes from, and a clean stop on preemption (SIGTERM)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import tempfile
@@ -22,13 +24,19 @@ class ConfigMismatch(ValueError):
     """The workdir holds a checkpoint written with a different config."""
 
 
+class TrainingDiverged(FloatingPointError):
+    """The run stopped because its last steps were all skipped (non-finite gradients, a
+    loss spike or an exploding update)."""
+
+
 class Preempted(Exception):
     """The run got SIGTERM (or a multi-host preemption notice), saved and stopped."""
 
     def __init__(self, step: int, workdir: str):
         self.step = step
-        super().__init__(f"preempted: saved the checkpoint of step {step} in {workdir}/"
-                         "checkpoints and stopped; rerun the same command to resume")
+        saved = (f"the newest checkpoint is step {step} in {workdir}/checkpoints" if step
+                 is not None else "no checkpoint was saved yet")
+        super().__init__(f"preempted: stopped, and {saved}; rerun the same command to resume")
 
 
 def check_workdir(workdir: str) -> str:
@@ -112,3 +120,35 @@ class PreemptionWatch:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+def data_fingerprints(config) -> dict:
+    """What a run's data is, cheap to compute before anything is prepared: per domain the
+    sha256 of its source fingerprint (files' paths, sizes and mtimes, a TFDS build, or the
+    demo's Python version), and the sha256 of ``tokenizer.path`` when one is given (a
+    tokenizer the run trains itself follows from the domains and the config)."""
+    from cpt_jax.data import sources
+
+    out = {}
+    for d in config.data.domains:
+        fp = sources.source_fingerprint(d)
+        out[f"domain {d['name']}"] = hashlib.sha256(
+            json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
+    if config.tokenizer.path:
+        with open(os.path.expanduser(config.tokenizer.path), "rb") as f:
+            out["tokenizer.path"] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def check_same_data(stored: dict | None, current: dict, where: str, allow: bool) -> None:
+    """Refuse (ConfigMismatch) to resume onto other data than the checkpoint was trained
+    on, naming what changed, unless ``allow``. Checkpoints from before fingerprints were
+    recorded (``stored`` None) are not checked."""
+    if stored is None or allow:
+        return
+    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if changed:
+        raise ConfigMismatch(
+            f"{where} was trained on other data: {', '.join(changed)} changed since (files "
+            "added, removed or modified, or another tokenizer). Use a new --workdir for the "
+            "new data, or pass --allow_config_change to go on with it anyway.")

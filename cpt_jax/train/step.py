@@ -32,7 +32,7 @@ import optax
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.sampler import replay_positions
-from cpt_jax.optim.transforms import PerSourceGrads, SkipState, schedule_count, tree_dot
+from cpt_jax.optim.transforms import GuardState, PerSourceGrads, schedule_count, tree_dot
 from cpt_jax.train.state import TrainState
 
 
@@ -164,27 +164,30 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
     # the rate this update applies (a skipped step does not advance the schedule)
     lr = (lr_schedule(schedule_count(state.opt_state)) if lr_schedule is not None
           else jnp.zeros(()))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    tc, tr = aux_c["tokens"], aux_r["tokens"]
+    loss = (aux_c["ce_sum"] + aux_r["ce_sum"]) / jnp.maximum(tc + tr, 1.0)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
     params = optax.apply_updates(state.params, updates)
 
-    tc, tr = aux_c["tokens"], aux_r["tokens"]
     metrics.update({
-        "loss": (aux_c["ce_sum"] + aux_r["ce_sum"]) / jnp.maximum(tc + tr, 1.0),
+        "loss": loss,
         "loss_current": aux_c["ce_sum"] / jnp.maximum(tc, 1.0),
-        "loss_replay": aux_r["ce_sum"] / jnp.maximum(tr, 1.0),
         "tokens": tc + tr,
         "grad_norm_current": optax.tree.norm(g_cur),
         "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(state.params),
         "lr": lr,
     })
-    for k in aux_r:
-        if k not in ("tokens", "ce_sum"):  # method-specific terms, e.g. distillation
-            metrics[f"{k}_replay"] = aux_r[k] / jnp.maximum(tr, 1.0)
-    if g_rep is not None:
+    if g_rep is not None:  # replay scalars only for steps that replay (no fake 0.0 loss)
+        metrics["loss_replay"] = aux_r["ce_sum"] / jnp.maximum(tr, 1.0)
         metrics["grad_norm_replay"] = optax.tree.norm(g_rep)
-    if isinstance(opt_state, SkipState):  # skipped non-finite steps
+        for k in aux_r:
+            if k not in ("tokens", "ce_sum"):  # method-specific terms, e.g. distillation
+                metrics[f"{k}_replay"] = aux_r[k] / jnp.maximum(tr, 1.0)
+    if isinstance(opt_state, GuardState):  # skipped bad steps
         metrics["bad_steps_in_a_row"] = opt_state.bad_in_a_row
         metrics["bad_steps_total"] = opt_state.bad_total
+        metrics["skip_reason"] = opt_state.last_reason
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
