@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from cpt_jax.optim.transforms import LOSS_WINDOW
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,9 +33,11 @@ def test_single_benchmark_reports_mfu(bench):
     # 2 layers + head 64*128 -> 69632 matmul params; attention 12*2*32*64 = 49152.
     assert r["model_flops_per_token"] == 6 * 69632 + 49152
     # float32 parameters: 4 bytes each; AdamW keeps two moments of the same size
-    # (plus the schedule count and the divergence guard's two int32 counters)
+    # (plus the schedule count, the step guard's three int32 counters and its float32
+    # window of recent losses)
     assert r["param_bytes"] == 4 * r["params"]
-    assert 2 * r["param_bytes"] <= r["opt_state_bytes"] <= 2 * r["param_bytes"] + 64
+    guard = 4 * LOSS_WINDOW
+    assert 2 * r["param_bytes"] + guard <= r["opt_state_bytes"] <= 2 * r["param_bytes"] + guard + 64
 
 
 def test_method_memory_in_parameter_copies(bench):
@@ -49,7 +53,7 @@ def test_method_memory_in_parameter_copies(bench):
 def test_checkpoint_timing_saves_the_whole_state(bench, tmp_path):
     r = bench.checkpoint_times(bench.FLAGS.config, str(tmp_path / "ck"), repeats=1)
     # configs/tiny.py: 69632 matmul params + embedding 128*64 + norms (2*2 + 1)*64 = 78144;
-    # params + AdamW's two moments in float32, plus a few int32 counters
-    assert 3 * 4 * 78144 <= r["state_bytes"] < 3 * 4 * 78144 + 64
+    # params + AdamW's two moments in float32, the guard's loss window, a few int32 counters
+    assert 3 * 4 * 78144 + 4 * LOSS_WINDOW <= r["state_bytes"] < 3 * 4 * 78144 + 4 * LOSS_WINDOW + 64
     assert r["blocking_blocked_s"] > 0 and r["async_total_s"] >= r["async_blocked_s"] > 0
     assert not os.listdir(tmp_path / "ck")  # the scratch checkpoints are removed
