@@ -67,8 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Replay (Abbes et al. 2025): fraction of each batch drawn from earlier tasks.
     # schedule: "constant", or "linear_decay" / "exp_decay" from rate to end_rate over the
     # whole run, from task 1 to the last task's end (mix-review, He et al. 2021).
+    # policy (cpt_jax.replay.buffer): which earlier rows may be replayed; "uniform" = all.
     c.replay = ml_collections.ConfigDict(dict(rate=0.0, accounting="additive",
-                                              schedule="constant", end_rate=0.0))
+                                              schedule="constant", end_rate=0.0,
+                                              policy="uniform"))
     # Joint training on the union of all tasks' data (the upper reference): one task.
     c.joint = False
     # Continual-learning method (cpt_jax.optim.builder): a few keys, not a new trainer.
@@ -117,7 +119,8 @@ def check_config(c) -> None:
     """Reject a config that cannot run, naming the key and the fix, before any work is
     done (no tokenizer trained, no data prepared, no workdir written)."""
     from cpt_jax.data import sources
-    from cpt_jax.data.mixing import RATE_SCHEDULES
+    from cpt_jax.replay.buffer import POLICIES
+    from cpt_jax.replay.rates import RATE_SCHEDULES
     from cpt_jax.model import LlamaConfig
     from cpt_jax.optim.schedules import SCHEDULES
 
@@ -140,6 +143,7 @@ def check_config(c) -> None:
           f"replay.accounting={r.accounting!r}: use 'additive' or 'compute_equivalent'")
     _need(r.schedule in RATE_SCHEDULES,
           f"replay.schedule={r.schedule!r}: use one of {list(RATE_SCHEDULES)}")
+    _need(r.policy in POLICIES, f"replay.policy={r.policy!r}: use one of {sorted(POLICIES)}")
 
     o = c.optim
     _need(o.lr > 0, f"optim.lr={o.lr} must be > 0")

@@ -26,6 +26,7 @@ Model FLOPs per token = 6 x (weight-matmul parameters, output projection include
 
 from __future__ import annotations
 
+import argparse
 import resource
 import statistics
 import sys
@@ -34,30 +35,44 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from cpt_jax import atomic
-from cpt_jax import model as model_lib
-from cpt_jax import sharding as sharding_lib
-from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax import atomic, cli
 from cpt_jax.train import checkpoint as checkpoint_lib
+from cpt_jax.train.methods import make_loss_fn
+from cpt_jax.train.setup import build_model
 from cpt_jax.train.state import create_train_state
 from cpt_jax.train.step import make_train_step
 
-config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
-flags.DEFINE_list("methods", [], "Compare methods against plain training: plain, replay, "
-                  "agem, reptile, mer.")
-flags.DEFINE_float("replay_rate", 0.25, "Replay fraction for the replay/agem/mer methods.")
-flags.DEFINE_integer("reptile_every", 500, "Reptile period to amortise the meta step over.")
-flags.DEFINE_string("checkpoint_dir", None, "Time run-checkpoint saves (blocking vs async) "
-                    "of the config's train state in this scratch directory instead.")
-flags.DEFINE_integer("checkpoint_repeats", 3, "Saves per mode for --checkpoint_dir.")
-FLAGS = flags.FLAGS
+METHODS = ("plain", "replay", "agem", "reptile", "mer")
+
+
+def parse_args(argv):
+    overrides, rest = cli.split_overrides(argv)
+    ap = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n")[0],
+                                 epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True,
+                    help="run config file, configs/X.py or configs/X.py:ARG")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--methods", default="", help="compare methods against plain training: "
+                    "a comma-separated list of " + ", ".join(METHODS))
+    ap.add_argument("--replay_rate", type=float, default=0.25,
+                    help="replay fraction for the replay/agem/mer methods")
+    ap.add_argument("--reptile_every", type=int, default=500,
+                    help="Reptile period to amortise the meta step over")
+    ap.add_argument("--checkpoint_dir", default=None,
+                    help="time run-checkpoint saves (blocking vs async) of the config's train "
+                         "state in this scratch directory instead")
+    ap.add_argument("--checkpoint_repeats", type=int, default=3,
+                    help="saves per mode for --checkpoint_dir")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    args = ap.parse_args(rest)
+    args.config = cli.load_config(args.config, overrides)
+    args.methods = [m for m in args.methods.split(",") if m]
+    return args
 
 
 def matmul_peak_flops(dtype, device, n: int | None = None, repeats: int = 5) -> float:
@@ -96,8 +111,7 @@ def peak_memory_bytes(compiled) -> dict:
 def random_batch(config, key):
     B, L = config.global_batch, config.seq_len
     tokens = jax.random.randint(key, (B, L + 1), 0, config.model.vocab_size, jnp.int32)
-    return {"tokens": np.asarray(tokens), "segment_ids": np.ones((B, L + 1), np.int32),
-            "is_replay": np.zeros((B,), np.int32)}
+    return {"tokens": np.asarray(tokens), "segment_ids": np.ones((B, L + 1), np.int32)}
 
 
 def tree_bytes(tree) -> int:
@@ -116,12 +130,9 @@ def timed_steps(compiled, state, batch, steps: int):
 
 
 def build_state(config):
-    """(model config, mesh, rules, schedule, optimizer, fresh sharded state, shardings)."""
-    mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
-    mesh = sharding_lib.make_mesh(config.mesh.to_dict())
-    rules = sharding_lib.rules_from_config(config.sharding_rules)
-    schedule = make_schedule(config.optim, 1000)  # any length: only speed is measured
-    tx = make_optimizer(config, schedule)
+    """(model config, mesh, rules, schedule, optimizer, fresh sharded state, shardings), as
+    a run builds them (``setup.build_model``) for tasks of any length: only speed counts."""
+    mcfg, mesh, rules, schedule, tx, _ = build_model(config, [1000])
     state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed))
     return mcfg, mesh, rules, schedule, tx, state, shardings
 
@@ -129,7 +140,8 @@ def build_state(config):
 def prepare(config, n_replay: int = 0) -> dict:
     """Build the state and compile the step of `config` for `n_replay` replayed rows."""
     mcfg, mesh, rules, schedule, tx, state, shardings = build_state(config)
-    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule)
+    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule,
+                           loss_fn=make_loss_fn(config, mcfg))  # the loss a run trains with
     batch = random_batch(config, jax.random.key(1))
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, n_replay).compile()
@@ -167,7 +179,7 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     }
 
 
-def method_config(config, method: str, rate: float):
+def method_config(config, method: str, rate: float, reptile_every: int = 500):
     """(config, n_replay, Reptile period to amortise over or None) for one method."""
     c = config.copy_and_resolve_references()
     n_replay = int(round(rate * c.global_batch))
@@ -180,17 +192,18 @@ def method_config(config, method: str, rate: float):
         return c, n_replay, None
     if method in ("reptile", "mer"):
         c.method.reptile = [{"every": 2, "meta_lr": 0.1}]  # period 2: time both kinds
-        return c, (n_replay if method == "mer" else 0), FLAGS.reptile_every
-    raise app.UsageError(f"unknown method {method!r}; use plain, replay, agem, reptile, mer")
+        return c, (n_replay if method == "mer" else 0), reptile_every
+    raise cli.UserError(f"--methods: unknown method {method!r}; use {', '.join(METHODS)}")
 
 
-def compare_methods(config, methods, steps, warmup) -> dict:
+def compare_methods(config, methods, steps, warmup, replay_rate: float = 0.25,
+                    reptile_every: int = 500) -> dict:
     """Compile every method, then time them interleaved, one step each per round, so that
     machine noise and drift hit all methods alike; ratios are of medians."""
     names = ["plain"] + [m for m in methods if m != "plain"]
     runs = {}
     for m in names:
-        c, n_replay, every = method_config(config, m, FLAGS.replay_rate)
+        c, n_replay, every = method_config(config, m, replay_rate, reptile_every)
         runs[m] = prepare(c, n_replay)
         runs[m]["every"] = every
         runs[m]["state"], _, _ = timed_steps(runs[m]["compiled"], runs[m]["state"],
@@ -255,23 +268,23 @@ def checkpoint_times(config, directory: str, repeats: int) -> dict:
     return out
 
 
-def main(argv):
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    del argv
-    if FLAGS.config is None:
-        sys.exit("--config is required, e.g. --config configs/tiny.py")
-    if FLAGS.methods and not FLAGS.checkpoint_dir:  # prints its own table
-        result = compare_methods(FLAGS.config, FLAGS.methods, FLAGS.steps, FLAGS.warmup)
+def main(argv) -> int:
+    args = parse_args(argv)
+    logging.set_verbosity(logging.ERROR)  # orbax logs every save
+    if args.methods and not args.checkpoint_dir:  # prints its own table
+        result = compare_methods(args.config, args.methods, args.steps, args.warmup,
+                                 args.replay_rate, args.reptile_every)
     else:
-        result = (checkpoint_times(FLAGS.config, FLAGS.checkpoint_dir, FLAGS.checkpoint_repeats)
-                  if FLAGS.checkpoint_dir else benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup))
+        result = (checkpoint_times(args.config, args.checkpoint_dir, args.checkpoint_repeats)
+                  if args.checkpoint_dir else benchmark(args.config, args.steps, args.warmup))
         width = max(map(len, result))
         for k, v in result.items():
             v = f"{v:.4g}" if isinstance(v, float) else v
             print(f"{k:<{width}}  {v}")
-    if FLAGS.json:
-        atomic.write_json(FLAGS.json, result)
+    if args.json:
+        atomic.write_json(args.json, result)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(cli.run_main(main))

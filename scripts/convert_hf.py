@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpt_jax.data.tokenizer import TokenizerError  # noqa: E402
-from cpt_jax.hf import DEFAULT_MAX_SHARD_BYTES, load_hf_llama, save_hf_llama  # noqa: E402
-from cpt_jax.hf_tokenizer import TokenizerExportError, find_run_tokenizer  # noqa: E402
-from cpt_jax.train.checkpoint import load_params, save_params  # noqa: E402
+from cpt_jax.data.tokenizer import TokenizerError
+from cpt_jax.hf import DEFAULT_MAX_SHARD_BYTES, load_hf_llama, save_hf_llama
+from cpt_jax.hf_tokenizer import TokenizerExportError, find_run_tokenizer
+from cpt_jax.train.checkpoint import load_params, save_params
 
 DTYPES = ["float32", "bfloat16", "float16"]
 

@@ -32,16 +32,14 @@ import argparse
 import glob
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpt_jax import atomic  # noqa: E402
-from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
-from cpt_jax.eval import downstream, lm_eval_task  # noqa: E402
-from cpt_jax.hf import save_hf_llama  # noqa: E402
-from cpt_jax.hf_tokenizer import TokenizerExportError, find_run_tokenizer  # noqa: E402
-from cpt_jax.train.checkpoint import CONFIG_FILE, load_params  # noqa: E402
+from cpt_jax import atomic
+from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer
+from cpt_jax.eval import downstream, lm_eval_task
+from cpt_jax.hf import save_hf_llama
+from cpt_jax.hf_tokenizer import TokenizerExportError, find_run_tokenizer
+from cpt_jax.train.checkpoint import CONFIG_FILE, load_params
 
 LM_EVAL_TASKS = "hellaswag,piqa,arc_easy,arc_challenge"
 

@@ -1,20 +1,16 @@
-"""Tokenize and pack domains into array_record rows (see cpt_jax/data/prepare.py).
+"""Prepare a run's data ahead of training: train (or load) its tokenizer, then tokenize and
+pack every domain into array_record rows (see cpt_jax/data/prepare.py).
 
-Examples::
+    python scripts/prepare_data.py --config configs/demo.py --workdir runs/demo
+    python scripts/prepare_data.py --config configs/my_run.py \
+        --config.data.cache_dir=/data/packed [--config.KEY=VALUE ...]
 
-    # the three offline demo domains, with a freshly trained 2048-piece tokenizer
-    python scripts/prepare_data.py --demo --data_dir /tmp/cpt_data --vocab_size 2048 \\
-        --seq_len 128
-
-    # your own domains (JSON dicts, see cpt_jax/data/sources.py) and an existing tokenizer
-    python scripts/prepare_data.py --data_dir /data/packed --seq_len 2048 \\
-        --tokenizer /ckpt/llama2/tokenizer.model \\
-        --domain '{"name": "en", "kind": "jsonl", "pattern": "/data/en/*.jsonl.gz"}' \\
-        --domain '{"name": "fr", "kind": "tfds", "tfds_name": "wiki40b/fr"}'
-
-The training loop calls the same functions (train_tokenizer / load_tokenizer and
-prepare_domains), so data prepared here is found and reused by a run with the same
-settings. Prints one JSON line per domain with its folder and sizes.
+It reads the same config a run does (data.domains, tokenizer, model.vocab_size, seq_len,
+data.val_fraction and data.split_seed) and calls the same functions, so the run finds the
+prepared data in its cache (data.cache_dir, or WORKDIR/data) and skips the work: prepare
+on a CPU host, then train on the accelerators. Prints one JSON line per domain with its
+folder and sizes. Input errors are one line with exit status 2 (--debug for the
+traceback).
 """
 
 from __future__ import annotations
@@ -25,81 +21,44 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cpt_jax import cli  # noqa: E402  pylint: disable=wrong-import-position
-from cpt_jax.data import prepare, sources, tokenizer  # noqa: E402  pylint: disable=wrong-import-position
-from cpt_jax.run_config import default_config  # noqa: E402  pylint: disable=wrong-import-position
-
-DEFAULTS = default_config()  # the same defaults as a run, so a run finds this data
+from cpt_jax import cli
+from cpt_jax.data import prepare
+from cpt_jax.train.setup import load_tokenizer
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--domain", action="append", default=[],
-                   help="a domain as a JSON dict; repeat for several (in task order)")
-    p.add_argument("--demo", action="store_true",
-                   help=f"add the offline demo domains {sources.DEMOS}")
-    p.add_argument("--demo_max_chars", type=int, default=sources.DEFAULT_DEMO_MAX_CHARS,
-                   help="size cap of each demo domain, in characters")
-    p.add_argument("--data_dir", required=True, help="where prepared domains are stored")
-    p.add_argument("--seq_len", type=int, required=True, help="tokens per row, minus one")
-    p.add_argument("--val_fraction", type=float, default=DEFAULTS.data.val_fraction,
-                   help="share of documents held out for validation")
-    p.add_argument("--seed", type=int, default=DEFAULTS.data.split_seed,
-                   help="seed of the train/val split")
-    p.add_argument("--tokenizer", help="an existing SentencePiece .model to use")
-    p.add_argument("--vocab_size", type=int,
-                   help="train a tokenizer of this size (when --tokenizer is not given)")
-    p.add_argument("--tokenizer_prefix",
-                   help="where to write the trained tokenizer (default: "
-                        "<data_dir>/tokenizer-<model_type>-<vocab_size>, where a run looks)")
-    p.add_argument("--model_type", default=DEFAULTS.tokenizer.model_type,
-                   choices=("bpe", "unigram"))
-    p.add_argument("--sample_chars", type=int, default=DEFAULTS.tokenizer.sample_chars,
-                   help="characters of text (over all domains) to train the tokenizer on")
+def parse_args(argv):
+    overrides, rest = cli.split_overrides(argv)
+    p = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True,
+                   help="run config file, configs/X.py or configs/X.py:ARG")
+    p.add_argument("--workdir", default=None,
+                   help="the run's workdir; its data cache is WORKDIR/data unless "
+                        "data.cache_dir is set")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    return p.parse_args(rest), overrides
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    domains = []
-    for text in args.domain:
-        try:
-            domains.append(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise cli.UserError(f"--domain {text!r} is not a JSON dict ({e}); quote it, e.g. "
-                                f"--domain '{{\"name\": \"en\", \"kind\": \"text_glob\", "
-                                f"\"pattern\": \"/data/*.txt\"}}'") from None
-    if args.demo:
-        domains += [{"kind": "demo", "demo": name, "max_chars": args.demo_max_chars}
-                    for name in sources.DEMOS]
-    if not domains:
-        raise cli.UserError("No domains: give --domain JSON (repeatable) and/or --demo.")
-    domains = [sources.validate_domain(d) for d in domains]
-
+def main(argv) -> dict:
+    args, overrides = parse_args(argv)
+    config = cli.load_config(args.config, overrides)
+    if not config.data.domains:
+        raise cli.UserError(f"--config {args.config} lists no data.domains to prepare")
+    if not (config.data.cache_dir or args.workdir):
+        raise cli.UserError("say where the data goes: --workdir (the run's cache is "
+                            "WORKDIR/data) or --config.data.cache_dir=DIR")
+    data_dir = os.path.expanduser(config.data.cache_dir
+                                  or os.path.join(args.workdir, "data"))
+    os.makedirs(data_dir, exist_ok=True)
+    domains = [dict(d) for d in config.data.domains]
     start = time.time()
-    if args.tokenizer:
-        tok = tokenizer.load_tokenizer(args.tokenizer)
-    elif args.vocab_size:
-        prefix = args.tokenizer_prefix or tokenizer.trained_prefix(
-            args.data_dir, args.model_type, args.vocab_size)
-        tok = tokenizer.train_tokenizer(
-            domains, prefix, args.vocab_size, model_type=args.model_type,
-            character_coverage=DEFAULTS.tokenizer.character_coverage,
-            sample_chars=args.sample_chars)
-    else:
-        raise cli.UserError("Give --tokenizer PATH (an existing .model) or --vocab_size N "
-                            "(train one).")
-    tok_seconds = time.time() - start
+    tok = load_tokenizer(config, domains, data_dir)
     print(json.dumps({"tokenizer": tok.path, "vocab_size": tok.vocab_size,
-                      "seconds": round(tok_seconds, 2)}))
-
-    prepared = prepare.prepare_domains(domains, tok, args.data_dir, args.seq_len,
-                                       args.val_fraction, args.seed,
+                      "seconds": round(time.time() - start, 2)}))
+    prepared = prepare.prepare_domains(domains, tok, data_dir, config.seq_len,
+                                       config.data.val_fraction, config.data.split_seed,
                                        progress=not args.no_progress)
     summary = {}
     for name, splits in prepared.items():

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpt_jax.eval.report import write_report  # noqa: E402
+from cpt_jax.eval.report import write_report
 
 
 def main(argv=None) -> int:

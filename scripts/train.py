@@ -20,16 +20,14 @@ with status 2; a run that diverged exits with status 1; --debug shows the traceb
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import logging  # noqa: E402
+from absl import logging
 
-from cpt_jax import cli  # noqa: E402
-from cpt_jax.train.loop import run  # noqa: E402
-from cpt_jax.train.resume import Preempted  # noqa: E402
+from cpt_jax import cli
+from cpt_jax.train.loop import run
+from cpt_jax.train.resume import Preempted
 
 
 def parse_args(argv):

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, process_row_range
-from cpt_jax.data.sampler import ReplaySampler
+from cpt_jax.replay.sampler import ReplaySampler
 from cpt_jax.optim.builder import make_optimizer, make_schedule
 from cpt_jax.train.state import create_train_state
 from cpt_jax.train.step import make_train_step
@@ -134,17 +134,15 @@ def train(config, mesh_axes: dict, out: str, log) -> None:
         for d, r in zip(idx.domain[lo:hi], idx.row[lo:hi]):
             expected_reads[int(d)][int(r)] += 1
         # Every local shard of the global batch holds the sampler's rows.
-        for shard in batch["tokens"].addressable_shards:
+        for shard in batch.arrays["tokens"].addressable_shards:
             rows = range(GLOBAL_BATCH)[shard.index[0]]
             want = np.stack([sources[idx.domain[r]].tokens[idx.row[r]] for r in rows])
             np.testing.assert_array_equal(np.asarray(shard.data), want)
-        for shard in batch["is_replay"].addressable_shards:
-            np.testing.assert_array_equal(np.asarray(shard.data),
-                                          idx.is_replay[shard.index[0]].astype(np.int32))
+        np.testing.assert_array_equal(batch.is_replay, idx.is_replay[lo:hi])
         n_replay = sampler.n_replay(task, step)
-        assert n_replay == round(REPLAY_RATE * GLOBAL_BATCH)
+        assert n_replay == batch.n_replay == round(REPLAY_RATE * GLOBAL_BATCH)
         assert idx.is_replay[lo:hi].sum() == n_replay // nproc  # replay on every process
-        state, metrics = step_fn(state, batch, n_replay)
+        state, metrics = step_fn(state, batch.arrays, n_replay)
         metrics_log.append({"task": task, "step": step, "n_replay": n_replay,
                             **{k: np.asarray(v).tolist() for k, v in metrics.items()}})
         log(f"step {step} loss {metrics_log[-1]['loss']:.6f}")

@@ -3,10 +3,10 @@ memory each method adds, in parameter copies."""
 
 import importlib.util
 import os
-import sys
 
 import pytest
 
+from cpt_jax import cli
 from cpt_jax.optim.transforms import LOSS_WINDOW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,12 +18,12 @@ def bench():
                                                   os.path.join(ROOT, "scripts", "benchmark.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.FLAGS([sys.argv[0], "--config", os.path.join(ROOT, "configs", "tiny.py")])
+    mod.config = cli.load_config(os.path.join(ROOT, "configs", "tiny.py"), [])
     return mod
 
 
 def test_single_benchmark_reports_mfu(bench):
-    cfg = bench.FLAGS.config
+    cfg = bench.config
     r = bench.benchmark(cfg, steps=1, warmup=0)
     assert r["tokens_per_s"] > 0
     # MFU = model FLOP/s over the measured matmul peak
@@ -41,7 +41,7 @@ def test_single_benchmark_reports_mfu(bench):
 
 
 def test_method_memory_in_parameter_copies(bench):
-    r = bench.compare_methods(bench.FLAGS.config, ["replay", "agem", "reptile"], steps=1,
+    r = bench.compare_methods(bench.config, ["replay", "agem", "reptile"], steps=1,
                               warmup=0)
     assert r["replay"]["extra_param_copies"] == 0.0
     assert r["agem"]["extra_param_copies"] == 0.0
@@ -51,7 +51,7 @@ def test_method_memory_in_parameter_copies(bench):
 
 
 def test_checkpoint_timing_saves_the_whole_state(bench, tmp_path):
-    r = bench.checkpoint_times(bench.FLAGS.config, str(tmp_path / "ck"), repeats=1)
+    r = bench.checkpoint_times(bench.config, str(tmp_path / "ck"), repeats=1)
     # configs/tiny.py: 69632 matmul params + embedding 128*64 + norms (2*2 + 1)*64 = 78144;
     # params + AdamW's two moments in float32, the guard's loss window, a few int32 counters
     assert 3 * 4 * 78144 + 4 * LOSS_WINDOW <= r["state_bytes"] < 3 * 4 * 78144 + 4 * LOSS_WINDOW + 64

@@ -266,23 +266,33 @@ def test_preparation_is_deterministic(tok, tmp_path):
 
 
 def test_prepare_data_script(tmp_path, capsys):
+    """scripts/prepare_data.py prepares a run config's data where the run looks for it."""
     import importlib.util
     path = os.path.join(os.path.dirname(__file__), "..", "scripts", "prepare_data.py")
     spec = importlib.util.spec_from_file_location("prepare_data_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     src = _write_docs(tmp_path / "src", _docs(20))
-    summary = script.main(["--demo", "--demo_max_chars", "15000", "--domain", json.dumps(src),
-                           "--data_dir", str(tmp_path / "data"), "--vocab_size", "400",
-                           "--seq_len", "32", "--no_progress"])
+    demos = [{"name": n, "kind": "demo", "demo": n, "max_chars": 15000}
+             for n in ("python_docs", "python_code", "unicode_table")]
+    config = tmp_path / "cfg.py"
+    config.write_text(
+        "from cpt_jax.run_config import default_config\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        "    c.model.vocab_size, c.seq_len = 400, 32\n"
+        f"    c.data.domains = {[src] + demos!r}\n"
+        "    return c\n")
+    summary = script.main(["--config", str(config), "--workdir", str(tmp_path / "run"),
+                           "--no_progress"])
     assert list(summary) == ["toy", "python_docs", "python_code", "unicode_table"]
     assert all(v["train_rows"] > 0 and v["val_rows"] > 0 for v in summary.values())
-    # where a run with the same data.cache_dir looks for its trained tokenizer
-    assert os.path.isfile(tmp_path / "data" / "tokenizer-bpe-400.model")
+    # where a run of this config with --workdir run looks for its data and tokenizer
+    assert os.path.isfile(tmp_path / "run" / "data" / "tokenizer-bpe-400.model")
+    assert all(v["dir"].startswith(str(tmp_path / "run" / "data")) for v in summary.values())
     assert '"domain": "unicode_table"' in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"--tokenizer PATH"):
-        script.main(["--demo", "--data_dir", str(tmp_path / "d"), "--seq_len", "8"])
-
+    with pytest.raises(ValueError, match=r"--workdir"):
+        script.main(["--config", str(config)])
 
 
 # ---------------------------------------------------------------------------------------

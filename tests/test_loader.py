@@ -5,7 +5,7 @@ import numpy as np
 
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, eval_batches
-from cpt_jax.data.sampler import ReplaySampler
+from cpt_jax.replay.sampler import ReplaySampler
 
 
 class FakeRows:
@@ -30,13 +30,16 @@ def test_batches_hold_the_sampled_rows_sharded():
     for step, batch in enumerate(loader.iterate(1, 0, 3)):
         idx = sampler.batch(1, step)
         want = idx.domain * 1000 + idx.row
-        np.testing.assert_array_equal(np.asarray(batch["tokens"])[:, 0], want)
-        np.testing.assert_array_equal(np.asarray(batch["is_replay"]), idx.is_replay)
-        assert batch["tokens"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
-        assert {s.data.shape for s in batch["tokens"].addressable_shards} == {(2, 5)}
+        np.testing.assert_array_equal(np.asarray(batch.arrays["tokens"])[:, 0], want)
+        np.testing.assert_array_equal(batch.is_replay, idx.is_replay)
+        assert batch.n_replay == 2 == idx.is_replay.sum()
+        assert set(batch.arrays) == {"tokens", "segment_ids"}  # nothing unused on device
+        tokens = batch.arrays["tokens"]
+        assert tokens.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+        assert {s.data.shape for s in tokens.addressable_shards} == {(2, 5)}
     # the iterator starts anywhere: batch 2 alone equals the third iterated batch
-    np.testing.assert_array_equal(np.asarray(loader.batch(1, 2)["tokens"]),
-                                  np.asarray(batch["tokens"]))
+    alone = next(iter(loader.iterate(1, 2, 3)))
+    np.testing.assert_array_equal(np.asarray(alone.arrays["tokens"]), np.asarray(tokens))
 
 
 def test_eval_batches_pad_with_segment_zero():

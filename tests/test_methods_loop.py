@@ -15,6 +15,8 @@ from cpt_jax import model as model_lib
 from cpt_jax.train.checkpoint import RunCheckpointer
 from cpt_jax.train.loop import prepare_run, run
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` skips it in the inner loop
+
 BOUNDARY, END = 6, 12
 
 

@@ -23,6 +23,8 @@ import pytest
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.run_config import default_config
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` skips it in the inner loop
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
 TIMEOUT_S = 300

@@ -19,7 +19,7 @@ import pytest
 from test_data_prepare import _wrapped_documents
 
 from cpt_jax.data.loader import BatchLoader
-from cpt_jax.train import loop
+from cpt_jax.train import setup as loop_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_GRAM = 4
@@ -100,8 +100,8 @@ def run_parts(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("leak")
     docs = _documents()
     config = _config(tmp_path, docs)
-    parts = loop.prepare_run(config, str(tmp_path / "work"))
-    tok = loop.load_tokenizer(config, [dict(d) for d in config.data.domains],
+    parts = loop_setup.prepare_run(config, str(tmp_path / "work"))
+    tok = loop_setup.load_tokenizer(config, [dict(d) for d in config.data.domains],
                               config.data.cache_dir)
     wrapped = {name: [tuple([tok.bos_id, *tok.encode(t), tok.eos_id]) for t in texts]
                for name, texts in docs.items()}
@@ -162,9 +162,9 @@ def test_loader_never_yields_validation_text(run_parts):
         seen_complete, seen_prefix, seen_suffix = set(), set(), set()
         new_rows = 0
         for batch in loader.iterate(k, 0, parts.steps[k]):
-            tokens = np.asarray(batch["tokens"])
-            segs = np.asarray(batch["segment_ids"])
-            is_replay = np.asarray(batch["is_replay"]).astype(bool)
+            tokens = np.asarray(batch.arrays["tokens"])
+            segs = np.asarray(batch.arrays["segment_ids"])
+            is_replay = batch.is_replay
             assert tokens.shape == (config.global_batch, config.seq_len + 1)
             for r, (complete, prefixes, suffixes) in enumerate(
                     _pieces(tokens, segs, bos, eos)):

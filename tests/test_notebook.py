@@ -42,6 +42,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
 INSTALL_PROBE = """
 import json, subprocess, sys
+
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` skips it in the inner loop
 calls = []
 subprocess.check_call = lambda args, **kw: calls.append(args[4:])  # record, do not install
 cell = next(c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code")

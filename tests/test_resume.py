@@ -20,6 +20,8 @@ from cpt_jax.train.loop import prepare_run, run, run_start
 from cpt_jax.train.resume import ConfigMismatch, config_diff
 from test_train_loop import _config
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` skips it in the inner loop
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

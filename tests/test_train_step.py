@@ -12,7 +12,7 @@ import pytest
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.data.sampler import replay_positions
+from cpt_jax.replay.sampler import replay_positions
 from cpt_jax.optim.builder import make_optimizer, make_schedule
 from cpt_jax.optim.transforms import PerSourceGrads
 from cpt_jax.run_config import default_config

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.data.mixing import read_rows
+from cpt_jax.data.rows import read_rows
 from cpt_jax.data.prepare import PackedRows
-from cpt_jax.data.sampler import ReplaySampler
+from cpt_jax.replay.sampler import ReplaySampler
 
 
 def process_row_range(mesh, global_batch: int) -> tuple[int, int]:
@@ -48,6 +48,18 @@ def _shift(s: slice, lo: int, n: int) -> slice:
     return slice(start, stop)
 
 
+class Batch(NamedTuple):
+    """One step's global batch. ``arrays``: tokens and segment_ids [B, L+1] int32 (plus a
+    method's per-row extras), global arrays sharded over the batch axes. On the host:
+    ``n_replay``, how many of the B rows are replayed (static for the train step, which
+    splits the batch at ``replay_positions(B, n_replay)``), and ``is_replay`` [rows of
+    this process] bool."""
+
+    arrays: dict
+    n_replay: int
+    is_replay: np.ndarray
+
+
 class BatchLoader:
     """Reads the global batch of (task, step) for the train step.
 
@@ -70,22 +82,17 @@ class BatchLoader:
                              f"(mesh data x fsdp); change global_batch or the mesh.")
         self.lo, self.hi = process_row_range(mesh, B)
 
-    def host_batch(self, task: int, step: int) -> dict:
+    def host_batch(self, task: int, step: int) -> Batch:
         """This process's rows of batch (task, step) as numpy arrays."""
         idx = self.sampler.batch(task, step)
         sl = slice(self.lo, self.hi)
         tokens, segs = read_rows(self.sources, idx.domain[sl], idx.row[sl])
-        out = {"tokens": tokens, "segment_ids": segs,
-               "is_replay": idx.is_replay[sl].astype(np.int32)}
+        out = {"tokens": tokens, "segment_ids": segs}
         if self.extras is not None:
             out.update(self.extras(task, step, idx.shard_range(self.lo, self.hi)))
-        return out
+        return Batch(out, int(idx.is_replay.sum()), idx.is_replay[sl])
 
-    def batch(self, task: int, step: int) -> dict:
-        return to_global(self.mesh, self.host_batch(task, step), self.sampler.global_batch,
-                         self.lo)
-
-    def iterate(self, task: int, start: int, stop: int, prefetch: int = 2) -> Iterator[dict]:
+    def iterate(self, task: int, start: int, stop: int, prefetch: int = 2) -> Iterator[Batch]:
         """Batches of steps [start, stop) of `task`, read `prefetch` steps ahead on a thread."""
         q: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         stop_flag = threading.Event()
@@ -109,7 +116,8 @@ class BatchLoader:
                     return
                 if kind == "error":
                     raise item
-                yield to_global(self.mesh, item, self.sampler.global_batch, self.lo)
+                yield item._replace(arrays=to_global(self.mesh, item.arrays,
+                                                     self.sampler.global_batch, self.lo))
         finally:
             stop_flag.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue

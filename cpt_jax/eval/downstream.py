@@ -194,9 +194,7 @@ def _scorer(config: model_lib.LlamaConfig, mesh, rules):
 def _mesh_and_rules(mesh, rules):
     if mesh is None:
         mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    rules = sharding_lib.DEFAULT_RULES if rules is None else tuple(
-        (name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
-    return mesh, rules
+    return mesh, sharding_lib.rules_from_config(rules)
 
 
 def score_requests(config: model_lib.LlamaConfig, params, requests, *, batch_size: int = 32,

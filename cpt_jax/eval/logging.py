@@ -26,10 +26,10 @@ from cpt_jax import atomic
 JSONL_FILE = "metrics.jsonl"
 
 
-def _scalars(scalars: Mapping[str, Any]) -> dict:
+def scalars(values: Mapping[str, Any]) -> dict:
     """Python values for JSON: numbers -> float/int, arrays -> key/i entries, rest as is."""
     out = {}
-    for key, v in scalars.items():
+    for key, v in values.items():
         if hasattr(v, "shape") and hasattr(v, "dtype"):  # numpy / jax arrays and scalars
             a = np.asarray(v)
             if a.ndim:
@@ -95,15 +95,15 @@ class MetricsLogger:
                     pass  # a line cut short by the interruption
         atomic.write_text(self.path, "".join(kept))
 
-    def log(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Record ``scalars`` at ``step``: all of them in the jsonl line, numbers (not bools
-        or strings) in TensorBoard under their key as tag. A ``"step"`` key in ``scalars``
-        is ignored (the ``step`` argument is the one recorded)."""
+    def log(self, step: int, named: Mapping[str, Any]) -> None:
+        """Record the ``named`` scalars at ``step``: all of them in the jsonl line, numbers
+        (not bools or strings) in TensorBoard under their key as tag. A ``"step"`` key in
+        ``named`` is ignored (the ``step`` argument is the one recorded)."""
         if not self.active:
             return
         if self._file is None:
             raise ValueError(f"MetricsLogger for {self.path} is closed")
-        values = _scalars({k: v for k, v in scalars.items() if k != "step"})
+        values = scalars({k: v for k, v in named.items() if k != "step"})
         self._file.write(json.dumps({"step": int(step), **values}) + "\n")
         self._file.flush()
         if self._tb is not None:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpt_jax.data.sampler import feistel_permute
+from cpt_jax.replay.permutation import feistel_permute
 
 
 # ---------------------------------------------------------------------------------------

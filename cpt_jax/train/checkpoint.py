@@ -8,6 +8,7 @@ A **run checkpoint** (``RunCheckpointer``) is a step directory of an orbax Check
     progress/  JSON: position in the task sequence and every result measured so far
     config/    JSON: the run config it was made with
     der/       DER's stored top-k logits (only for DER runs)
+    pool/      the current task's replay pool (only for policies that store one)
 
 There is no RNG state to store: the sampler and every other random choice are functions of
 (config.seed, task, step), so the config plus the step say what comes next.
@@ -226,7 +227,8 @@ class RunCheckpointer:
             raise FileNotFoundError(f"no run checkpoints at {self.directory}")
         handlers = dict(state=ocp.StandardCheckpointHandler(),
                         progress=ocp.JsonCheckpointHandler(),
-                        config=ocp.JsonCheckpointHandler(), der=ocp.StandardCheckpointHandler())
+                        config=ocp.JsonCheckpointHandler(), der=ocp.StandardCheckpointHandler(),
+                        pool=ocp.StandardCheckpointHandler())
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
                                               options=options)
 
@@ -263,14 +265,15 @@ class RunCheckpointer:
             "--workdir elsewhere (checkpoint.keep bounds how many are kept).")
 
     def save(self, step: int, state, progress: dict, config: dict, der: dict | None = None,
-             *, wait: bool = False) -> None:
+             pool: dict | None = None, *, wait: bool = False) -> None:
         """Checkpoint `state` (a TrainState) and the JSON `progress`/`config` at `step`.
 
         An error of an earlier asynchronous save is raised here (as CheckpointError)."""
         items = dict(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress),
                      config=ocp.args.JsonSave(config))
-        if der is not None:
-            items["der"] = ocp.args.StandardSave(der)
+        for name, arrays in (("der", der), ("pool", pool)):
+            if arrays is not None:
+                items[name] = ocp.args.StandardSave(arrays)
         try:
             self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
             if wait:
@@ -306,7 +309,8 @@ class RunCheckpointer:
         return jax.tree.map(np.asarray, out)
 
     def restore(self, step: int, abstract_state):
-        """-> (TrainState, progress, config, der arrays or None) of checkpoint `step`.
+        """-> (TrainState, progress, config, {"der", "pool": arrays, where stored}) of
+        checkpoint `step`.
 
         Each array is read straight into the sharding ``abstract_state`` gives it (from
         ``state.abstract_train_state``), which may differ from the one it was saved with:
@@ -319,9 +323,9 @@ class RunCheckpointer:
                       f"checkpoint {self.directory / str(step)}", "the run's config")
         items = dict(state=ocp.args.StandardRestore(abstract_state),
                      progress=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
-        has_der = meta.get("der") is not None
-        if has_der:
-            items["der"] = ocp.args.StandardRestore()
+        extra = [name for name in ("der", "pool") if meta.get(name) is not None]
+        for name in extra:
+            items[name] = ocp.args.StandardRestore()
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        der = jax.tree.map(np.asarray, dict(out["der"])) if has_der else None
-        return out["state"], out["progress"], out["config"], der
+        arrays = {name: jax.tree.map(np.asarray, dict(out[name])) for name in extra}
+        return out["state"], out["progress"], out["config"], arrays

@@ -17,6 +17,7 @@ from cpt_jax import sharding as sharding_lib
 from cpt_jax.optim import distill as distill_lib
 from cpt_jax.optim import transforms
 from cpt_jax.optim.fisher import diag_fisher
+from cpt_jax.replay.permutation import draw_rows
 from cpt_jax.train.state import TrainState
 from cpt_jax.train.step import token_losses
 
@@ -74,13 +75,14 @@ class TaskBoundary:
                                out_shardings=shardings, donate_argnums=0)
 
     def fisher_rows(self, task: int) -> dict:
-        """`method.ewc.rows` rows drawn uniformly (seeded) from the training rows of the
-        task just finished, `task - 1`: online EWC adds each task's Fisher once (Schwarz
+        """`method.ewc.rows` distinct rows (all of them, repeated, if it has fewer) of the
+        task just finished, drawn by the run's keyed permutation, `task - 1`: online EWC adds each task's Fisher once (Schwarz
         et al. 2018); the earlier tasks' Fisher is already in the running sum."""
         source = self.sources[task - 1]
-        rng = np.random.default_rng([self.config.seed, task, 0xE3C])
         n = self.config.method.ewc.rows
-        tokens, segs = source.read(rng.choice(len(source), size=n, replace=len(source) < n))
+        rows = draw_rows(self.config.seed, "ewc", task, n, len(source))
+        rows = np.resize(rows, n)  # a task with fewer rows than asked: each row again
+        tokens, segs = source.read(rows)
         return {"tokens": tokens, "segment_ids": segs}
 
     def _apply(self, state: TrainState, rows):

@@ -4,7 +4,9 @@ A batch is a dict of global arrays sharded over the batch axes (data, fsdp):
 
     tokens       [B, L+1] int32   packed rows; inputs are [:, :-1], targets [:, 1:]
     segment_ids  [B, L+1] int32   document id within the row, 0 = padding
-    is_replay    [B]      int32   1 for rows replayed from earlier tasks
+
+(plus a method's per-row extras, e.g. DER's stored logits). Which rows are replayed is
+static: the ``n_replay`` the loader reports with the batch.
 
 The loss is next-token cross-entropy averaged over the tokens whose target lies in the same
 document as the input (the loss never crosses a document and skips padding).
@@ -31,7 +33,7 @@ import optax
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.data.sampler import replay_positions
+from cpt_jax.replay.sampler import replay_positions
 from cpt_jax.optim.transforms import GuardState, PerSourceGrads, schedule_count, tree_dot
 from cpt_jax.train.state import TrainState
 

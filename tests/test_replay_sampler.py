@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from cpt_jax.data.sampler import BatchIndex, ReplaySampler, feistel_permute
+from cpt_jax.replay.permutation import feistel_permute
+from cpt_jax.replay.sampler import BatchIndex, ReplaySampler
 
 ROWS = [37, 23, 11]
 
@@ -44,11 +45,9 @@ def test_exact_replay_count_and_only_earlier_tasks(rate):
 def test_replay_rows_are_spread_over_shards():
     sampler = ReplaySampler([1000, 1000], global_batch=16, rate=0.25, seed=0)
     b = sampler.batch(1, 0)
-    for i in range(4):
-        assert b.shard(i, 4).is_replay.sum() == 1
-    assert len(b.shard(3, 4)) == 4
-    with pytest.raises(ValueError, match=r"multiple of the shards"):
-        b.shard(0, 3)
+    for i in range(4):  # each contiguous quarter (a data-parallel shard) holds one
+        assert b.shard_range(4 * i, 4 * i + 4).is_replay.sum() == 1
+    assert len(b.shard_range(12, 16)) == 4
 
 
 def test_batches_are_a_pure_function_of_seed_task_step():

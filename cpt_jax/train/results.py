@@ -1,0 +1,50 @@
+"""What a run has measured (``Progress``, saved with every checkpoint) and the
+``results.json`` made from it (``make_results``; schema in DESIGN.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cpt_jax.eval import metrics as metrics_lib
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands and what it has measured: saved (as JSON) with every checkpoint.
+
+    ``task``/``step``: the next step to run is step ``step`` of task ``task`` (``task`` ==
+    number of tasks once the run is done); ``step`` == 0 means the task's boundary update
+    (teacher snapshot, anchors, Fisher) has not been applied yet.
+    """
+
+    task: int = 0
+    step: int = 0
+    global_step: int = 0
+    data_fingerprints: dict | None = None  # resume.data_fingerprints of the run's data
+    init_losses: dict = dataclasses.field(default_factory=dict)  # the starting model
+    init_losses_random: dict = dataclasses.field(default_factory=dict)  # FWT's baseline
+    eval_curve: list = dataclasses.field(default_factory=list)
+    loss_matrix: list = dataclasses.field(default_factory=list)
+    task_boundaries: list = dataclasses.field(default_factory=list)
+    task_stats: list = dataclasses.field(default_factory=list)
+
+
+def make_results(config, parts, progress: Progress, config_json: dict) -> dict:
+    """results.json (schema in DESIGN.md): a pure function of the config, no wall times."""
+    task_stats, compute = metrics_lib.with_flops(progress.task_stats, parts.mcfg,
+                                                 config.seq_len)
+    results = {
+        "domains": parts.names,
+        "tasks": parts.task_names,
+        "method": config.method.name,
+        "loss_matrix": progress.loss_matrix,
+        "init_losses": progress.init_losses,
+        "init_losses_random": progress.init_losses_random,
+        "eval_curve": progress.eval_curve,
+        "task_boundaries": progress.task_boundaries,
+        "task_stats": task_stats,
+        "compute": compute,
+        "config": config_json,
+    }
+    results["metrics"] = metrics_lib.metrics_from_results(results)
+    return results

@@ -1,0 +1,272 @@
+"""Everything a run builds before its first step: tokenizer, prepared data, replay
+sampler, mesh, optimizer and shardings (``prepare_run``), and the state it starts from:
+a fresh init, pre-trained weights, another run's checkpoint, or this run's own newest
+readable checkpoint (``run_start``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from cpt_jax import hf
+from cpt_jax import model as model_lib
+from cpt_jax import sharding as sharding_lib
+from cpt_jax.data import prepare as prepare_lib
+from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.data.rows import ConcatRows
+from cpt_jax.optim import transforms
+from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.replay.rates import nominal_steps, replay_rates
+from cpt_jax.replay.sampler import ReplaySampler
+from cpt_jax.train import checkpoint as checkpoint_lib
+from cpt_jax.train.resume import ConfigMismatch
+from cpt_jax.train.results import Progress
+from cpt_jax.train.state import abstract_train_state, create_train_state, state_shardings
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def load_tokenizer(config, domains, data_dir):
+    """The run's tokenizer: an existing .model, or one trained on a sample of all domains."""
+    t = config.tokenizer
+    if t.path:
+        tok = tokenizer_lib.load_tokenizer(os.path.expanduser(t.path))
+    else:
+        prefix = tokenizer_lib.trained_prefix(data_dir, t.model_type, config.model.vocab_size)
+        tok = tokenizer_lib.train_tokenizer(
+            domains, prefix, config.model.vocab_size, model_type=t.model_type,
+            character_coverage=t.character_coverage, sample_chars=t.sample_chars)
+    tokenizer_lib.check_vocab(tok, config.model.vocab_size)
+    return tok
+
+
+def initial_params(config, mcfg):
+    """Parameters to start from: None (fresh init), a Hugging Face directory or an orbax one."""
+    if config.init.hf:
+        cfg, params = hf.load_hf_llama(config.init.hf)
+    elif config.init.orbax:
+        cfg, params = checkpoint_lib.load_params(config.init.orbax, expected_config=mcfg)
+    else:  # fresh init, or init.checkpoint (the whole state, restored in run_start)
+        return None
+    _check_same_shape(cfg, mcfg, config.init.hf or config.init.orbax)
+    return params
+
+
+def _check_same_shape(loaded: model_lib.LlamaConfig, wanted: model_lib.LlamaConfig, path):
+    keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+            "dim_per_head", "tie_embeddings")
+    diff = {k: (getattr(loaded, k), getattr(wanted, k)) for k in keys
+            if getattr(loaded, k) != getattr(wanted, k)}
+    if diff:
+        raise ValueError(f"checkpoint {path} does not match config.model: "
+                         + ", ".join(f"{k}: checkpoint {a} vs config {b}"
+                                     for k, (a, b) in diff.items()))
+
+
+def starts_pretrained(config) -> bool:
+    """True when the run starts from trained weights (init.hf, init.orbax, init.checkpoint)."""
+    return any(config.init.get(k) for k in ("hf", "orbax", "checkpoint"))
+
+
+def random_init_params(config, parts):
+    """The randomly initialised model of ``config.seed``, sharded like the run's parameters:
+    FWT's baseline (Lopez-Paz & Ranzato 2017), also for a run that starts pre-trained."""
+    init = jax.jit(functools.partial(model_lib.init_params, parts.mcfg),
+                   out_shardings=parts.shardings.params)
+    return init(jax.random.key(config.seed))
+
+
+@dataclasses.dataclass
+class RunParts:
+    """Everything `run` builds from the config before training: data, model, steps."""
+
+    names: list  # domains, in data.domains order
+    eval_order: list  # loss matrix columns
+    task_names: list
+    steps: list  # steps of each task
+    train_sources: list
+    prepared: dict
+    sampler: ReplaySampler
+    mcfg: model_lib.LlamaConfig
+    mesh: object
+    rules: object
+    tx: object
+    schedule: object
+    shardings: object
+
+
+def build_model(config, task_steps):
+    """(LlamaConfig, mesh, sharding rules, learning-rate schedule, optimizer chain, state
+    shardings) of a run config whose tasks take ``task_steps`` steps."""
+    mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
+    mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+    rules = sharding_lib.rules_from_config(config.sharding_rules)
+    schedule = make_schedule(config.optim, task_steps)
+    tx = make_optimizer(config, schedule)
+    shardings = state_shardings(mcfg, tx, mesh, rules, teacher=config.method.distill.weight > 0)
+    return mcfg, mesh, rules, schedule, tx, shardings
+
+
+def prepare_run(config, workdir: str) -> RunParts:
+    """Tokenize and pack the data (process 0 first, the others then read its cache), build
+    the sampler, mesh, optimizer and state shardings."""
+    is_main = jax.process_index() == 0
+    domains = [dict(d) for d in config.data.domains]
+    names = [d["name"] for d in domains]
+    data_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
+    os.makedirs(data_dir, exist_ok=True)
+
+    def prepare():
+        tok = load_tokenizer(config, domains, data_dir)
+        return prepare_lib.prepare_domains(domains, tok, data_dir, config.seq_len,
+                                           config.data.val_fraction, config.data.split_seed,
+                                           progress=is_main)
+
+    if is_main:
+        prepared = prepare()
+    checkpoint_lib.sync_processes("cpt_jax_data_prepared")
+    if not is_main:  # a cache hit now: never two writers on one cache
+        prepared = prepare()
+    tasks = [dict(t) for t in config.tasks]
+    task_names = [t["domain"] for t in tasks]
+    train_sources = [prepared[n]["train"] for n in task_names]
+    if config.joint:  # one task over the union of every task's rows and budget
+        train_sources = [ConcatRows(train_sources)]
+        tasks = [{"steps": sum(nominal_steps(config, t) for t in tasks)}]
+        task_names = ["joint"]
+    sampler = ReplaySampler([len(s) for s in train_sources], config.global_batch,
+                            rate=replay_rates(config, tasks),
+                            accounting=config.replay.accounting, seed=config.seed,
+                            names=task_names)
+    steps = [sampler.steps_in_task(k, budget_tokens=t.get("tokens"),
+                                   budget_steps=t.get("steps"), seq_len=config.seq_len)
+             for k, t in enumerate(tasks)]
+    mcfg, mesh, rules, schedule, tx, shardings = build_model(config, steps)
+    return RunParts(names=names, eval_order=[t["domain"] for t in config.tasks],
+                    task_names=task_names, steps=steps, train_sources=train_sources,
+                    prepared=prepared, sampler=sampler, mcfg=mcfg, mesh=mesh, rules=rules,
+                    tx=tx, schedule=schedule, shardings=shardings)
+
+
+def check_val_rows(config, parts) -> None:
+    """Every domain must have validation rows: a domain without them would be reported as
+    loss 0.000 in every row of the loss matrix."""
+    for name in parts.names:
+        val = parts.prepared[name]["val"]
+        if len(val) == 0:
+            meta = val.meta
+            raise ValueError(
+                f"domain {name!r} has no validation rows: its {meta['n_documents']} "
+                f"document(s) all went to training with data.val_fraction="
+                f"{config.data.val_fraction}, in {os.path.dirname(val.path)} (prepared by an "
+                "older version, which did not hold out part of a single document). Delete "
+                "that folder to prepare it again, add documents or raise data.val_fraction")
+
+
+def warn_replay_without_history(config, parts: RunParts) -> None:
+    """replay.rate > 0 replays nothing when no task has an earlier one (a one-task or joint
+    run): say so once; results.json's compute.replay_tokens records the replay done."""
+    if config.replay.rate > 0 and len(parts.steps) == 1:
+        print(f"warning: replay.rate={config.replay.rate} has no effect: this run has one "
+              f"task ({parts.task_names[0]}) and so no earlier task to replay; results.json "
+              "records replay_tokens=0", file=sys.stderr)
+
+
+def _checkpoint_dir(path: str) -> tuple[str, int | None]:
+    """init.checkpoint: a run's workdir, its checkpoints/ directory, or one step directory
+    in it -> (checkpoints directory, step or None for the latest)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        return os.path.join(path, CHECKPOINT_DIR), None
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(path):
+        return os.path.dirname(path), int(base)
+    return path, None
+
+
+def run_start(config, parts: RunParts, peek, resume_steps, damaged=()):
+    """The state and progress to train from -> (state, progress, the checkpoint's extra
+    arrays: {"der": DER's memory, "pool": the current task's replay pool}, when stored).
+
+    Resuming: the newest of ``resume_steps`` that can be restored (``peek``: the workdir's
+    read-only checkpointer); newer damaged ones (and ``damaged``, found unreadable before)
+    are moved aside with a warning. Otherwise a fresh init, parameters from
+    init.hf / init.orbax with a new optimizer state, or the whole state of another run's
+    checkpoint (init.checkpoint: optimizer moments, counters and Reptile/EWC state carry
+    over; the new run's progress starts at step 0, and so does its learning-rate schedule
+    unless init.continue_schedule).
+    """
+    abstract = abstract_train_state(parts.mcfg, parts.tx, parts.shardings)
+    if resume_steps:
+        step, restored, more = checkpoint_lib.newest_readable(
+            resume_steps, lambda s: peek.restore(s, abstract))
+        damaged = [*damaged, *more]
+        if step is None:
+            raise checkpoint_lib.CheckpointError(
+                f"no checkpoint in {peek.directory} can be read ({_damage(damaged)}); delete "
+                f"{peek.directory} to start the run over")
+        set_aside(peek, damaged)
+        state, progress, _, arrays = restored
+        return state, Progress(**progress), arrays
+    if config.init.get("checkpoint"):
+        directory, step = _checkpoint_dir(config.init.checkpoint)
+        source = checkpoint_lib.RunCheckpointer(directory, read_only=True)
+        step = source.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"init.checkpoint={config.init.checkpoint}: no complete "
+                                    f"checkpoint under {directory}")
+        state, _, _, _ = source.restore(step, abstract)
+        if not config.init.continue_schedule:  # a new run: its own warmup and decay
+            state = state.replace(step=jnp.zeros_like(state.step),
+                                  opt_state=transforms.restart_schedule(state.opt_state))
+        return state, Progress(), {}
+    state, _ = create_train_state(parts.mcfg, parts.tx, parts.mesh, parts.rules,
+                                  jax.random.key(config.seed),
+                                  params=initial_params(config, parts.mcfg),
+                                  teacher=parts.shardings.teacher is not None)
+    return state, Progress(), {}
+
+
+def _damage(damaged) -> str:
+    return "; ".join(f"step {s}: {' '.join(str(e).split())[:200]}" for s, e in damaged)
+
+
+def set_aside(peek, damaged) -> None:
+    """Move damaged checkpoints out of the way (process 0), saying so."""
+    if jax.process_index() == 0:
+        for step, e in damaged:
+            moved = peek.move_aside(step)
+            print(f"warning: checkpoint {peek.directory / str(step)} is damaged "
+                  f"({' '.join(str(e).split())[:200]}); moved it to {moved} and resumed from "
+                  "the previous one", file=sys.stderr)
+    checkpoint_lib.sync_processes("cpt_jax_damaged_set_aside")
+
+
+def readable_checkpoints(peek) -> tuple[list[int], dict, dict, list]:
+    """The workdir's checkpoint steps up to the newest whose JSON items can be read, that
+    one's config and progress, and the damaged newer ones (set aside once a checkpoint
+    is restored)."""
+    step, items, damaged = checkpoint_lib.newest_readable(
+        peek.step_dirs(), lambda s: (peek.read_json(s, "config"), peek.read_json(s, "progress")))
+    if step is None and damaged:
+        raise checkpoint_lib.CheckpointError(
+            f"no checkpoint in {peek.directory} can be read ({_damage(damaged)}); delete "
+            f"{peek.directory} to start the run over")
+    if step is None:
+        return [], {}, {}, []
+    return [s for s in peek.step_dirs() if s <= step], items[0], items[1], damaged
+
+
+def check_position(progress: Progress, steps: list, where: str) -> None:
+    """A resumed run's position must exist in the (possibly changed) task list."""
+    if progress.task > len(steps) or (progress.task < len(steps)
+                                       and progress.step > steps[progress.task]):
+        raise ConfigMismatch(
+            f"{where} is at step {progress.step} of task {progress.task}, beyond the new task "
+            f"list ({len(steps)} tasks of {steps} steps); use a new --workdir for this task "
+            "list (init.checkpoint can start from that checkpoint)")
