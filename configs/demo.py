@@ -12,7 +12,7 @@ then continually trained on code and the table with 25% replay of earlier tasks
 The part after ':' picks a method from METHODS below (default: replay25). Methods with one
 Reptile period (``reptile``, ``mer25``) take its settings after commas, e.g.
 ``configs/demo.py:mer25,meta_lr=0.9,every=20`` (``meta_lr`` is the fraction of each
-period's displacement kept; see ``cpt_jax.optim.transforms.reptile_interpolate``). Periods
+period's displacement kept; see ``cpt_jax.methods.reptile.reptile_interpolate``). Periods
 are scaled to the demo: the paper's Reptile period of 500 steps is ~4% of a 100B-token task
 (~12k steps at 4096 x 2048 tokens per batch); 4% of a 120-step demo task is 5 steps.
 """
@@ -21,7 +21,8 @@ from cpt_jax.run_config import default_config
 
 
 def _reptile(c, *periods):
-    c.method.reptile = [{"every": k, "meta_lr": eps} for k, eps in periods]
+    c.method.name = "replay+reptile"
+    c.method.reptile.periods = [{"every": k, "meta_lr": eps} for k, eps in periods]
 
 
 MER_PERIOD = (5, 0.8)  # (every, meta_lr): see the README's MER meta-rate sweep
@@ -40,19 +41,23 @@ METHODS = {
     # across-batch one (gamma), here over steps: beta = 0.3 every 2, gamma = 0.1 every 10.
     "mer_original": lambda c: _reptile(c, (2, 0.3), (10, 0.1)),
     # A-GEM: replayed rows give the reference gradient only (Chaudhry et al. 2019).
-    "agem": lambda c: c.method.agem.update(dict(enabled=True, add_replay=False)),
+    "agem": lambda c: c.method.update(dict(name="agem")),
     # Online EWC: at each task end the Fisher of the finished task is added; no replay.
-    "ewc": lambda c: (c.replay.update(dict(rate=0.0)), c.method.ewc.update(dict(lam=1e3))),
+    "ewc": lambda c: (c.replay.update(dict(rate=0.0)), c.method.update(dict(name="replay+ewc")),
+                      c.method.ewc.update(dict(lam=1e3))),
     # L2 toward the previous task's final weights; no replay.
-    "l2": lambda c: (c.replay.update(dict(rate=0.0)),
+    "l2": lambda c: (c.replay.update(dict(rate=0.0)), c.method.update(dict(name="replay+l2")),
                      c.method.l2.update(dict(weight=1e-2, anchor="task_start"))),
     # Logit distillation on replayed rows from a teacher frozen at each task boundary.
-    "distill": lambda c: c.method.distill.update(dict(weight=1.0, temperature=2.0)),
+    "distill": lambda c: (c.method.update(dict(name="replay+distill")),
+                          c.method.distill.update(dict(weight=1.0, temperature=2.0))),
     # Dark Experience Replay (DER++: replay + logit matching on 256 stored rows per task).
-    "der": lambda c: c.method.der.update(dict(weight=0.5, k=16, rows_per_domain=256)),
+    "der": lambda c: (c.method.update(dict(name="replay+der")),
+                      c.method.der.update(dict(weight=0.5, k=16, rows_per_domain=256))),
     # Mix-review (He et al. 2021): replay decaying 0.25 -> 0.05 over the run (the code and
     # table tasks), plus a weak L2 pull toward the pre-trained (task-0-start) weights.
     "mixreview": lambda c: (c.replay.update(dict(schedule="exp_decay", end_rate=0.05)),
+                            c.method.update(dict(name="replay+l2")),
                             c.method.l2.update(dict(weight=1e-4, anchor="init"))),
     # Joint training on the union of all three domains: the upper reference.
     "joint": lambda c: c.update(dict(joint=True)),
@@ -61,17 +66,17 @@ METHODS = {
 
 def _reptile_overrides(c, spec: str, arg: str) -> None:
     """Apply ``meta_lr=X,every=K`` to a one-period Reptile method."""
-    if len(c.method.reptile) != 1:
+    if len(c.method.reptile.periods) != 1:
         raise ValueError(f"configs/demo.py:{arg}: only a method with one Reptile period "
                          "(reptile, mer25) takes meta_lr=/every= settings")
-    period = dict(c.method.reptile[0])
+    period = dict(c.method.reptile.periods[0])
     for item in spec.split(","):
         key, _, value = item.partition("=")
         if key not in ("meta_lr", "every") or not value:
             raise ValueError(f"configs/demo.py:{arg}: {item!r} is not meta_lr=X or every=K; "
                              "e.g. configs/demo.py:mer25,meta_lr=0.9,every=20")
         period[key] = int(value) if key == "every" else float(value)
-    c.method.reptile = [period]
+    c.method.reptile.periods = [period]
 
 
 def get_config(arg: str = "replay25"):
@@ -79,7 +84,6 @@ def get_config(arg: str = "replay25"):
     if method not in METHODS:
         raise ValueError(f"unknown demo method {method!r}; choose one of {sorted(METHODS)}")
     c = default_config()
-    c.name = "demo"
     c.model.update(dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                         d_ff=384, max_seq_len=256, tie_embeddings=True))
     c.seq_len = 128
@@ -98,7 +102,7 @@ def get_config(arg: str = "replay25"):
                {"domain": "unicode", "steps": 120}]
     c.replay.rate = 0.25
     c.eval.update(dict(every=40, max_rows=32, batch=32))
-    c.method.name = method
+    c.name = method  # the run's label; method.name is the composition it selects
     METHODS[method](c)
     if settings:
         _reptile_overrides(c, settings, arg)

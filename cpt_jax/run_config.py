@@ -73,25 +73,11 @@ def default_config() -> ml_collections.ConfigDict:
                                               policy="uniform"))
     # Joint training on the union of all tasks' data (the upper reference): one task.
     c.joint = False
-    # Continual-learning method (cpt_jax.optim.builder): a few keys, not a new trainer.
-    c.method = ml_collections.ConfigDict()
-    c.method.name = "replay"  # a label for reports
-    # Per-source gradient weights (current, replay); None = token-proportional, i.e. the
-    # gradient of the mixed batch's mean loss.
-    c.method.mix_weights = ml_collections.FieldReference(None, field_type=list)
-    c.method.agem = ml_collections.ConfigDict(dict(enabled=False, add_replay=False))
-    # MER / Reptile: a list of {"every": k, "meta_lr": eps}; two entries = original MER.
-    # meta_lr is Nichol's outer step size, the fraction of each period's displacement KEPT:
-    # theta <- theta_slow + meta_lr (theta - theta_slow). Written (1-eps) theta + eps
-    # theta_slow (a pull-back of eps), the same update keeps 1 - eps: meta_lr = 1 - eps.
-    c.method.reptile = []
-    c.method.reptile_reset_moments = False
-    c.method.l2 = ml_collections.ConfigDict(dict(weight=0.0, anchor="init"))  # or task_start
-    c.method.ewc = ml_collections.ConfigDict(dict(lam=0.0, decay=1.0, rows=64, chunk=4))
-    # Logit distillation on replayed rows from a teacher snapshot taken at each task boundary.
-    c.method.distill = ml_collections.ConfigDict(dict(weight=0.0, temperature=2.0))
-    # Dark Experience Replay: top-k logits of a seeded subset of rows, matched on replay.
-    c.method.der = ml_collections.ConfigDict(dict(weight=0.0, k=32, rows_per_domain=1024))
+    # Continual-learning methods (cpt_jax.methods): method.name selects them, joined with
+    # "+" ("replay", "replay+reptile" = MER, "agem", "replay+ewc", ...); their keys live under
+    # method.<name> (e.g. method.reptile.periods, method.ewc.lam).
+    from cpt_jax import methods
+    c.method = methods.default_config()
     c.eval = ml_collections.ConfigDict(dict(every=100, max_rows=64, batch=16))
     # Starting point: fresh init; parameters from a Hugging Face directory (hf) or a params
     # checkpoint (orbax) with a new optimizer state; or the whole train state of another
@@ -192,21 +178,8 @@ def check_config(c) -> None:
         _need(isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1,
               f"task {t}: its budget must be a positive integer")
 
-    m = c.method
-    _need(m.l2.anchor in ("init", "task_start"), f"method.l2.anchor={m.l2.anchor!r}: use "
-          "'init' (the weights the run starts from) or 'task_start'")
-    for rep in m.reptile:
-        _need(isinstance(rep, dict) and set(rep) == {"every", "meta_lr"}
-              and int(rep["every"]) >= 1 and 0 < float(rep["meta_lr"]) <= 1,
-              f"method.reptile entry {rep}: give {{'every': k >= 1, 'meta_lr': eps in (0, 1]}}")
-    _need(not m.mix_weights or (len(m.mix_weights) == 2 and min(m.mix_weights) >= 0),
-          f"method.mix_weights={m.mix_weights}: give two weights >= 0 (current, replay)")
-    _need(m.ewc.rows >= 1 and m.ewc.chunk >= 1,
-          f"method.ewc.rows={m.ewc.rows} and chunk={m.ewc.chunk} must be >= 1")
-    _need(m.distill.temperature > 0,
-          f"method.distill.temperature={m.distill.temperature} must be > 0")
-    _need(1 <= m.der.k <= c.model.vocab_size and m.der.rows_per_domain >= 1,
-          f"method.der.k={m.der.k} must be in [1, vocab_size] and rows_per_domain >= 1")
+    from cpt_jax import methods
+    methods.check(c)
 
     given = [f"init.{k}" for k in ("hf", "orbax", "checkpoint") if c.init.get(k)]
     _need(len(given) <= 1, f"{' and '.join(given)} are all set: start from only one of them")

@@ -39,7 +39,7 @@ from absl import logging
 
 from cpt_jax import atomic, cli
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.train.methods import make_loss_fn
+from cpt_jax.methods import make_loss_fn
 from cpt_jax.train.setup import build_model
 from cpt_jax.train.state import create_train_state
 from cpt_jax.train.step import make_train_step
@@ -188,10 +188,11 @@ def method_config(config, method: str, rate: float, reptile_every: int = 500):
     if method == "replay":
         return c, n_replay, None
     if method == "agem":
-        c.method.agem.enabled = True
+        c.method.name = "agem"
         return c, n_replay, None
     if method in ("reptile", "mer"):
-        c.method.reptile = [{"every": 2, "meta_lr": 0.1}]  # period 2: time both kinds
+        c.method.name = "replay+reptile"
+        c.method.reptile.periods = [{"every": 2, "meta_lr": 0.1}]  # period 2: time both kinds
         return c, (n_replay if method == "mer" else 0), reptile_every
     raise cli.UserError(f"--methods: unknown method {method!r}; use {', '.join(METHODS)}")
 

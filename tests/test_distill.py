@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpt_jax.optim import distill
+from cpt_jax.methods.der import DERStore
+from cpt_jax.train import losses as distill
 
 
 def _logits(seed, shape=(2, 3, 7), scale=3.0):
@@ -140,19 +141,19 @@ def _entries(n, L=3, k=2, offset=0.0):
 
 
 def test_store_selection_is_deterministic_sample():
-    store = distill.DERStore(k=2, rows_per_domain=10, seed=3)
+    store = DERStore(k=2, rows_per_domain=10, seed=3)
     sel = store.selected(0, 1000)
     assert sel.size == 10 and np.unique(sel).size == 10 and sel.min() >= 0 and sel.max() < 1000
-    np.testing.assert_array_equal(sel, distill.DERStore(2, 10, seed=3).selected(0, 1000))
+    np.testing.assert_array_equal(sel, DERStore(2, 10, seed=3).selected(0, 1000))
     assert not np.array_equal(sel, store.selected(1, 1000))
-    assert not np.array_equal(sel, distill.DERStore(2, 10, seed=4).selected(0, 1000))
+    assert not np.array_equal(sel, DERStore(2, 10, seed=4).selected(0, 1000))
     np.testing.assert_array_equal(store.selected(0, 7), np.arange(7))  # fewer rows than cap
     wants = store.wants(0, np.arange(1000), 1000)
     np.testing.assert_array_equal(np.flatnonzero(wants), sel)
 
 
 def test_store_add_has_get_round_trip():
-    store = distill.DERStore(k=2, rows_per_domain=3)
+    store = DERStore(k=2, rows_per_domain=3)
     v, i = _entries(2)
     assert store.add(1, [5, 9], v, i) == 2
     np.testing.assert_array_equal(store.has(1, [9, 5, 4]), [True, True, False])
@@ -180,12 +181,12 @@ def test_store_add_has_get_round_trip():
 
 def test_store_round_trips_through_arrays():
     """to_arrays / from_arrays: what run checkpoints store (tests/test_resume.py)."""
-    store = distill.DERStore(k=2, rows_per_domain=4, seed=11)
+    store = DERStore(k=2, rows_per_domain=4, seed=11)
     store.add(0, [3, 1], *_entries(2))
     store.add(2, [8], *_entries(1, offset=7.0))
     arrays = store.to_arrays()
     assert all(isinstance(v, np.ndarray) and v.dtype != object for v in arrays.values())
-    back = distill.DERStore.from_arrays(arrays)
+    back = DERStore.from_arrays(arrays)
     assert (back.k, back.rows_per_domain, back.seed) == (2, 4, 11)
     assert back.values_dtype == np.float16 and len(back) == 3
     for d, rows in ((0, [1, 3]), (2, [8])):

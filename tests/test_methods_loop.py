@@ -45,11 +45,14 @@ def runs(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     specs = {
         "seq": {},
-        "l2": {"method.l2.weight": 1.0, "method.l2.anchor": "task_start"},
-        "ewc": {"method.ewc.lam": 1e4, "method.ewc.rows": 8},
-        "reptile": {"method.reptile": [{"every": 3, "meta_lr": 0.5}]},
+        "l2": {"method.name": "replay+l2", "method.l2.weight": 1.0,
+               "method.l2.anchor": "task_start"},
+        "ewc": {"method.name": "replay+ewc", "method.ewc.lam": 1e4, "method.ewc.rows": 8},
+        "reptile": {"method.name": "replay+reptile",
+                    "method.reptile.periods": [{"every": 3, "meta_lr": 0.5}]},
         "replay": {"replay.rate": 0.25},
-        "distill": {"replay.rate": 0.25, "method.distill.weight": 50.0},
+        "distill": {"replay.rate": 0.25, "method.name": "replay+distill",
+                    "method.distill.weight": 50.0},
     }
     out = {}
     for name, edits in specs.items():
@@ -143,7 +146,8 @@ def test_online_ewc_adds_each_tasks_fisher_once(tmp_path):
     1's rows at the task-1-end weights, mean_n (d loss_n / d theta)^2 with loss_n a row's
     mean token loss; task 0's Fisher is not added again. ``ewc.rows`` equals task 1's row
     count, so the draw without replacement is all of its rows, whatever their order."""
-    c = _method_config(tmp_path, **{"method.ewc.lam": 1.0, "method.ewc.chunk": 1})
+    c = _method_config(tmp_path, **{"method.name": "replay+ewc", "method.ewc.lam": 1.0,
+                                    "method.ewc.chunk": 1})
     c.tasks = [{"domain": "en", "steps": 3}, {"domain": "num", "steps": 3},
                {"domain": "sym", "steps": 3}]
     parts = prepare_run(c, str(tmp_path / "work"))

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` skips it in the inner loop
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -42,8 +44,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
 INSTALL_PROBE = """
 import json, subprocess, sys
-
-pytestmark = pytest.mark.slow  # `pytest -m "not slow"` skips it in the inner loop
 calls = []
 subprocess.check_call = lambda args, **kw: calls.append(args[4:])  # record, do not install
 cell = next(c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code")

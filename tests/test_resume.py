@@ -30,7 +30,8 @@ def resume_config(root):
     moments, Reptile slow weights, EWC Fisher and anchor, a teacher snapshot and DER's
     stored logits. Task ends at steps 8, 14, 20; checkpoints every 3 steps."""
     c = _config(root)
-    c.method.reptile = [{"every": 2, "meta_lr": 0.5}]
+    c.method.name = "replay+reptile+ewc+distill+der"
+    c.method.reptile.periods = [{"every": 2, "meta_lr": 0.5}]
     c.method.ewc.update(dict(lam=10.0, rows=8, chunk=4))
     c.method.distill.update(dict(weight=0.5, temperature=2.0))
     c.method.der.update(dict(weight=0.5, k=4, rows_per_domain=16))

@@ -97,7 +97,8 @@ def test_boundary_methods_run_through_the_loop(tmp_path):
     c.method.ewc.update(dict(lam=10.0, rows=8, chunk=4))
     c.method.distill.update(dict(weight=0.5, temperature=2.0))
     c.method.l2.update(dict(weight=1e-3, anchor="task_start"))
-    c.method.reptile = [{"every": 2, "meta_lr": 0.5}, {"every": 4, "meta_lr": 0.5}]
+    c.method.reptile.periods = [{"every": 2, "meta_lr": 0.5}, {"every": 4, "meta_lr": 0.5}]
+    c.method.name = "replay+ewc+distill+l2+reptile"
     c.replay.update(dict(schedule="linear_decay", end_rate=0.0))
     c.replay.accounting = "compute_equivalent"
     res = run(c, str(tmp_path / "work"))

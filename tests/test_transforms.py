@@ -1,4 +1,4 @@
-"""Continual-learning gradient transforms against closed forms and hand-unrolled updates."""
+"""The methods' gradient transforms against closed forms and hand-unrolled updates."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,14 @@ import pytest
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
+from cpt_jax.methods import agem as agem_m
+from cpt_jax.methods import ewc as ewc_m
+from cpt_jax.methods import l2 as l2_m
+from cpt_jax.methods import replay as replay_m
+from cpt_jax.methods import reptile as reptile_m
+from cpt_jax.methods.ewc import diag_fisher
 from cpt_jax.optim import transforms as T
 from cpt_jax.optim.builder import make_optimizer, make_schedule
-from cpt_jax.optim.fisher import diag_fisher
 from cpt_jax.run_config import default_config
 from cpt_jax.train.state import create_train_state
 from cpt_jax.train.step import make_train_step
@@ -37,16 +42,16 @@ def test_replay_mix_equals_mixed_batch_gradient():
     g = T.PerSourceGrads(jax.grad(mean_loss)(w, np.flatnonzero(~is_rep)),
                          jax.grad(mean_loss)(w, np.flatnonzero(is_rep)),
                          jnp.float32(9), jnp.float32(3))
-    out, _ = T.replay_mix().update(g, T.replay_mix().init(w))
+    out, _ = replay_m.replay_mix().update(g, replay_m.replay_mix().init(w))
     np.testing.assert_allclose(out["w"], g_mixed["w"], rtol=1e-6)
 
 
 def test_replay_mix_explicit_weights_and_no_replay():
     g = _grads()
-    out, _ = T.replay_mix((0.5, 0.5)).update(g, optax.EmptyState())
+    out, _ = replay_m.replay_mix((0.5, 0.5)).update(g, optax.EmptyState())
     np.testing.assert_allclose(out["a"], 0.5 * g.current["a"] + 0.5 * g.replay["a"], rtol=1e-6)
     alone = g._replace(replay=None, replay_tokens=jnp.float32(0))
-    out, _ = T.replay_mix((0.5, 0.5)).update(alone, optax.EmptyState())
+    out, _ = replay_m.replay_mix((0.5, 0.5)).update(alone, optax.EmptyState())
     np.testing.assert_allclose(out["a"], g.current["a"])
 
 
@@ -56,17 +61,17 @@ def test_agem_projection():
     cur = jax.tree.map(lambda r: -2.0 * r + 0.1, ref)  # conflicting: negative dot product
     conflict = g._replace(current=cur)
     assert float(T.tree_dot(cur, ref)) < 0
-    out, _ = T.agem().update(conflict, optax.EmptyState())
+    out, _ = agem_m.agem().update(conflict, optax.EmptyState())
     assert float(T.tree_dot(out, ref)) == pytest.approx(0.0, abs=1e-4)  # on the boundary
     # projection removes only the component along ref
     coef = T.tree_dot(cur, ref) / T.tree_dot(ref, ref)
     np.testing.assert_allclose(out["a"], cur["a"] - coef * ref["a"], rtol=1e-5)
     # no conflict: unchanged
     agree = g._replace(current=jax.tree.map(lambda r: 2.0 * r, ref))
-    out, _ = T.agem().update(agree, optax.EmptyState())
+    out, _ = agem_m.agem().update(agree, optax.EmptyState())
     np.testing.assert_allclose(out["a"], agree.current["a"])
     # add_replay mixes the replay gradient back in, token-weighted
-    out, _ = T.agem(add_replay=True).update(agree, optax.EmptyState())
+    out, _ = agem_m.agem(add_replay=True).update(agree, optax.EmptyState())
     np.testing.assert_allclose(out["a"], 0.75 * agree.current["a"] + 0.25 * ref["a"], rtol=1e-6)
 
 
@@ -85,7 +90,7 @@ def test_reptile_quadratic_closed_form():
     """f = a/2 t^2 with SGD(eta): inner steps multiply t by r = 1 - eta a; every k steps
     t <- t_s + eps (t - t_s). So at step n = q k + j: t = t0 (1 + eps (r^k - 1))^q r^j."""
     a, eta, k, eps, t0 = 2.0, 0.1, 4, 0.3, 1.5
-    tx = optax.chain(optax.sgd(eta), T.reptile(every=k, meta_lr=eps))
+    tx = optax.chain(optax.sgd(eta), reptile_m.reptile(every=k, meta_lr=eps))
     traj = _run(tx, t0, lambda p: {"t": a * p["t"]}, 13)
     r = 1 - eta * a
     want = [t0 * (1 + eps * (r ** k - 1)) ** (n // k) * r ** (n % k) for n in range(1, 14)]
@@ -99,7 +104,7 @@ def test_nested_reptile_is_original_mer():
     the weights gamma produced); s batches make one across-batch period."""
     eta, k1, beta, s, gamma, t0 = 0.05, 2, 0.5, 3, 0.3, 1.0
     grad = lambda t: 3.0 * t ** 3 - t  # a non-quadratic loss keeps the nesting honest
-    tx = optax.chain(optax.sgd(eta), T.reptile(k1, beta), T.reptile(s * k1, gamma))
+    tx = optax.chain(optax.sgd(eta), reptile_m.reptile(k1, beta), reptile_m.reptile(s * k1, gamma))
     n_periods = 3
     traj = _run(tx, t0, lambda p: {"t": grad(p["t"])}, n_periods * s * k1)
 
@@ -124,27 +129,27 @@ def test_reptile_step_pure_function_matches_transform():
     transform in the chain, and at a period end both slow and params are the
     interpolation slow + eps (theta - slow)."""
     p = {"w": jnp.array([1.0, -2.0])}
-    new, slow = T.reptile_step({"w": jnp.array([3.0, 0.0])}, p, 4, every=4, meta_lr=0.25)
+    new, slow = reptile_m.reptile_step({"w": jnp.array([3.0, 0.0])}, p, 4, every=4, meta_lr=0.25)
     np.testing.assert_allclose(new["w"], [1.5, -1.5])
     np.testing.assert_allclose(slow["w"], [1.5, -1.5])
-    same, slow2 = T.reptile_step({"w": jnp.array([3.0, 0.0])}, p, 5, every=4, meta_lr=0.25)
+    same, slow2 = reptile_m.reptile_step({"w": jnp.array([3.0, 0.0])}, p, 5, every=4, meta_lr=0.25)
     np.testing.assert_allclose(same["w"], [3.0, 0.0])
     np.testing.assert_allclose(slow2["w"], [1.0, -2.0])
 
     eta, k, eps, t0 = 0.1, 3, 0.6, 1.2
     grad = lambda t: t ** 3 + 0.5
-    traj = _run(optax.chain(optax.sgd(eta), T.reptile(k, eps)), t0,
+    traj = _run(optax.chain(optax.sgd(eta), reptile_m.reptile(k, eps)), t0,
                 lambda q: {"t": grad(q["t"])}, 10)
     params, slow, want = {"t": jnp.float32(t0)}, {"t": jnp.float32(t0)}, []
     for t in range(1, 11):
         params = {"t": params["t"] - eta * grad(params["t"])}
-        params, slow = T.reptile_step(params, slow, t, every=k, meta_lr=eps)
+        params, slow = reptile_m.reptile_step(params, slow, t, every=k, meta_lr=eps)
         want.append(float(params["t"]))
     np.testing.assert_allclose(traj, want, rtol=1e-5)
 
 
 def test_reset_moments_zeroes_adam_state_at_period():
-    tx = T.reset_moments(optax.adam(0.1), every=3)
+    tx = reptile_m.reset_moments(optax.adam(0.1), every=3)
     params = {"t": jnp.float32(1.0)}
     state = tx.init(params)
     for n in range(1, 4):
@@ -158,17 +163,17 @@ def test_reset_moments_zeroes_adam_state_at_period():
 def test_l2_anchor_and_ewc_penalty_gradients():
     params = {"t": jnp.array([1.0, 2.0])}
     zero = {"t": jnp.zeros(2)}
-    tx = T.l2_anchor(0.5)
-    state = T.set_anchor(tx.init(params), {"t": jnp.array([0.0, 4.0])})
+    tx = l2_m.l2_anchor(0.5)
+    state = l2_m.set_anchor(tx.init(params), {"t": jnp.array([0.0, 4.0])})
     out, _ = tx.update(zero, state, params)
     np.testing.assert_allclose(out["t"], 0.5 * np.array([1.0, -2.0]))
 
-    tx = T.ewc(2.0)
+    tx = ewc_m.ewc(2.0)
     state = tx.init(params)
     out, _ = tx.update(zero, state, params)
     np.testing.assert_allclose(out["t"], 0.0)  # no Fisher before the first boundary
-    state = T.set_ewc(state, {"t": jnp.array([0.0, 0.0])}, {"t": jnp.array([3.0, 1.0])})
-    state = T.set_ewc(state, {"t": jnp.array([0.0, 1.0])}, {"t": jnp.array([1.0, 1.0])},
+    state = ewc_m.set_ewc(state, {"t": jnp.array([0.0, 0.0])}, {"t": jnp.array([3.0, 1.0])})
+    state = ewc_m.set_ewc(state, {"t": jnp.array([0.0, 1.0])}, {"t": jnp.array([1.0, 1.0])},
                       decay=0.5)  # F = 0.5 * [3, 1] + [1, 1]
     out, _ = tx.update(zero, state, params)
     np.testing.assert_allclose(out["t"], 2.0 * np.array([2.5, 1.5]) * np.array([1.0, 1.0]))
@@ -204,10 +209,10 @@ def test_all_transforms_in_sharded_step():
     cfg = default_config()
     mcfg = model_lib.LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
                                  n_kv_heads=4, d_ff=64)
-    cfg.method.agem.enabled = True
+    cfg.method.name = "agem+l2+ewc+reptile"
     cfg.method.l2.weight = 0.1
     cfg.method.ewc.lam = 1.0
-    cfg.method.reptile = [{"every": 2, "meta_lr": 0.5}, {"every": 4, "meta_lr": 0.2}]
+    cfg.method.reptile.periods = [{"every": 2, "meta_lr": 0.5}, {"every": 4, "meta_lr": 0.2}]
     mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
     rules = sharding_lib.DEFAULT_RULES
     sched = make_schedule(cfg.optim, 10)
@@ -216,12 +221,12 @@ def test_all_transforms_in_sharded_step():
     q_shard = state.params["layers"]["attn"]["q"]["kernel"].sharding
     found = []
     for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
-            x, (T.ReptileState, T.AnchorState, T.EWCState))):
-        if isinstance(s, T.ReptileState):
+            x, (reptile_m.ReptileState, l2_m.AnchorState, ewc_m.EWCState))):
+        if isinstance(s, reptile_m.ReptileState):
             found.append(s.slow["layers"]["attn"]["q"]["kernel"].sharding)
-        elif isinstance(s, T.AnchorState):
+        elif isinstance(s, l2_m.AnchorState):
             found.append(s.anchor["layers"]["attn"]["q"]["kernel"].sharding)
-        elif isinstance(s, T.EWCState):
+        elif isinstance(s, ewc_m.EWCState):
             found.append(s.fisher["layers"]["attn"]["q"]["kernel"].sharding)
     assert len(found) == 4 and all(f == q_shard for f in found)
     step = make_train_step(mcfg, tx, mesh, shardings, rules, 1, sched)
@@ -240,7 +245,8 @@ def test_all_transforms_in_sharded_step():
 
 def test_non_finite_steps_are_skipped_and_counted():
     cfg = default_config()
-    cfg.method.reptile = [{"every": 1, "meta_lr": 0.5}]
+    cfg.method.name = "replay+reptile"
+    cfg.method.reptile.periods = [{"every": 1, "meta_lr": 0.5}]
     tx = make_optimizer(cfg, make_schedule(cfg.optim, 10))
     params = {"w": jnp.ones((2, 2))}
     state = tx.init(params)

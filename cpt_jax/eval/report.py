@@ -93,16 +93,17 @@ def model_config(results: dict):
 
 
 def method_label(config: dict, method=None) -> str:
-    """A method name for the table: "joint" for a joint run, else ``method`` (results'
-    top-level ``method``) or ``config.method`` (a string, or a dict's ``name``), else
-    ``config.name``, else "replay" / "sequential" from the replay rate."""
+    """A method name for the table: "joint" for a joint run; else the methods the run
+    selected (results' top-level ``method``, or ``config.method``: a string or a dict's
+    ``name``, e.g. "replay+reptile") unless that is plain "replay"; else ``config.name``;
+    else "replay" / "sequential" from the replay rate."""
     if config.get("joint"):
         return "joint"
     method = method or config.get("method")
-    if isinstance(method, str) and method:
-        return method
-    if isinstance(method, dict) and method.get("name"):
-        return str(method["name"])
+    if isinstance(method, dict):
+        method = method.get("name")
+    if method and method != "replay":
+        return str(method)
     if config.get("name"):
         return str(config["name"])
     rate = (config.get("replay") or {}).get("rate")

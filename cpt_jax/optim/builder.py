@@ -1,8 +1,11 @@
 """Build the optax chain of a run from its config.
 
     guard_steps(
-        [replay_mix | agem] -> [l2_anchor] -> [ewc] -> clip_by_global_norm -> AdamW(schedule)
-        -> [reptile(every_1, meta_lr_1) -> reptile(every_2, meta_lr_2) ...])
+        combine (replay_mix | agem) -> [regularizers: l2_anchor, ewc] -> clip_by_global_norm
+        -> AdamW(schedule) [wrapped, e.g. Reptile's moment reset]
+        -> [outer: reptile(every_1, meta_lr_1) -> reptile(every_2, meta_lr_2) ...])
+
+with the pieces of the methods ``method.name`` selects (``cpt_jax.methods``).
 
 A bad step (NaN/Inf gradients, a loss spike, an update out of proportion to the weights;
 ``transforms.guard_steps``) is skipped whole (no update, no state change) and counted; the
@@ -12,9 +15,9 @@ The base optimizer is AdamW with global-norm clipping (Abbes et al. 2025: betas 
 eps 1e-8, weight decay 0.1, clip 1.0). Weight decay applies to every weight matrix and the
 embeddings, not to the RMSNorm scales (``decay_mask``), as GPT-style pre-training code
 decays every parameter of two or more dimensions; a test pins this. The first element
-combines the step's per-source gradients; regularisers add their gradients before clipping (they are
-part of the loss); Reptile acts on the optimizer's update (MER). Config keys: ``optim.*``
-for the base optimizer, ``method.*`` for the continual-learning pieces.
+combines the step's per-source gradients; regularisers add their gradients before clipping
+(they are part of the loss); Reptile acts on the optimizer's update (MER). Config keys:
+``optim.*`` for the base optimizer, ``method.*`` for the continual-learning pieces.
 """
 
 from __future__ import annotations
@@ -46,21 +49,22 @@ def base_optimizer(opt, schedule) -> optax.GradientTransformation:
 
 
 def make_optimizer(config, schedule) -> optax.GradientTransformation:
-    """The whole chain for a run config (``config.optim`` and ``config.method``)."""
-    opt, m = config.optim, config.method
-    weights = tuple(m.mix_weights) if m.mix_weights else None
-    chain = [transforms.agem(m.agem.add_replay, weights) if m.agem.enabled
-             else transforms.replay_mix(weights)]
-    if m.l2.weight:
-        chain.append(transforms.l2_anchor(m.l2.weight))
-    if m.ewc.lam:
-        chain.append(transforms.ewc(m.ewc.lam))
+    """The whole chain for a run config: the selected methods' pieces (``cpt_jax.methods``)
+    around clipping and the base optimizer, inside the step guard."""
+    from cpt_jax import methods  # methods build on this module's base optimizer
+
+    opt = config.optim
+    chosen = methods.selected(config)
+    chain = [m.combine(config) for m in chosen if m.combine]
+    chain += [m.regularize(config) for m in chosen if m.regularize]
     chain.append(optax.clip_by_global_norm(opt.clip_norm))
     base = base_optimizer(opt, schedule)
-    if m.reptile and m.reptile_reset_moments:
-        base = transforms.reset_moments(base, every=int(m.reptile[0]["every"]))
+    for m in chosen:
+        if m.wrap_base:
+            base = m.wrap_base(config, base)
     chain.append(base)
-    for r in m.reptile:
-        chain.append(transforms.reptile(int(r["every"]), float(r["meta_lr"])))
+    for m in chosen:
+        if m.outer:
+            chain.extend(m.outer(config))
     return transforms.guard_steps(optax.chain(*chain), opt.loss_spike_factor,
                                   opt.max_update_ratio)

@@ -29,12 +29,11 @@ from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, eval_batches
 from cpt_jax.eval.logging import MetricsLogger, scalars
 from cpt_jax.eval.plots import plot_loss_curves
+from cpt_jax import methods
 from cpt_jax.optim import transforms
-from cpt_jax.optim.distill import DERStore
 from cpt_jax.replay.buffer import ReplayPool, make_policy
 from cpt_jax.run_config import check_config, check_mesh
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.train.methods import DERRecorder, TaskBoundary, make_loss_fn
 from cpt_jax.train.resume import (PreemptionWatch, Preempted, TrainingDiverged,
                                   check_resume_config, check_same_data, check_workdir,
                                   data_fingerprints)
@@ -166,13 +165,13 @@ class Trainer:
         mcfg, mesh, rules, shardings = parts.mcfg, parts.mesh, parts.rules, parts.shardings
         self.train_step = make_train_step(mcfg, parts.tx, mesh, shardings, rules,
                                           config.microbatches, parts.schedule,
-                                          loss_fn=make_loss_fn(config, mcfg))
-        self.boundary = TaskBoundary(config, mcfg, mesh, rules, shardings, parts.train_sources)
+                                          loss_fn=methods.make_loss_fn(config, mcfg))
+        self.boundary = methods.TaskBoundary(config, mcfg, mesh, rules, shardings,
+                                             parts.train_sources)
         self.eval_step = make_eval_step(mcfg, mesh, shardings, rules)
-        self.der = (DERRecorder(config, mcfg, mesh, rules, shardings, parts.train_sources)
-                    if config.method.der.weight else None)
+        self.der = methods.memory(config, mcfg, mesh, rules, shardings, parts.train_sources)
         if self.der and restored.get("der") is not None:
-            self.der.store = DERStore.from_arrays(restored["der"])
+            self.der.store = methods.der.DERStore.from_arrays(restored["der"])
         if restored.get("pool") is not None:
             parts.sampler.pools[progress.task] = ReplayPool.from_arrays(restored["pool"])
         self.policy = make_policy(config)

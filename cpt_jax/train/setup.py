@@ -13,7 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from cpt_jax import hf
+from cpt_jax import hf, methods
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data import prepare as prepare_lib
@@ -108,7 +108,7 @@ def build_model(config, task_steps):
     rules = sharding_lib.rules_from_config(config.sharding_rules)
     schedule = make_schedule(config.optim, task_steps)
     tx = make_optimizer(config, schedule)
-    shardings = state_shardings(mcfg, tx, mesh, rules, teacher=config.method.distill.weight > 0)
+    shardings = state_shardings(mcfg, tx, mesh, rules, teacher=methods.needs_teacher(config))
     return mcfg, mesh, rules, schedule, tx, shardings
 
 

@@ -35,25 +35,8 @@ from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.replay.sampler import replay_positions
 from cpt_jax.optim.transforms import GuardState, PerSourceGrads, schedule_count, tree_dot
+from cpt_jax.train.losses import ce_loss_sum, token_losses
 from cpt_jax.train.state import TrainState
-
-
-def token_losses(config, params, batch):
-    """Per-token cross-entropy [B, L] (float32), its mask [B, L] and the logits [B, L, V]."""
-    tokens, seg = batch["tokens"], batch["segment_ids"]
-    logits = model_lib.forward(config, params, tokens[:, :-1], seg[:, :-1])
-    targets = tokens[:, 1:]
-    mask = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return losses, mask, logits
-
-
-def ce_loss_sum(config, params, batch, teacher=None, replay=False):
-    """(sum of masked token losses, {"tokens", "ce_sum"}) for one (micro)batch."""
-    del teacher, replay
-    losses, mask, _ = token_losses(config, params, batch)
-    total = (losses * mask).sum()
-    return total, {"tokens": mask.sum(), "ce_sum": total}
 
 
 def split_microbatches(batch, n: int, mesh):

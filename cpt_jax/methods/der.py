@@ -1,20 +1,11 @@
-"""Distillation terms on replayed rows: logit KD from a teacher, and Dark Experience Replay.
+"""Dark Experience Replay (Buzzega et al. 2020, "Dark Experience for General Continual
+Learning: a Strong, Simple Baseline"): a row's logits are stored when it is first trained
+on, and replayed rows add ``weight * ||z - stored||^2`` (``losses.der_loss``; with the
+ordinary next-token loss on replayed rows this is DER++). Only the top-k logits per token
+are kept (``losses.topk_logits`` says how much memory that saves), in a host-side
+``DERStore`` checkpointed with the run.
 
-Two ways to keep the model's outputs on old data close to what they were:
-
-- ``kl_distill_loss``: KL from a frozen teacher snapshot (taken at the task boundary) to the
-  student, on temperature-softened distributions (Hinton et al. 2015, "Distilling the
-  Knowledge in a Neural Network"). Costs a teacher forward per replayed row and one copy of
-  the parameters.
-- Dark Experience Replay (Buzzega et al. 2020, "Dark Experience for General Continual
-  Learning: a Strong, Simple Baseline"): store the model's logits on a row when the row is
-  first trained on, and later penalise the distance between the current logits and the
-  stored ones when the row is replayed. No teacher forward; the cost is host memory, which
-  ``topk_logits`` cuts by keeping only the top-k logits per token, and ``DERStore`` holds.
-
-Both loss functions return ``(sum over masked tokens, number of masked tokens)``, like the
-train step's loss sums, so they add across microbatches and devices and are normalised
-once (e.g. by the replayed token count).
+Keys: ``method.der.weight`` (> 0), ``k``, ``rows_per_domain``.
 """
 
 from __future__ import annotations
@@ -25,82 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpt_jax import model as model_lib
+from cpt_jax import sharding as sharding_lib
+from cpt_jax.methods.base import Method
 from cpt_jax.replay.permutation import feistel_permute
-
-
-# ---------------------------------------------------------------------------------------
-# Teacher distillation
-
-
-def kl_distill_loss(student_logits_BLV, teacher_logits_BLV, mask_BL, temperature: float = 1.0):
-    """(sum over masked tokens of T^2 * KL(p_T || q_T), masked token count), float32.
-
-    ``p_T = softmax(teacher / T)``, ``q_T = softmax(student / T)``, per token, computed with
-    log-softmax in float32 (stable for any logit scale). The T^2 factor is Hinton et al.
-    2015's: the soft-target gradient ``d KL / d student = (q_T - p_T) / T`` shrinks like
-    1/T^2 as T grows (for large T, ``q_T - p_T`` is ~ (logit difference) / (V T)), so
-    multiplying by T^2 keeps its magnitude roughly independent of T. The gradient of the
-    returned sum w.r.t. a token's student logits is ``T * (q_T - p_T)``. No gradient flows
-    into the teacher. Teacher tokens of probability 0 (logit -inf) contribute 0.
-    """
-    t = float(temperature)
-    if not t > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    log_q = jax.nn.log_softmax(student_logits_BLV.astype(jnp.float32) / t, axis=-1)
-    log_p = jax.nn.log_softmax(
-        jax.lax.stop_gradient(teacher_logits_BLV).astype(jnp.float32) / t, axis=-1)
-    p = jnp.exp(log_p)
-    kl_BL = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
-    mask = mask_BL.astype(jnp.float32)
-    return (t * t) * jnp.sum(kl_BL * mask), jnp.sum(mask)
-
-
-# ---------------------------------------------------------------------------------------
-# Dark Experience Replay
-
-
-def topk_logits(logits_BLV, k: int):
-    """(values [B, L, k] float, indices [B, L, k] int32): the k largest logits per token.
-
-    Values keep the logits' dtype and are sorted in decreasing order. What DER stores for a
-    row when it is first seen. Memory per token, storing values as 2-byte floats and indices
-    as int32 (6 bytes per entry), against the full logits in bf16 (2 bytes per entry):
-
-    - V = 32000 (Llama 2): full 64,000 B/token, 131,072,000 B (131 MB, 125 MiB) per
-      2048-token row; top-32: 192 B/token, 393,216 B (384 KiB) per row: 333x less.
-    - V = 128256 (Llama 3): full 256,512 B/token (525 MB per row); top-32: 1336x less.
-
-    So 10,000 stored 2048-token rows take 3.9 GB at k = 32, against 1.3 TB of full logits.
-    """
-    if not 1 <= int(k) <= logits_BLV.shape[-1]:
-        raise ValueError(f"k={k} must be in [1, vocab size {logits_BLV.shape[-1]}].")
-    values, indices = jax.lax.top_k(logits_BLV, int(k))
-    return values, indices.astype(jnp.int32)
-
-
-def der_loss(student_logits_BLV, stored_values_BLK, stored_indices_BLK, mask_BL):
-    """(sum over masked tokens of mean_k (z[idx_k] - v_k)^2, masked token count), float32.
-
-    Dark Experience Replay (Buzzega et al. 2020) adds ``alpha * ||z - h(x)||^2`` on buffer
-    examples, where ``h(x)`` are the logits recorded when the example was first seen and z
-    the current logits; the authors' code computes it as a mean squared error over the
-    logits. DER matches *logits* rather than probabilities on purpose: logits keep the
-    information that softmax removes (their scale and shift).
-
-    Variant here: only the k stored entries are compared: the student's logits gathered at
-    the stored indices against the stored values, squared error averaged over the k entries
-    of a token (so the term's scale does not depend on k), summed over masked tokens. The
-    other V - k logits are unconstrained. (An alternative for top-k storage is a KL between
-    the stored top-k renormalised by softmax and the student's softmax over the same k
-    indices; that ignores logit shifts, which is what DER deliberately does not do.) When
-    the replayed rows also get the ordinary next-token loss, as in this codebase's replay,
-    the combination is DER++ (Buzzega et al.'s variant with the extra label term).
-    """
-    gathered_BLK = jnp.take_along_axis(student_logits_BLV.astype(jnp.float32),
-                                       stored_indices_BLK.astype(jnp.int32), axis=-1)
-    se_BL = jnp.mean(jnp.square(gathered_BLK - stored_values_BLK.astype(jnp.float32)), axis=-1)
-    mask = mask_BL.astype(jnp.float32)
-    return jnp.sum(se_BL * mask), jnp.sum(mask)
+from cpt_jax.train.losses import der_loss, topk_logits
+from cpt_jax.train.state import TrainState
 
 
 class DERStore:
@@ -256,3 +177,80 @@ class DERStore:
                               np.asarray(arrays[f"indices_{d}"]))
         return store
 
+
+class DERRecorder:
+    """Dark Experience Replay's memory (Buzzega et al. 2020) for the task loop.
+
+    A fixed, seeded subset of every task's rows (``method.der.rows_per_domain``) gets its
+    top-k logits recorded the first time it is trained on, by a forward pass on just those
+    rows right before the step that sees them (DER records the logits the model produces
+    when it meets the example). When such a row is later replayed, its stored logits ride
+    along in the batch (``der_values``, ``der_indices``, ``der_valid``) and the loss adds
+    DER's logit-matching term. Top-k instead of full-vocabulary logits: see
+    ``cpt_jax.train.losses.topk_logits`` for the memory saved.
+    """
+
+    def __init__(self, config, mcfg, mesh, rules, shardings: TrainState, train_sources):
+        der = config.method.der
+        self.store = DERStore(der.k, der.rows_per_domain, seed=config.seed)
+        self.sources, self.mesh, self.rules = list(train_sources), mesh, rules
+        self.k, self.seq_len = int(der.k), config.seq_len
+        rep = sharding_lib.replicated(mesh)
+
+        def topk(params, tokens, seg):
+            logits = model_lib.forward(mcfg, params, tokens[:, :-1], seg[:, :-1])
+            return topk_logits(logits, self.k)
+
+        self._topk = jax.jit(topk, in_shardings=(shardings.params, rep, rep),
+                             out_shardings=rep)
+
+    def record(self, params, task: int, idx) -> int:
+        """Store top-k logits of this batch's current-task rows that the store wants."""
+        cur = ~idx.is_replay
+        rows = idx.row[cur]
+        want = self.store.wants(task, rows, len(self.sources[task]))
+        rows = np.unique(rows[want])
+        if rows.size == 0:
+            return 0
+        pad = 1 << int(np.ceil(np.log2(rows.size)))  # bucketed sizes: few compiles
+        padded = np.concatenate([rows, np.full(pad - rows.size, rows[0])])
+        tokens, segs = self.sources[task].read(padded)
+        with sharding_lib.activate(self.mesh, self.rules):
+            values, indices = jax.device_get(self._topk(params, tokens, segs))
+        return self.store.add(task, rows, values[:rows.size], indices[:rows.size])
+
+    def extras(self, task: int, step: int, idx) -> dict:
+        """Stored logits of the replayed rows of a batch share (zeros where none)."""
+        del task, step
+        valid = self.store.has(idx.domain, idx.row) & idx.is_replay
+        n = len(idx.row)
+        values = np.zeros((n, self.seq_len, self.k), np.float32)
+        indices = np.zeros((n, self.seq_len, self.k), np.int32)
+        if valid.any():
+            values[valid], indices[valid] = self.store.get(idx.domain[valid], idx.row[valid])
+        return {"der_values": values, "der_indices": indices,
+                "der_valid": valid.astype(np.int32)}
+
+
+def _replay_loss(config):
+    weight = config.method.der.weight
+
+    def term(logits, batch, mask, teacher_logits):
+        del teacher_logits
+        der_mask = mask * batch["der_valid"].astype(jnp.float32)[:, None]
+        se, _ = der_loss(logits, batch["der_values"], batch["der_indices"], der_mask)
+        return weight * se, "der", se
+
+    return term
+
+
+def _check(config):
+    d = config.method.der
+    if not (1 <= d.k <= config.model.vocab_size and d.rows_per_domain >= 1):
+        raise ValueError(f"method.der.k={d.k} must be in [1, vocab_size] and rows_per_domain "
+                         f"={d.rows_per_domain} >= 1")
+
+
+METHOD = Method(name="der", defaults={"weight": 0.0, "k": 32, "rows_per_domain": 1024},
+                replay_loss=_replay_loss, memory=DERRecorder,
+                active=lambda c: c.method.der.weight > 0, check=_check)
