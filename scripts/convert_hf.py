@@ -66,7 +66,7 @@ def main(argv=None):
                    "model.safetensors or sharded model-*.safetensors with index json")
     a.add_argument("--out", required=True, help="output checkpoint directory (must not exist "
                    "or be empty, unless --overwrite)")
-    a.add_argument("--param-dtype", default="float32", choices=DTYPES + ["keep"],
+    a.add_argument("--param_dtype", "--param-dtype", default="float32", choices=DTYPES + ["keep"],
                    help="dtype of the stored params (default float32, the usual master-weight "
                         "dtype for training; 'keep' = the HF checkpoint's own dtype)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -79,7 +79,7 @@ def main(argv=None):
     b.add_argument("--out", required=True, help="output HF model directory")
     b.add_argument("--dtype", default=None, choices=DTYPES,
                    help="dtype of the written tensors (default: the checkpoint's dtype)")
-    b.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
+    b.add_argument("--max_shard_gb", "--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
                    help="split safetensors into shards of at most this many GB (default 5)")
     b.add_argument("--tokenizer", help="SentencePiece .model to export beside the weights "
                    "(default: the tokenizer of the run the checkpoint belongs to)")

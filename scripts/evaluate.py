@@ -1,8 +1,8 @@
 """Score a params checkpoint on multiple-choice tasks, and export it for lm-evaluation-harness.
 
     python scripts/evaluate.py --ckpt runs/x/final_params --tasks tasks/*.jsonl \
-        [--tokenizer PATH] [--out scores.json] [--hf-export hf/x [--dtype bfloat16]] \
-        [--lm-eval-config lm_eval_tasks/]
+        [--tokenizer PATH] [--out scores.json] [--hf_export hf/x [--dtype bfloat16]] \
+        [--lm_eval_config lm_eval_tasks/]
 
 --tasks: JSON-lines files of {"context": str, "choices": [str, ...], "label": int}; each is
 scored zero-shot by log-likelihood (cpt_jax.eval.downstream): acc, acc_norm (per character,
@@ -13,14 +13,14 @@ together with every item's per-choice log-likelihoods and token counts.
 checkpoint belongs to (CKPT/../results.json: config.tokenizer.path, or the tokenizer the run
 trained under its data cache).
 
---hf-export OUTDIR: writes a Hugging Face LlamaForCausalLM directory (cpt_jax.hf.save_hf_llama)
+--hf_export OUTDIR: writes a Hugging Face LlamaForCausalLM directory (cpt_jax.hf.save_hf_llama)
 with the tokenizer beside it (tokenizer.json, which AutoTokenizer loads and which encodes
 exactly as the SentencePiece model, see cpt_jax.hf_tokenizer; tokenizer.model and the config
 files) and prints the lm-evaluation-harness command that evaluates it on standard
 benchmarks. That command needs, in its environment: pip install 'lm_eval[hf]' torch.
 The model was trained on [BOS] document [EOS] rows, so the command asks for add_bos_token=True.
 
---lm-eval-config DIR: writes each --tasks file as a local lm-evaluation-harness task
+--lm_eval_config DIR: writes each --tasks file as a local lm-evaluation-harness task
 (DIR/NAME.yaml + DIR/NAME.jsonl, cpt_jax.eval.lm_eval_task) with the native scorer's prompt,
 and prints the command that scores it on the export with per-item samples, to compare with
 --out.
@@ -66,15 +66,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="*", default=[], help="JSON-lines task files")
     ap.add_argument("--tokenizer", help="SentencePiece .model (default: the run's)")
     ap.add_argument("--out", help="write the scores as JSON here")
-    ap.add_argument("--batch-size", type=int, default=32, help="rows per scoring batch")
-    ap.add_argument("--seq-len", type=int, default=None,
+    ap.add_argument("--batch_size", "--batch-size", type=int, default=32, help="rows per scoring batch")
+    ap.add_argument("--seq_len", "--seq-len", type=int, default=None,
                     help="scoring window (default: the longest request, rounded up to a "
                          "power of two, at most the model's max_seq_len)")
-    ap.add_argument("--hf-export", metavar="OUTDIR", help="also write a Hugging Face checkpoint")
+    ap.add_argument("--hf_export", "--hf-export", metavar="OUTDIR", help="also write a Hugging Face checkpoint")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the exported weights")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR")
-    ap.add_argument("--lm-eval-config", metavar="DIR",
+    ap.add_argument("--lm_eval_config", "--lm-eval-config", metavar="DIR",
                     help="write the --tasks files as local lm-evaluation-harness tasks here")
     args = ap.parse_args(argv)
 
@@ -83,9 +83,9 @@ def main(argv=None) -> int:
         return 2
 
     if not args.tasks and not args.hf_export:
-        return fail("nothing to do: give --tasks and/or --hf-export")
+        return fail("nothing to do: give --tasks and/or --hf_export")
     if args.lm_eval_config and not args.tasks:
-        return fail("--lm-eval-config writes the --tasks files as lm-eval tasks: give --tasks")
+        return fail("--lm_eval_config writes the --tasks files as lm-eval tasks: give --tasks")
     if not os.path.isfile(os.path.join(args.ckpt, CONFIG_FILE)):
         return fail(f"{args.ckpt} is not a params checkpoint (no {CONFIG_FILE}); give a "
                     "directory written by checkpoint.save_params, e.g. WORKDIR/final_params "

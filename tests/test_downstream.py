@@ -225,8 +225,8 @@ def test_evaluate_cli_scores_and_exports(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"),
          "--ckpt", str(tmp_path / "ckpt"), "--tasks", str(task), "--tokenizer", tok.path,
-         "--hf-export", str(hf_dir), "--out", str(out), "--batch-size", "8",
-         "--lm-eval-config", str(lm_dir)],
+         "--hf_export", str(hf_dir), "--out", str(out), "--batch_size", "8",
+         "--lm_eval_config", str(lm_dir)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(out.read_text())

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from cpt_jax.train.loop import run
@@ -127,3 +128,56 @@ def test_joint_training_is_one_task_over_the_union(tmp_path):
         "init_ppl_random", "init_loss_start", "init_ppl_start", "curve_area", "curve_area_mean"}
     R = res["loss_matrix"][0]
     assert res["metrics"]["retained_loss"] == pytest.approx((R[0] + R[1]) / 2)
+
+
+def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypatch):
+    """A toy ReplayPolicy ("the 6 easiest earlier rows"), registered by name: at task 1's
+    start it scores every task-0 row with score_rows; the scores equal the mean token loss
+    of a forward pass with the task-0-end weights, and every row replayed in task 1 is one
+    of the 6 it kept."""
+    from cpt_jax import model as model_lib
+    from cpt_jax.replay import buffer
+    from cpt_jax.replay.buffer import ReplayPolicy, ReplayPool
+    from cpt_jax.train.checkpoint import RunCheckpointer
+    from cpt_jax.train.losses import token_losses
+    from cpt_jax.train.setup import prepare_run
+
+    seen = {}
+
+    class Easiest(ReplayPolicy):
+        name = "easiest"
+
+        def pool(self, task, starts, previous, score_rows=None):
+            ids = np.arange(starts[task])
+            scores = score_rows(ids)
+            seen.update(task=task, ids=ids, scores=scores)
+            return ReplayPool(np.sort(ids[np.argsort(scores, kind="stable")[:6]]))
+
+    monkeypatch.setitem(buffer.POLICIES, "easiest", Easiest)
+    c = _config(tmp_path)
+    c.tasks = [{"domain": "en", "steps": 4}, {"domain": "num", "steps": 4}]
+    c.replay.policy = "easiest"
+    c.checkpoint.update(dict(every=0, async_save=False))
+    work = tmp_path / "work"
+    run(c, str(work))
+
+    # the scores: an independent forward pass with the weights at the end of task 0
+    parts = prepare_run(c, str(work))
+    mcfg = model_lib.LlamaConfig.from_dict(c.model.to_dict())
+    params = RunCheckpointer(str(work / "checkpoints"), read_only=True).read_arrays(
+        parts.steps[0])["params"]
+    tokens, segs = parts.train_sources[0].read(seen["ids"])
+    losses, mask, _ = token_losses(mcfg, params, {"tokens": tokens, "segment_ids": segs})
+    want = np.asarray((losses * mask).sum(1) / np.maximum(mask.sum(1), 1))
+    assert seen["task"] == 1 and len(seen["ids"]) == len(parts.train_sources[0])
+    np.testing.assert_allclose(seen["scores"], want, rtol=2e-5, atol=2e-5)
+
+    # task 1 replays only the kept rows, drawn by the sampler from that pool
+    kept = np.sort(seen["ids"][np.argsort(seen["scores"], kind="stable")[:6]])
+    parts.sampler.pools[1] = ReplayPool(kept)
+    replayed = set()
+    for step in range(parts.steps[1]):
+        b = parts.sampler.batch(1, step)
+        replayed |= set(b.row[b.is_replay].tolist())
+        assert (b.domain[b.is_replay] == 0).all()
+    assert replayed and replayed <= set(kept.tolist())

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from cpt_jax import atomic
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.data.loader import BatchLoader, eval_batches
+from cpt_jax.data.loader import BatchLoader, eval_batches, process_row_range, to_global
+from cpt_jax.data.rows import read_rows
 from cpt_jax.eval.logging import MetricsLogger, scalars
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax import methods
@@ -41,7 +42,7 @@ from cpt_jax.train.results import Progress, make_results
 from cpt_jax.train.setup import (CHECKPOINT_DIR, RunParts, check_position, check_val_rows,
                                  prepare_run, random_init_params, readable_checkpoints,
                                  run_start, starts_pretrained, warn_replay_without_history)
-from cpt_jax.train.step import make_eval_step, make_train_step
+from cpt_jax.train.step import make_eval_step, make_row_loss_step, make_train_step
 
 
 def check_divergence(metrics: dict, max_bad_steps: int, step: int, ckpt) -> None:
@@ -169,6 +170,7 @@ class Trainer:
         self.boundary = methods.TaskBoundary(config, mcfg, mesh, rules, shardings,
                                              parts.train_sources)
         self.eval_step = make_eval_step(mcfg, mesh, shardings, rules)
+        self.row_loss_step = make_row_loss_step(mcfg, mesh, shardings, rules)
         self.der = methods.memory(config, mcfg, mesh, rules, shardings, parts.train_sources)
         if self.der and restored.get("der") is not None:
             self.der.store = methods.der.DERStore.from_arrays(restored["der"])
@@ -198,6 +200,28 @@ class Trainer:
             out[n] = tot / cnt
         return out
 
+    def score_rows(self, ids) -> np.ndarray:
+        """Mean token loss [N] (float64), under the current weights, of the training rows
+        with global ids ``ids`` (row r of task j is ``starts[j] + r``): what a replay
+        policy may rank or weight rows by."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        starts, sources = self.parts.sampler.starts, self.parts.train_sources
+        task = np.searchsorted(starts, ids, side="right") - 1
+        size = self.config.eval.batch
+        lo, hi = process_row_range(self.parts.mesh, size)
+        out = np.empty(ids.size)
+        for first in range(0, ids.size, size):
+            sel = slice(first, min(first + size, ids.size))
+            n = sel.stop - sel.start
+            tokens, segs = read_rows(sources, task[sel], ids[sel] - starts[task[sel]])
+            pad = ((0, size - n), (0, 0))  # padding rows: segment 0, no loss
+            batch = {"tokens": np.pad(tokens, pad)[lo:hi],
+                     "segment_ids": np.pad(segs, pad)[lo:hi]}
+            sums, counts = jax.device_get(self.row_loss_step(
+                self.state.params, to_global(self.parts.mesh, batch, size, lo)))
+            out[sel] = np.asarray(sums[:n], np.float64) / np.maximum(counts[:n], 1.0)
+        return out
+
     def start_task(self, k: int) -> None:
         """Task k's boundary: the methods' actions and the replay pool (unless resumed
         inside the task, whose pool came with the checkpoint)."""
@@ -206,7 +230,8 @@ class Trainer:
             return
         self.state = self.boundary(self.state, k)
         sampler = self.parts.sampler
-        sampler.pools[k] = self.policy.pool(k, sampler.starts, sampler.pools.get(k - 1))
+        sampler.pools[k] = self.policy.pool(k, sampler.starts, sampler.pools.get(k - 1),
+                                            score_rows=self.score_rows)
 
     def log(self, info: StepInfo) -> None:
         m = dict(info.host_metrics())

@@ -226,3 +226,23 @@ def make_eval_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, r
             return jitted(params, batch)
 
     return step
+
+
+def make_row_loss_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, rules):
+    """Jitted (params, batch) -> (loss sum [B], token count [B]) per row: how a replay
+    policy scores rows with the current model (``cpt_jax.replay.buffer``)."""
+    batch_shard = {k: sharding_lib.batch_sharding(mesh, 2) for k in ("tokens", "segment_ids")}
+
+    def row_sums(params, batch):
+        losses, mask, _ = token_losses(config, params, batch)
+        return (losses * mask).sum(axis=1), mask.sum(axis=1)
+
+    jitted = jax.jit(row_sums, in_shardings=(shardings.params, batch_shard),
+                     out_shardings=sharding_lib.replicated(mesh))
+
+    def step(params, batch):
+        with sharding_lib.activate(mesh, rules):
+            return jitted(params, batch)
+
+    return step
+
