@@ -15,6 +15,7 @@ traceback instead. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
@@ -160,6 +161,19 @@ def load_config(spec: str, overrides: list[tuple[str, str]]) -> ml_collections.C
         apply_override(config, key, text)
     config.lock()
     return config
+
+
+def config_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """An argument parser for a script that takes a run config: ``--config`` and
+    ``--debug``, with the script's docstring as its help (``--config.KEY=VALUE`` overrides
+    are taken out of argv by ``split_overrides`` before parsing)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0],
+                                 epilog=doc.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True,
+                    help="run config file, configs/X.py or configs/X.py:ARG")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    return ap
 
 
 def debug_requested(argv: list[str]) -> bool:

@@ -26,7 +26,6 @@ Model FLOPs per token = 6 x (weight-matmul parameters, output projection include
 
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
 import sys
@@ -49,11 +48,7 @@ METHODS = ("plain", "replay", "agem", "reptile", "mer")
 
 def parse_args(argv):
     overrides, rest = cli.split_overrides(argv)
-    ap = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n")[0],
-                                 epilog=__doc__.split("\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True,
-                    help="run config file, configs/X.py or configs/X.py:ARG")
+    ap = cli.config_parser("benchmark.py", __doc__)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -68,7 +63,6 @@ def parse_args(argv):
                          "state in this scratch directory instead")
     ap.add_argument("--checkpoint_repeats", type=int, default=3,
                     help="saves per mode for --checkpoint_dir")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = ap.parse_args(rest)
     args.config = cli.load_config(args.config, overrides)
     args.methods = [m for m in args.methods.split(",") if m]

@@ -15,7 +15,6 @@ traceback).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,16 +27,11 @@ from cpt_jax.train.setup import load_tokenizer
 
 def parse_args(argv):
     overrides, rest = cli.split_overrides(argv)
-    p = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True,
-                   help="run config file, configs/X.py or configs/X.py:ARG")
+    p = cli.config_parser("prepare_data.py", __doc__)
     p.add_argument("--workdir", default=None,
                    help="the run's workdir; its data cache is WORKDIR/data unless "
                         "data.cache_dir is set")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     return p.parse_args(rest), overrides
 
 

@@ -19,7 +19,6 @@ with status 2; a run that diverged exits with status 1; --debug shows the traceb
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
@@ -32,17 +31,12 @@ from cpt_jax.train.resume import Preempted
 
 def parse_args(argv):
     overrides, rest = cli.split_overrides(argv)
-    ap = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
-                                 epilog=__doc__.split("\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True,
-                    help="run config file, configs/X.py or configs/X.py:ARG")
+    ap = cli.config_parser("train.py", __doc__)
     ap.add_argument("--workdir", required=True,
                     help="output directory (an existing one is resumed)")
     ap.add_argument("--allow_config_change", action="store_true",
                     help="resume a workdir whose checkpoint was written with a different "
                          "config or data")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = ap.parse_args(rest)
     return args, overrides
 

@@ -210,15 +210,11 @@ def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainSta
     return step
 
 
-def make_eval_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, rules):
-    """Jitted (params, batch) -> (sum of token losses, token count): token-weighted eval."""
+def _params_batch_step(fn, mesh, shardings: TrainState, rules):
+    """``fn(params, batch)`` jitted with the parameters' shardings and the batch's rows over
+    the batch axes; its outputs replicated."""
     batch_shard = {k: sharding_lib.batch_sharding(mesh, 2) for k in ("tokens", "segment_ids")}
-
-    def eval_sums(params, batch):
-        losses, mask, _ = token_losses(config, params, batch)
-        return (losses * mask).sum(), mask.sum()
-
-    jitted = jax.jit(eval_sums, in_shardings=(shardings.params, batch_shard),
+    jitted = jax.jit(fn, in_shardings=(shardings.params, batch_shard),
                      out_shardings=sharding_lib.replicated(mesh))
 
     def step(params, batch):
@@ -226,23 +222,22 @@ def make_eval_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, r
             return jitted(params, batch)
 
     return step
+
+
+def make_eval_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, rules):
+    """Jitted (params, batch) -> (sum of token losses, token count): token-weighted eval."""
+    def eval_sums(params, batch):
+        losses, mask, _ = token_losses(config, params, batch)
+        return (losses * mask).sum(), mask.sum()
+
+    return _params_batch_step(eval_sums, mesh, shardings, rules)
 
 
 def make_row_loss_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, rules):
     """Jitted (params, batch) -> (loss sum [B], token count [B]) per row: how a replay
     policy scores rows with the current model (``cpt_jax.replay.buffer``)."""
-    batch_shard = {k: sharding_lib.batch_sharding(mesh, 2) for k in ("tokens", "segment_ids")}
-
     def row_sums(params, batch):
         losses, mask, _ = token_losses(config, params, batch)
         return (losses * mask).sum(axis=1), mask.sum(axis=1)
 
-    jitted = jax.jit(row_sums, in_shardings=(shardings.params, batch_shard),
-                     out_shardings=sharding_lib.replicated(mesh))
-
-    def step(params, batch):
-        with sharding_lib.activate(mesh, rules):
-            return jitted(params, batch)
-
-    return step
-
+    return _params_batch_step(row_sums, mesh, shardings, rules)
