@@ -5,11 +5,14 @@ task's rows with replayed rows of earlier tasks (``cpt_jax.replay``), evaluates
 every domain's validation loss every ``eval.every`` steps and at the end of each task, and
 writes ``results.json`` (schema in DESIGN.md), ``metrics.jsonl`` and ``loss_curves.png``.
 
-Checkpoints (``cpt_jax.train.checkpoint.RunCheckpointer``) are saved every
-``checkpoint.every`` steps, at every task end and on SIGTERM. Run again with the same
-workdir and the run resumes from its latest checkpoint: the sampler is a function of
-(seed, task, step), so a resumed run computes exactly what the uninterrupted one would
-have, and writes the same results.json.
+``run`` checks the config, the workdir and any checkpoint in it, builds everything
+(``cpt_jax.train.setup``) and hands over to ``Trainer.fit``, the step loop; evaluation,
+logging, the task-end bookkeeping and checkpoints are hooks that run every N steps and at
+every task end. Checkpoints (``cpt_jax.train.checkpoint.RunCheckpointer``) are saved every
+``checkpoint.every`` steps, at every task end and on SIGTERM, only while the run is
+healthy. Run again with the same workdir and the run resumes from its latest checkpoint:
+the sampler is a function of (seed, task, step, pool), so a resumed run computes exactly
+what the uninterrupted one would have, and writes the same results.json.
 """
 
 from __future__ import annotations
@@ -24,13 +27,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpt_jax import atomic
+from cpt_jax import atomic, methods
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, eval_batches, process_row_range, to_global
 from cpt_jax.data.rows import read_rows
 from cpt_jax.eval.logging import MetricsLogger, scalars
 from cpt_jax.eval.plots import plot_loss_curves
-from cpt_jax import methods
 from cpt_jax.optim import transforms
 from cpt_jax.replay.buffer import ReplayPool, make_policy
 from cpt_jax.run_config import check_config, check_mesh
@@ -48,7 +50,8 @@ from cpt_jax.train.step import make_eval_step, make_row_loss_step, make_train_st
 def check_divergence(metrics: dict, max_bad_steps: int, step: int, ckpt) -> None:
     """Stop the run (TrainingDiverged) once ``max_bad_steps`` consecutive steps were
     skipped (non-finite, a loss spike or an exploding update: no update was applied),
-    naming the newest checkpoint, which is healthy (``train`` saves no other kind).
+    naming the newest checkpoint, which is healthy (``Trainer.checkpoint`` saves no other
+    kind).
     Checked at log steps, so it never syncs the device more often than logging does."""
     bad = int(metrics.get("bad_steps_in_a_row", 0))
     if bad >= max_bad_steps:
