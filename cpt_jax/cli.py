@@ -87,7 +87,8 @@ def _parse_value(key: str, text: str, current, field_type):
         try:
             value = float(text) if typ is float else int(text)
         except ValueError:
-            raise UserError(f"--config.{key}={text}: expected {'a number' if typ is float else 'an integer'}") from None
+            kind = "a number" if typ is float else "an integer"
+            raise UserError(f"--config.{key}={text}: expected {kind}") from None
         return value
     if typ is str or typ is None:
         return text
@@ -102,8 +103,10 @@ def _parse_value(key: str, text: str, current, field_type):
                             "quoted strings") from None
     if typ in (list, tuple) and isinstance(value, (list, tuple)):
         return typ(value)
+    if typ is ml_collections.ConfigDict and isinstance(value, dict):
+        return ml_collections.ConfigDict(value)
     if issubclass(typ, dict) and isinstance(value, dict):
-        return ml_collections.ConfigDict(value) if typ is ml_collections.ConfigDict else value
+        return value
     raise UserError(f"--config.{key}={text}: expected a {typ.__name__}, got "
                     f"{type(value).__name__}")
 

@@ -189,6 +189,19 @@ def test_debug_shows_the_traceback(setup, tmp_path):
                 "--config.replay.rat=0.5", "--debug"])
 
 
+def test_dict_overrides_are_applied():
+    """JSON for a dict-valued key (a FieldReference typed dict) and for a whole sub-config."""
+    from cpt_jax.run_config import default_config
+
+    c = default_config()
+    cli.apply_override(c, "model.rope_scaling", '{"factor": 8.0}')
+    assert c.model.rope_scaling == {"factor": 8.0}
+    cli.apply_override(c, "eval", '{"every": 5, "max_rows": 8, "batch": 4}')
+    assert (c.eval.every, c.eval.max_rows, c.eval.batch) == (5, 8, 4)
+    with pytest.raises(ValueError, match="expected a list"):
+        cli.apply_override(c, "tasks", '{"domain": "en"}')
+
+
 def test_list_override_is_applied(setup, tmp_path):
     """A JSON list on the command line replaces the task list (one task of 2 steps)."""
     code, _, err = _train(["--config", setup["config"], "--workdir", tmp_path / "w",
