@@ -26,6 +26,9 @@ import sys
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
+from cpt_jax.train.checkpoint import CheckpointError
+from cpt_jax.train.resume import TrainingDiverged
+
 
 
 class UserError(ValueError):
@@ -34,11 +37,10 @@ class UserError(ValueError):
 
 # Exception types whose message is the whole story for a user: printed as one line. Every
 # input error of the package is a ValueError (ConfigMismatch, TokenizerError, DomainError,
-# PrepareError, TaskError, ...); CheckpointError (by name, so that this module does not
-# import orbax) is a checkpoint that cannot be read or written.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               IsADirectoryError, PermissionError)
-USER_ERROR_NAMES = ("CheckpointError",)
+# PrepareError, TaskError, ...); CheckpointError is a checkpoint that cannot be read or
+# written.
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FileExistsError,
+               NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
 
@@ -195,10 +197,8 @@ def run_main(main, argv: list[str] | None = None) -> int:
     debug = debug_requested(argv)
     try:
         return int(main([a for a in argv if a != "--debug"]) or 0)
-    except Exception as e:  # noqa: BLE001 - classified below, anything else re-raised
-        diverged = type(e).__name__ == "TrainingDiverged"
-        user = isinstance(e, USER_ERRORS) or type(e).__name__ in USER_ERROR_NAMES
-        if debug or not (diverged or user):
+    except (TrainingDiverged, *USER_ERRORS) as e:
+        if debug:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_DIVERGED if diverged else EXIT_USER_ERROR
+        return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR

@@ -220,7 +220,7 @@ def test_two_process_training_run_matches_one(tmp_path):
                     jax_leaves(load_params(tmp_path / "one" / "final_params")[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # both processes wrote their shards of every checkpoint; task ends are kept
-    assert {8, 14, 20} <= set(RunCheckpointer(tmp_path / "two" / "checkpoints").all_steps())
+    assert {8, 14, 20} <= set(RunCheckpointer(tmp_path / "two" / "checkpoints").step_dirs())
 
 
 def jax_leaves(tree):

@@ -34,7 +34,7 @@ def resume_config(root):
     c.method.reptile.periods = [{"every": 2, "meta_lr": 0.5}]
     c.method.ewc.update(dict(lam=10.0, rows=8, chunk=4))
     c.method.distill.update(dict(weight=0.5, temperature=2.0))
-    c.method.der.update(dict(weight=0.5, k=4, rows_per_domain=16))
+    c.method.der.update(dict(weight=0.5, k=4, rows_per_domain=1024))  # every row: always active
     c.checkpoint.update(dict(every=3, keep=2))
     c.save_final_params = True
     return c
@@ -97,7 +97,7 @@ def test_kill_preempt_and_resume_is_bit_identical(reference):
     # every step's training loss was logged once, and equals the uninterrupted run's
     assert _step_losses(work) == _step_losses(ref)
     # kept: the last 2 plus every task end
-    steps = checkpoint_lib.RunCheckpointer(work / "checkpoints").all_steps()
+    steps = checkpoint_lib.RunCheckpointer(work / "checkpoints").step_dirs()
     assert {8, 14, 20} <= set(steps) and len(set(steps) - {8, 14, 20}) <= 2
 
 
@@ -147,7 +147,7 @@ def test_resume_on_another_mesh_and_device_count(reference, tmp_path):
     want = json.loads((ref / "results.json").read_text())["loss_matrix"]
     work = tmp_path / "w"
     shutil.copytree(ref, work)
-    for step in checkpoint_lib.RunCheckpointer(work / "checkpoints").all_steps():
+    for step in checkpoint_lib.RunCheckpointer(work / "checkpoints").step_dirs():
         if step > 8:
             shutil.rmtree(work / "checkpoints" / str(step))
     (work / "results.json").unlink()
@@ -222,7 +222,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)
     again = checkpoint_lib.RunCheckpointer(tmp_path / "ck")
-    assert again.all_steps() == [1]
+    assert again.step_dirs() == [1]
     target = {"w": jax.ShapeDtypeStruct((256, 256), np.float32,
                                         sharding=x["w"].sharding)}
     state, progress, _, _ = again.restore(1, target)

@@ -135,7 +135,7 @@ class TaskBoundary:
             row_len = source.row_len
             return {"tokens": np.zeros((1, row_len), np.int32),
                     "segment_ids": np.ones((1, row_len), np.int32)}
-        rows = draw_rows(self.config.seed, "ewc", task, self.n_rows, len(source))
+        rows = draw_rows(self.config.seed, "boundary", task, self.n_rows, len(source))
         tokens, segs = source.read(np.resize(rows, self.n_rows))
         return {"tokens": tokens, "segment_ids": segs}
 
@@ -149,9 +149,6 @@ class TaskBoundary:
     def __call__(self, state: TrainState, task: int) -> TrainState:
         with sharding_lib.activate(self.mesh, self.rules):
             return self._update(state, self.rows(task))
-
-
-DERRecorder = der.DERRecorder
 
 
 def memory(config, mcfg, mesh, rules, shardings, train_sources):

@@ -10,8 +10,6 @@ Keys: ``method.der.weight`` (> 0), ``k``, ``rows_per_domain``.
 
 from __future__ import annotations
 
-import hashlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +17,7 @@ import numpy as np
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.methods.base import Method
-from cpt_jax.replay.permutation import feistel_permute
+from cpt_jax.replay.permutation import draw_rows
 from cpt_jax.train.losses import der_loss, topk_logits
 from cpt_jax.train.state import TrainState
 
@@ -58,11 +56,8 @@ class DERStore:
 
     def selected(self, domain: int, num_rows: int) -> np.ndarray:
         """Sorted int64 row ids of ``domain`` whose logits the store is meant to hold."""
-        digest = hashlib.blake2b(f"{self.seed}/der/{int(domain)}".encode(),
-                                 digest_size=48).digest()
-        keys = np.frombuffer(digest, dtype=np.uint64).copy()
-        n = min(self.rows_per_domain, int(num_rows))
-        return np.sort(feistel_permute(np.arange(n), int(num_rows), keys))
+        return np.sort(draw_rows(self.seed, "der", int(domain), self.rows_per_domain,
+                                 int(num_rows)))
 
     def wants(self, domain: int, rows, num_rows: int) -> np.ndarray:
         """bool [N]: rows that are selected and not stored yet (store them now)."""

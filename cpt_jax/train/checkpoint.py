@@ -236,9 +236,6 @@ class RunCheckpointer:
         """The newest complete checkpoint's step (None when there is none)."""
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
-
     def step_dirs(self) -> list[int]:
         """Steps of every step directory on disk, readable or not (orbax leaves out one
         whose metadata it cannot parse, which must still be set aside, not overwritten)."""

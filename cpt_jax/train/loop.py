@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from cpt_jax import atomic, methods
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, eval_batches, process_row_range, to_global
-from cpt_jax.data.rows import read_rows
+from cpt_jax.data.rows import ConcatRows
 from cpt_jax.eval.logging import MetricsLogger, scalars
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim import transforms
@@ -208,15 +208,14 @@ class Trainer:
         with global ids ``ids`` (row r of task j is ``starts[j] + r``): what a replay
         policy may rank or weight rows by."""
         ids = np.asarray(ids, np.int64).reshape(-1)
-        starts, sources = self.parts.sampler.starts, self.parts.train_sources
-        task = np.searchsorted(starts, ids, side="right") - 1
+        rows = ConcatRows(self.parts.train_sources)  # global ids, as the sampler's
         size = self.config.eval.batch
         lo, hi = process_row_range(self.parts.mesh, size)
         out = np.empty(ids.size)
         for first in range(0, ids.size, size):
             sel = slice(first, min(first + size, ids.size))
             n = sel.stop - sel.start
-            tokens, segs = read_rows(sources, task[sel], ids[sel] - starts[task[sel]])
+            tokens, segs = rows.read(ids[sel])
             pad = ((0, size - n), (0, 0))  # padding rows: segment 0, no loss
             batch = {"tokens": np.pad(tokens, pad)[lo:hi],
                      "segment_ids": np.pad(segs, pad)[lo:hi]}
