@@ -9,10 +9,12 @@ then continually trained on code and the table with 25% replay of earlier tasks
     python scripts/train.py --config configs/demo.py --workdir runs/demo
     python scripts/train.py --config configs/demo.py:mer25 --workdir runs/mer25
 
-The part after ':' picks a method from METHODS below (default: replay25). Methods with one
-Reptile period (``reptile``, ``mer25``) take its settings after commas, e.g.
-``configs/demo.py:mer25,meta_lr=0.9,every=20`` (``meta_lr`` is the fraction of each
-period's displacement kept; see ``cpt_jax.methods.reptile.reptile_interpolate``). Periods
+The part after ':' picks a method from METHODS below (default: replay25) or a replay
+policy from POLICIES (25% replay from a bounded buffer, ``cpt_jax.replay.policies``).
+Methods with one Reptile period (``reptile``, ``mer25``) take its settings after commas,
+e.g. ``configs/demo.py:mer25,meta_lr=0.9,every=20`` (``meta_lr`` is the fraction of each
+period's displacement kept; see ``cpt_jax.methods.reptile.reptile_interpolate``); a policy
+takes its buffer size, e.g. ``configs/demo.py:craig,buffer=512``. Periods
 are scaled to the demo: the paper's Reptile period of 500 steps is ~4% of a 100B-token task
 (~12k steps at 4096 x 2048 tokens per batch); 4% of a 120-step demo task is 5 steps.
 """
@@ -64,25 +66,54 @@ METHODS = {
 }
 
 
-def _reptile_overrides(c, spec: str, arg: str) -> None:
-    """Apply ``meta_lr=X,every=K`` to a one-period Reptile method."""
-    if len(c.method.reptile.periods) != 1:
-        raise ValueError(f"configs/demo.py:{arg}: only a method with one Reptile period "
-                         "(reptile, mer25) takes meta_lr=/every= settings")
-    period = dict(c.method.reptile.periods[0])
+DEMO_BUFFER = 128  # rows: 64 per earlier domain during the last task
+
+
+def _policy(name, **keys):
+    def edit(c):
+        c.replay.update(dict(policy=name, buffer_rows=DEMO_BUFFER))
+        for key, value in keys.items():
+            c.replay[key].update(value)
+    return edit
+
+
+# replay policy -> edits of the base config: which rows the 25% replay draws from.
+POLICIES = {
+    "reservoir": _policy("reservoir"),
+    "domains": _policy("domains"),  # E1, tau = 1: by domain size
+    "domains_tau0": _policy("domains", domains=dict(tau=0.0)),  # E1, uniform over domains
+    "resample": _policy("resample"),  # E2: a fresh buffer every 20 steps
+    "curriculum": _policy("curriculum"),  # E3, easy first
+    "curriculum_hard": _policy("curriculum", curriculum=dict(order="hard_first")),
+    "craig": _policy("craig"),
+    "grad_match": _policy("grad_match"),
+    "hybrid": _policy("hybrid"),  # E4: half craig, half reservoir
+}
+
+
+def _settings(c, spec: str, arg: str) -> None:
+    """Apply ``meta_lr=X,every=K`` to a one-period Reptile method, or ``buffer=K`` to a
+    replay policy."""
     for item in spec.split(","):
         key, _, value = item.partition("=")
-        if key not in ("meta_lr", "every") or not value:
-            raise ValueError(f"configs/demo.py:{arg}: {item!r} is not meta_lr=X or every=K; "
-                             "e.g. configs/demo.py:mer25,meta_lr=0.9,every=20")
-        period[key] = int(value) if key == "every" else float(value)
-    c.method.reptile.periods = [period]
+        if key == "buffer" and value.isdigit() and c.replay.policy != "uniform":
+            c.replay.buffer_rows = int(value)
+        elif key in ("meta_lr", "every") and value and len(c.method.reptile.periods) == 1:
+            period = dict(c.method.reptile.periods[0])
+            period[key] = int(value) if key == "every" else float(value)
+            c.method.reptile.periods = [period]
+        else:
+            raise ValueError(f"configs/demo.py:{arg}: {item!r} is not a setting of this "
+                             "method: meta_lr=X or every=K for reptile and mer25, buffer=K "
+                             "for a replay policy; e.g. configs/demo.py:mer25,meta_lr=0.9 or "
+                             "configs/demo.py:craig,buffer=512")
 
 
 def get_config(arg: str = "replay25"):
     method, _, settings = arg.partition(",")
-    if method not in METHODS:
-        raise ValueError(f"unknown demo method {method!r}; choose one of {sorted(METHODS)}")
+    if method not in METHODS and method not in POLICIES:
+        raise ValueError(f"unknown demo method {method!r}; choose one of "
+                         f"{sorted(METHODS)} or a replay policy of {sorted(POLICIES)}")
     c = default_config()
     c.model.update(dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                         d_ff=384, max_seq_len=256, tie_embeddings=True))
@@ -103,7 +134,7 @@ def get_config(arg: str = "replay25"):
     c.replay.rate = 0.25
     c.eval.update(dict(every=40, max_rows=32, batch=32))
     c.name = method  # the run's label; method.name is the composition it selects
-    METHODS[method](c)
+    {**METHODS, **POLICIES}[method](c)
     if settings:
-        _reptile_overrides(c, settings, arg)
+        _settings(c, settings, arg)
     return c

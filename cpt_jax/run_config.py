@@ -67,10 +67,17 @@ def default_config() -> ml_collections.ConfigDict:
     # Replay (Abbes et al. 2025): fraction of each batch drawn from earlier tasks.
     # schedule: "constant", or "linear_decay" / "exp_decay" from rate to end_rate over the
     # whole run, from task 1 to the last task's end (mix-review, He et al. 2021).
-    # policy (cpt_jax.replay.buffer): which earlier rows may be replayed; "uniform" = all.
-    c.replay = ml_collections.ConfigDict(dict(rate=0.0, accounting="additive",
-                                              schedule="constant", end_rate=0.0,
-                                              policy="uniform"))
+    # policy (cpt_jax.replay.policies): which earlier rows may be replayed and in what
+    # proportions: "uniform" (all), "reservoir", "domains", "resample", "curriculum",
+    # "craig", "grad_match", "hybrid"; buffer_rows bounds the rows a policy keeps.
+    c.replay = ml_collections.ConfigDict(dict(
+        rate=0.0, accounting="additive", schedule="constant", end_rate=0.0,
+        policy="uniform", buffer_rows=0,
+        domains=dict(tau=1.0, recency=0.0),
+        resample=dict(every=20),
+        curriculum=dict(order="easy_first"),
+        coreset=dict(candidates=4096, feature_dim=256, random_inits=0),
+        hybrid=dict(policies=["craig", "reservoir"], shares=[0.5, 0.5])))
     # Joint training on the union of all tasks' data (the upper reference): one task.
     c.joint = False
     # Continual-learning methods (cpt_jax.methods): method.name selects them, joined with
@@ -105,7 +112,7 @@ def check_config(c) -> None:
     """Reject a config that cannot run, naming the key and the fix, before any work is
     done (no tokenizer trained, no data prepared, no workdir written)."""
     from cpt_jax.data import sources
-    from cpt_jax.replay.buffer import POLICIES
+    from cpt_jax.replay import policies
     from cpt_jax.replay.rates import RATE_SCHEDULES
     from cpt_jax.model import LlamaConfig
     from cpt_jax.optim.schedules import SCHEDULES
@@ -129,7 +136,7 @@ def check_config(c) -> None:
           f"replay.accounting={r.accounting!r}: use 'additive' or 'compute_equivalent'")
     _need(r.schedule in RATE_SCHEDULES,
           f"replay.schedule={r.schedule!r}: use one of {list(RATE_SCHEDULES)}")
-    _need(r.policy in POLICIES, f"replay.policy={r.policy!r}: use one of {sorted(POLICIES)}")
+    policies.check(c)
 
     o = c.optim
     _need(o.lr > 0, f"optim.lr={o.lr} must be > 0")

@@ -136,8 +136,9 @@ def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypa
     of a forward pass with the task-0-end weights, and every row replayed in task 1 is one
     of the 6 it kept."""
     from cpt_jax import model as model_lib
-    from cpt_jax.replay import buffer
-    from cpt_jax.replay.buffer import ReplayPolicy, ReplayPool
+    from cpt_jax.replay import policies
+    from cpt_jax.replay.buffer import ReplayPool
+    from cpt_jax.replay.policies import ReplayPolicy
     from cpt_jax.train.checkpoint import RunCheckpointer
     from cpt_jax.train.losses import token_losses
     from cpt_jax.train.setup import prepare_run
@@ -145,15 +146,15 @@ def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypa
     seen = {}
 
     class Easiest(ReplayPolicy):
-        name = "easiest"
+        name, bounded = "easiest", False
 
-        def pool(self, task, starts, previous, score_rows=None):
-            ids = np.arange(starts[task])
-            scores = score_rows(ids)
-            seen.update(task=task, ids=ids, scores=scores)
-            return ReplayPool(np.sort(ids[np.argsort(scores, kind="stable")[:6]]))
+        def pool(self, b):
+            ids = np.arange(b.starts[b.task])
+            scores = b.score_rows(ids)
+            seen.update(task=b.task, ids=ids, scores=scores)
+            return ReplayPool.of_rows(np.sort(ids[np.argsort(scores, kind="stable")[:6]]))
 
-    monkeypatch.setitem(buffer.POLICIES, "easiest", Easiest)
+    monkeypatch.setitem(policies.POLICIES, "easiest", Easiest)
     c = _config(tmp_path)
     c.tasks = [{"domain": "en", "steps": 4}, {"domain": "num", "steps": 4}]
     c.replay.policy = "easiest"
@@ -174,7 +175,7 @@ def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypa
 
     # task 1 replays only the kept rows, drawn by the sampler from that pool
     kept = np.sort(seen["ids"][np.argsort(seen["scores"], kind="stable")[:6]])
-    parts.sampler.pools[1] = ReplayPool(kept)
+    parts.sampler.pools[1] = ReplayPool.of_rows(kept)
     replayed = set()
     for step in range(parts.steps[1]):
         b = parts.sampler.batch(1, step)

@@ -88,6 +88,8 @@ class BatchLoader:
         sl = slice(self.lo, self.hi)
         tokens, segs = read_rows(self.sources, idx.domain[sl], idx.row[sl])
         out = {"tokens": tokens, "segment_ids": segs}
+        if idx.weight is not None:  # a weighted replay pool (e.g. a coreset's weights)
+            out["row_weight"] = idx.weight[sl]
         if self.extras is not None:
             out.update(self.extras(task, step, idx.shard_range(self.lo, self.hi)))
         return Batch(out, int(idx.is_replay.sum()), idx.is_replay[sl])

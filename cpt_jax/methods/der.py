@@ -140,6 +140,18 @@ class DERStore:
             indices[i] = self._indices[d][slot]
         return values, indices
 
+    def retain(self, domain: int, rows) -> None:
+        """Drops the stored rows of ``domain`` not in ``rows`` (a buffer's eviction)."""
+        slots = self._slots.get(int(domain))
+        if not slots:
+            return
+        wanted = set(np.asarray(rows, np.int64).reshape(-1).tolist())
+        keep = [r for r in sorted(slots, key=slots.get) if r in wanted]
+        at = np.asarray([slots[r] for r in keep], np.int64)
+        self._values[domain][:len(keep)] = self._values[domain][at]
+        self._indices[domain][:len(keep)] = self._indices[domain][at]
+        self._slots[domain] = {r: i for i, r in enumerate(keep)}
+
     # -- persistence ---------------------------------------------------------------------
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -183,11 +195,20 @@ class DERRecorder:
     along in the batch (``der_values``, ``der_indices``, ``der_valid``) and the loss adds
     DER's logit-matching term. Top-k instead of full-vocabulary logits: see
     ``cpt_jax.train.losses.topk_logits`` for the memory saved.
+
+    With a bounded replay policy (``replay.policy`` other than ``uniform``) DER works on
+    the policy's buffer instead (``keep_buffer``): at each task boundary the store keeps
+    exactly the buffer's rows, the finished task's rows getting the logits of the model
+    that has just trained on them (the end-of-task model: the buffer is chosen at the
+    boundary), so every replayed row has its logits. ``rows_per_domain`` is then unused.
     """
 
     def __init__(self, config, mcfg, mesh, rules, shardings: TrainState, train_sources):
         der = config.method.der
-        self.store = DERStore(der.k, der.rows_per_domain, seed=config.seed)
+        self.on_buffer = config.replay.policy != "uniform"
+        capacity = config.replay.buffer_rows if self.on_buffer else der.rows_per_domain
+        self.store = DERStore(der.k, capacity, seed=config.seed)
+        self.chunk = config.eval.batch
         self.sources, self.mesh, self.rules = list(train_sources), mesh, rules
         self.k, self.seq_len = int(der.k), config.seq_len
         rep = sharding_lib.replicated(mesh)
@@ -199,20 +220,38 @@ class DERRecorder:
         self._topk = jax.jit(topk, in_shardings=(shardings.params, rep, rep),
                              out_shardings=rep)
 
+    def _store_rows(self, params, domain: int, rows: np.ndarray) -> int:
+        """Records the top-k logits of ``rows`` of ``domain`` (unique, not stored yet)."""
+        added = 0
+        for lo in range(0, rows.size, self.chunk):
+            part = rows[lo:lo + self.chunk]
+            pad = 1 << int(np.ceil(np.log2(part.size)))  # bucketed sizes: few compiles
+            padded = np.concatenate([part, np.full(pad - part.size, part[0])])
+            tokens, segs = self.sources[domain].read(padded)
+            with sharding_lib.activate(self.mesh, self.rules):
+                values, indices = jax.device_get(self._topk(params, tokens, segs))
+            added += self.store.add(domain, part, values[:part.size], indices[:part.size])
+        return added
+
     def record(self, params, task: int, idx) -> int:
         """Store top-k logits of this batch's current-task rows that the store wants."""
+        if self.on_buffer:
+            return 0
         cur = ~idx.is_replay
         rows = idx.row[cur]
         want = self.store.wants(task, rows, len(self.sources[task]))
-        rows = np.unique(rows[want])
-        if rows.size == 0:
-            return 0
-        pad = 1 << int(np.ceil(np.log2(rows.size)))  # bucketed sizes: few compiles
-        padded = np.concatenate([rows, np.full(pad - rows.size, rows[0])])
-        tokens, segs = self.sources[task].read(padded)
-        with sharding_lib.activate(self.mesh, self.rules):
-            values, indices = jax.device_get(self._topk(params, tokens, segs))
-        return self.store.add(task, rows, values[:rows.size], indices[:rows.size])
+        return self._store_rows(params, task, np.unique(rows[want]))
+
+    def keep_buffer(self, params, pool, starts) -> None:
+        """The store holds exactly the rows of ``pool`` (a bounded policy's buffer): rows
+        that left it are dropped, rows that entered it are recorded with ``params``."""
+        ids = np.unique(pool.all_rows())
+        owner = np.searchsorted(starts, ids, side="right") - 1
+        for d in range(len(starts) - 1):
+            rows = ids[owner == d] - starts[d]
+            self.store.retain(d, rows)
+            if rows.size:
+                self._store_rows(params, d, rows[~self.store.has(d, rows)])
 
     def extras(self, task: int, step: int, idx) -> dict:
         """Stored logits of the replayed rows of a batch share (zeros where none)."""

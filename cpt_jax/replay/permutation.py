@@ -67,17 +67,23 @@ def feistel_permute(i, n: int, keys: np.ndarray) -> np.ndarray:
     return x.astype(np.int64)
 
 
-def permuted_stream(seed: int, stream: str, task: int, first: int, count: int,
-                    n: int) -> np.ndarray:
-    """Items [first, first + count) of the stream that walks [0, n) epoch by epoch, each
-    epoch a fresh permutation: every item is seen once per epoch before any repeats."""
-    pos = np.arange(first, first + count, dtype=np.int64)
+def stream_items(seed: int, stream: str, task: int, positions, n: int) -> np.ndarray:
+    """Items at ``positions`` (any int array >= 0) of the stream that walks [0, n) epoch by
+    epoch, each epoch a fresh permutation: every item is seen once per epoch before any
+    repeats."""
+    pos = np.asarray(positions, dtype=np.int64)
     epoch, offset = np.divmod(pos, n)
-    out = np.empty(count, np.int64)
+    out = np.empty(pos.shape, np.int64)
     for e in np.unique(epoch):
         sel = epoch == e
         out[sel] = feistel_permute(offset[sel], n, round_keys(seed, stream, int(task), int(e)))
     return out
+
+
+def permuted_stream(seed: int, stream: str, task: int, first: int, count: int,
+                    n: int) -> np.ndarray:
+    """Items [first, first + count) of ``stream_items``' stream."""
+    return stream_items(seed, stream, task, np.arange(first, first + count, dtype=np.int64), n)
 
 
 def draw_rows(seed: int, stream: str, task: int, count: int, n: int) -> np.ndarray:

@@ -7,10 +7,16 @@ is ``cpt_jax.replay.rates``.
 
 Both streams walk without-replacement permutations (``cpt_jax.replay.permutation``): the
 new rows of task k in epoch e are ``perm(seed, "new", k, e)`` of ``[0, N_k)``, so every row
-is seen exactly once per epoch before any repeats; replay walks ``perm(seed, "replay", k,
-e)`` of the pool the same way (a weighted pool is drawn with replacement, from a generator
-seeded by (seed, task, step)). Step t's rows are computed directly (position in the stream
-= rows consumed by steps < t) rather than by replaying earlier steps.
+is seen exactly once per epoch before any repeats. Replay walks each group of the task's
+pool the same way (or as the group says: in order, or through a resampled buffer; see
+``cpt_jax.replay.buffer``). A pool of several groups splits every step's ``n`` replay rows
+by their shares p_g with exact integer counts: systematic rounding, ``c_g = floor(n P_g +
+u) - floor(n P_{g-1} + u)`` with ``P`` the cumulative shares and ``u`` uniform, keyed by
+(seed, task, step); each count is floor or ceil of ``n p_g``, they sum to ``n``, and
+their mean is exactly ``n p_g`` (a fixed largest-remainder rounding would give the same
+group every leftover row). Step t's rows are computed directly (position in each stream
+= rows the group gave to steps < t; a per-task table of those counts is cached) rather
+than by replaying earlier steps.
 
 Order within the batch: replay rows sit at evenly spread positions
 ``floor((j + 1/2) * B / n_replay)``, new rows fill the rest. Any contiguous slice of the
@@ -26,8 +32,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cpt_jax.replay.buffer import ReplayPool
-from cpt_jax.replay.permutation import permuted_stream
+from cpt_jax.replay.buffer import PoolGroup, ReplayPool
+from cpt_jax.replay.permutation import feistel_permute, permuted_stream, round_keys, stream_items
 from cpt_jax.replay.rates import Rate, ReplayCounts
 
 
@@ -36,19 +42,22 @@ class BatchIndex:
     """Where the rows of one global batch come from (all arrays have shape [B]).
 
     ``domain``: index of the task whose training rows are read; ``row``: row index within
-    that domain's train split; ``is_replay``: True for rows replayed from earlier tasks.
+    that domain's train split; ``is_replay``: True for rows replayed from earlier tasks;
+    ``weight``: the rows' loss weights (1 for new rows), or None when the pool has none.
     """
 
     domain: np.ndarray  # [B] int32
     row: np.ndarray  # [B] int64
     is_replay: np.ndarray  # [B] bool
+    weight: np.ndarray | None = None  # [B] float32
 
     def __len__(self) -> int:
         return int(self.row.shape[0])
 
     def shard_range(self, lo: int, hi: int) -> "BatchIndex":
         """Rows [lo, hi) of the batch (a process's share)."""
-        return BatchIndex(self.domain[lo:hi], self.row[lo:hi], self.is_replay[lo:hi])
+        return BatchIndex(self.domain[lo:hi], self.row[lo:hi], self.is_replay[lo:hi],
+                          None if self.weight is None else self.weight[lo:hi])
 
 
 def replay_positions(batch: int, n_replay: int) -> np.ndarray:
@@ -89,6 +98,7 @@ class ReplaySampler:
         self.seed = int(seed)
         self.starts = np.concatenate([[0], np.cumsum(self.train_rows)]).astype(np.int64)
         self.pools: dict[int, ReplayPool | None] = {}
+        self._group_table: dict[int, tuple[ReplayPool, np.ndarray]] = {}
 
     @property
     def num_tasks(self) -> int:
@@ -106,19 +116,72 @@ class ReplaySampler:
     def steps_in_task(self, task: int, **budget) -> int:
         return self.counts.steps_in_task(task, **budget)
 
-    def _replay_rows(self, task: int, step: int, n_rep: int) -> np.ndarray:
-        """Global ids of the n_rep replay rows of (task, step)."""
+    def pool(self, task: int) -> ReplayPool:
+        """Task ``task``'s pool; None in ``pools`` is every row of tasks < task."""
         pool = self.pools.get(task)
-        first = self.replay_rows_before(task, step)
-        if pool is None:  # every row of tasks < task
-            return permuted_stream(self.seed, "replay", task, first, n_rep,
-                                   int(self.starts[task]))
-        if pool.weights is None:
-            pick = permuted_stream(self.seed, "replay", task, first, n_rep, len(pool.rows))
-        else:
-            rng = np.random.default_rng([self.seed, task, step, 0x5EED])
-            pick = rng.choice(len(pool.rows), size=n_rep, p=pool.weights / pool.weights.sum())
-        return pool.rows[pick]
+        if pool is None:
+            return ReplayPool((PoolGroup(span=(0, int(self.starts[task]))),))
+        return pool
+
+    def group_counts(self, task: int, steps) -> np.ndarray:
+        """[len(steps), G] replay rows each group of the pool gives each step (systematic
+        rounding of n_replay * shares, keyed by (seed, task, step); see the module)."""
+        pool = self.pool(task)
+        steps = np.asarray(steps, np.int64).reshape(-1)
+        n = np.asarray([self.n_replay(task, int(t)) for t in steps], np.int64)
+        if len(pool.groups) == 1:
+            return n[:, None]
+        u = (feistel_permute(steps, 1 << 32, round_keys(self.seed, "shares", task, 0))
+             + 0.5) / (1 << 32)
+        cum = np.cumsum(pool.shares)
+        cum[-1] = 1.0
+        edges = np.floor(n[:, None] * cum[None, :] + u[:, None]).astype(np.int64)
+        return np.diff(edges, axis=1, prepend=np.zeros((len(steps), 1), np.int64))
+
+    def group_rows_before(self, task: int, step: int) -> np.ndarray:
+        """[G] replay rows each group gave to steps < ``step`` of the task (cached)."""
+        pool = self.pool(task)
+        if len(pool.groups) == 1:
+            return np.asarray([self.replay_rows_before(task, step)], np.int64)
+        cached = self._group_table.get(task)
+        if cached is None or cached[0] is not pool:
+            cached = (pool, np.zeros((1, len(pool.groups)), np.int64))
+        table = cached[1]
+        if step >= len(table):  # extend by at least doubling
+            have, want = len(table) - 1, max(step, 2 * len(table), 1024)
+            more = np.cumsum(self.group_counts(task, np.arange(have, want)), axis=0)
+            table = np.concatenate([table, table[-1] + more])
+        self._group_table[task] = (pool, table)
+        return table[step]
+
+    def _group_items(self, task: int, step: int, g: int, count: int) -> np.ndarray:
+        """Positions in group ``g`` of the task's pool of its ``count`` replay items of
+        ``step``."""
+        group = self.pool(task).groups[g]
+        name = "replay" if g == 0 else f"replay/{g}"
+        local = self.group_rows_before(task, step)[g] + np.arange(count, dtype=np.int64)
+        if group.resample_every:
+            window = step // group.resample_every
+            base = self.group_rows_before(task, window * group.resample_every)[g]
+            size = min(group.resample_rows, group.size)
+            slot = stream_items(self.seed, f"{name}/w{window}", task, local - base, size)
+            return stream_items(self.seed, f"{name}/resample", task,
+                                window * group.resample_rows + slot, group.size)
+        if group.ordered:
+            return local % group.size
+        return stream_items(self.seed, name, task, local, group.size)
+
+    def replay_rows_of(self, task: int, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(global ids [n_replay], loss weights [n_replay] or None) of (task, step)."""
+        pool = self.pool(task)
+        counts = self.group_counts(task, [step])[0]
+        ids, weights = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        for g, group in enumerate(pool.groups):
+            if counts[g]:
+                pos = self._group_items(task, step, g, int(counts[g]))
+                ids.append(group.ids(pos))
+                weights.append(group.loss_weights(pos))
+        return np.concatenate(ids), (np.concatenate(weights) if pool.weighted else None)
 
     def batch(self, task: int, step: int) -> BatchIndex:
         """The rows of the global batch of (task, step); see the module docstring."""
@@ -129,15 +192,19 @@ class ReplaySampler:
         domain = np.full(size, task, np.int32)
         row = np.empty(size, np.int64)
         is_replay = np.zeros(size, bool)
+        weight = None
         if n_rep:
-            flat = self._replay_rows(task, step, n_rep)
+            flat, rep_weight = self.replay_rows_of(task, step)
             owner = np.searchsorted(self.starts, flat, side="right") - 1
             pos = replay_positions(size, n_rep)
             is_replay[pos] = True
             domain[pos] = owner
             row[pos] = flat - self.starts[owner]
+            if rep_weight is not None:
+                weight = np.ones(size, np.float32)
+                weight[pos] = rep_weight
         if n_new:
             row[~is_replay] = permuted_stream(self.seed, "new", task,
                                               self.new_rows_before(task, step), n_new,
                                               self.train_rows[task])
-        return BatchIndex(domain, row, is_replay)
+        return BatchIndex(domain, row, is_replay, weight)

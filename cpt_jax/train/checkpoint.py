@@ -8,7 +8,7 @@ A **run checkpoint** (``RunCheckpointer``) is a step directory of an orbax Check
     progress/  JSON: position in the task sequence and every result measured so far
     config/    JSON: the run config it was made with
     der/       DER's stored top-k logits (only for DER runs)
-    pool/      the current task's replay pool (only for policies that store one)
+    pool/      the newest replay pool and its task (only for policies that store one)
 
 There is no RNG state to store: the sampler and every other random choice are functions of
 (config.seed, task, step), so the config plus the step say what comes next.

@@ -34,7 +34,8 @@ from cpt_jax.data.rows import ConcatRows
 from cpt_jax.eval.logging import MetricsLogger, scalars
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim import transforms
-from cpt_jax.replay.buffer import ReplayPool, make_policy
+from cpt_jax.replay import policies
+from cpt_jax.replay.buffer import ReplayPool
 from cpt_jax.run_config import check_config, check_mesh
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.train.resume import (PreemptionWatch, Preempted, TrainingDiverged,
@@ -178,8 +179,15 @@ class Trainer:
         if self.der and restored.get("der") is not None:
             self.der.store = methods.der.DERStore.from_arrays(restored["der"])
         if restored.get("pool") is not None:
-            parts.sampler.pools[progress.task] = ReplayPool.from_arrays(restored["pool"])
-        self.policy = make_policy(config)
+            pool = dict(restored["pool"])
+            parts.sampler.pools[int(pool.pop("task"))] = ReplayPool.from_arrays(pool)
+        self.policy = policies.make_policy(config)
+        self.feature_step = None
+        if set(policies.policy_names(config)) & set(policies.NEEDS_FEATURES):
+            from cpt_jax.replay.features import make_feature_step
+            self.feature_step = make_feature_step(mcfg, mesh, shardings, rules,
+                                                  config.replay.coreset.feature_dim,
+                                                  config.seed)
         self.loader = BatchLoader(parts.sampler, parts.train_sources, mesh,
                                   extras=self.der.extras if self.der else None)
         self.eval_sets = {n: eval_batches(parts.prepared[n]["val"], config.eval.max_rows,
@@ -203,26 +211,37 @@ class Trainer:
             out[n] = tot / cnt
         return out
 
-    def score_rows(self, ids) -> np.ndarray:
-        """Mean token loss [N] (float64), under the current weights, of the training rows
-        with global ids ``ids`` (row r of task j is ``starts[j] + r``): what a replay
-        policy may rank or weight rows by."""
+    def _per_row(self, step, params, ids) -> np.ndarray:
+        """``step(params, batch) -> per-row outputs`` over the training rows with global
+        ids ``ids`` [N] (row r of task j is ``starts[j] + r``), in eval-sized batches."""
         ids = np.asarray(ids, np.int64).reshape(-1)
         rows = ConcatRows(self.parts.train_sources)  # global ids, as the sampler's
         size = self.config.eval.batch
         lo, hi = process_row_range(self.parts.mesh, size)
-        out = np.empty(ids.size)
+        out = []
         for first in range(0, ids.size, size):
-            sel = slice(first, min(first + size, ids.size))
-            n = sel.stop - sel.start
-            tokens, segs = rows.read(ids[sel])
-            pad = ((0, size - n), (0, 0))  # padding rows: segment 0, no loss
+            sel = ids[first:first + size]
+            tokens, segs = rows.read(sel)
+            pad = ((0, size - sel.size), (0, 0))  # padding rows: segment 0, no loss
             batch = {"tokens": np.pad(tokens, pad)[lo:hi],
                      "segment_ids": np.pad(segs, pad)[lo:hi]}
-            sums, counts = jax.device_get(self.row_loss_step(
-                self.state.params, to_global(self.parts.mesh, batch, size, lo)))
-            out[sel] = np.asarray(sums[:n], np.float64) / np.maximum(counts[:n], 1.0)
-        return out
+            result = jax.device_get(step(params, to_global(self.parts.mesh, batch, size, lo)))
+            out.append(jax.tree.map(lambda x: np.asarray(x)[:sel.size], result))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
+
+    def score_rows(self, ids) -> np.ndarray:
+        """Mean token loss [N] (float64), under the current weights, of the training rows
+        with global ids ``ids``: what a replay policy may rank or weight rows by."""
+        sums, counts = self._per_row(self.row_loss_step, self.state.params, ids)
+        return np.asarray(sums, np.float64) / np.maximum(counts, 1.0)
+
+    def feature_rows(self, ids, init: int | None = None) -> np.ndarray:
+        """Projected last-layer gradient features [N, replay.coreset.feature_dim] of the
+        training rows ``ids``, at the current weights or (``init`` = i) at the random
+        initialisation of seed ``config.seed + 1 + i``."""
+        params = (self.state.params if init is None else
+                  random_init_params(self.config, self.parts, self.config.seed + 1 + init))
+        return self._per_row(self.feature_step, params, ids)
 
     def start_task(self, k: int) -> None:
         """Task k's boundary: the methods' actions and the replay pool (unless resumed
@@ -232,8 +251,18 @@ class Trainer:
             return
         self.state = self.boundary(self.state, k)
         sampler = self.parts.sampler
-        sampler.pools[k] = self.policy.pool(k, sampler.starts, sampler.pools.get(k - 1),
-                                            score_rows=self.score_rows)
+        t0 = time.perf_counter()
+        sampler.pools[k] = pool = self.policy.pool(policies.Boundary(
+            k, sampler, self.parts.steps, previous=sampler.pools.get(k - 1),
+            score_rows=self.score_rows,
+            feature_rows=self.feature_rows if self.feature_step else None))
+        if self.der and pool is not None:
+            self.der.keep_buffer(self.state.params, pool, sampler.starts)
+        if pool is not None:
+            self.logger.log(self.progress.global_step, {
+                "task": self.parts.task_names[k], "replay_pool_s": time.perf_counter() - t0,
+                "replay_buffer_rows": pool.memory_rows(),
+                "replay_buffer_bytes": pool.memory_rows() * (self.config.seq_len + 1) * 4})
 
     def log(self, info: StepInfo) -> None:
         m = dict(info.host_metrics())
@@ -280,15 +309,23 @@ class Trainer:
         preempted = self.preempt.reached(g)  # every step: multi-host sync needs it
         if (info.end_of_task or preempted or (every and g % every == 0)) and self.healthy(info):
             t0 = time.perf_counter()
-            pool = self.parts.sampler.pools.get(self.progress.task)
             self.ckpt.save(g, self.state, dataclasses.asdict(self.progress), self.config_json,
                            self.der.store.to_arrays() if self.der else None,
-                           pool.to_arrays() if pool is not None else None, wait=preempted)
+                           self.latest_pool(), wait=preempted)
             self.logger.log(g, {"task": info.name,
                                 "checkpoint_blocking_s": time.perf_counter() - t0})
         if preempted:
             self.ckpt.wait()
             raise Preempted(self.ckpt.latest_step(), self.workdir)
+
+    def latest_pool(self) -> dict | None:
+        """The newest replay pool as checkpoint arrays (with its task): the current task's,
+        or at a task end the finished task's, which the next task's policy starts from."""
+        pools = self.parts.sampler.pools
+        for k in (self.progress.task, self.progress.task - 1):
+            if pools.get(k) is not None:
+                return {**pools[k].to_arrays(), "task": np.asarray(k, np.int64)}
+        return None
 
     def fit(self):
         """The step loop -> (state, progress) at the end of the task sequence."""

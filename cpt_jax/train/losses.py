@@ -15,11 +15,17 @@ from cpt_jax import model as model_lib
 
 
 def token_losses(config, params, batch):
-    """Per-token cross-entropy [B, L] (float32), its mask [B, L] and the logits [B, L, V]."""
+    """Per-token cross-entropy [B, L] (float32), its mask [B, L] and the logits [B, L, V].
+
+    The mask is 1 where the target is in the input's document; a batch with ``row_weight``
+    [B] (a weighted replay pool's loss weights) scales each row's mask by its weight, so
+    every loss and token count built on the mask is the weighted one."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
     logits = model_lib.forward(config, params, tokens[:, :-1], seg[:, :-1])
     targets = tokens[:, 1:]
     mask = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
+    if "row_weight" in batch:
+        mask = mask * batch["row_weight"].astype(jnp.float32)[:, None]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return losses, mask, logits
 

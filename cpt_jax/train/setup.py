@@ -73,12 +73,13 @@ def starts_pretrained(config) -> bool:
     return any(config.init.get(k) for k in ("hf", "orbax", "checkpoint"))
 
 
-def random_init_params(config, parts):
-    """The randomly initialised model of ``config.seed``, sharded like the run's parameters:
-    FWT's baseline (Lopez-Paz & Ranzato 2017), also for a run that starts pre-trained."""
+def random_init_params(config, parts, seed: int | None = None):
+    """The randomly initialised model of ``seed`` (default ``config.seed``), sharded like
+    the run's parameters: FWT's baseline (Lopez-Paz & Ranzato 2017), also for a run that
+    starts pre-trained."""
     init = jax.jit(functools.partial(model_lib.init_params, parts.mcfg),
                    out_shardings=parts.shardings.params)
-    return init(jax.random.key(config.seed))
+    return init(jax.random.key(config.seed if seed is None else seed))
 
 
 @dataclasses.dataclass
@@ -191,7 +192,7 @@ def _checkpoint_dir(path: str) -> tuple[str, int | None]:
 
 def run_start(config, parts: RunParts, peek, resume_steps, damaged=()):
     """The state and progress to train from -> (state, progress, the checkpoint's extra
-    arrays: {"der": DER's memory, "pool": the current task's replay pool}, when stored).
+    arrays: {"der": DER's memory, "pool": the newest replay pool with its task}, when stored).
 
     Resuming: the newest of ``resume_steps`` that can be restored (``peek``: the workdir's
     read-only checkpointer); newer damaged ones (and ``damaged``, found unreadable before)

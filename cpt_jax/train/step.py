@@ -5,8 +5,9 @@ A batch is a dict of global arrays sharded over the batch axes (data, fsdp):
     tokens       [B, L+1] int32   packed rows; inputs are [:, :-1], targets [:, 1:]
     segment_ids  [B, L+1] int32   document id within the row, 0 = padding
 
-(plus a method's per-row extras, e.g. DER's stored logits). Which rows are replayed is
-static: the ``n_replay`` the loader reports with the batch.
+(plus ``row_weight`` [B] float32, the loss weights of a weighted replay pool, and a
+method's per-row extras, e.g. DER's stored logits). Which rows are replayed is static: the
+``n_replay`` the loader reports with the batch.
 
 The loss is next-token cross-entropy averaged over the tokens whose target lies in the same
 document as the input (the loss never crosses a document and skips padding).
