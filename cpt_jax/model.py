@@ -326,12 +326,18 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama causal LM. __call__(tokens [B, L], segment_ids [B, L] | None) -> logits [B, L, V] f32."""
+    """Llama causal LM. __call__(tokens [B, L], segment_ids [B, L] | None) -> logits [B, L, V] f32.
+
+    With ``return_hidden=True`` it returns ``(hidden [B, L, D] f32, logits)`` instead, where
+    ``hidden`` is the final hidden state after ``final_norm``, the input of the output
+    projection (``logits = hidden @ lm_head``, or ``hidden @ embedding.T`` when tied).
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None,
+                 return_hidden: bool = False):
         c = self.config
         dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         if segment_ids_BL is None:
@@ -365,6 +371,9 @@ class Llama(nn.Module):
                           c.init_std, pdt)
             logits = x @ head.astype(dtype)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        if return_hidden:
+            hidden = nn.with_logical_constraint(x.astype(jnp.float32), ("batch", "length", "embed"))
+            return hidden, logits
         return logits
 
 
@@ -384,3 +393,15 @@ def param_logical_axes(config: LlamaConfig):
 def forward(config: LlamaConfig, params, tokens, segment_ids=None, positions=None) -> Array:
     """Logits [B, L, V] in float32 for tokens [B, L] (int). Pure function of its inputs."""
     return Llama(config).apply({"params": params}, tokens, segment_ids, positions)
+
+
+def forward_hidden(config: LlamaConfig, params, tokens, segment_ids=None,
+                   positions=None) -> tuple[Array, Array]:
+    """(final hidden states [B, L, D], logits [B, L, V]), both float32, for tokens [B, L].
+
+    The hidden states are taken after ``final_norm``: the input of the output projection,
+    in the compute dtype and then cast (so ``logits`` is their product with the output
+    matrix up to that rounding). What last-layer gradient features need
+    (``cpt_jax.replay.features``)."""
+    return Llama(config).apply({"params": params}, tokens, segment_ids, positions,
+                               return_hidden=True)

@@ -16,6 +16,19 @@ moments) as a run checkpoint: blocking (the step loop waits for the write) again
 asynchronous (the loop waits only for the device-to-host copy; the write goes on in the
 background), medians over --checkpoint_repeats saves each.
 
+With --replay_selection, it instead measures what gradient-coreset replay selection
+(``cpt_jax.replay.features`` + ``cpt_jax.replay.coresets``) costs on the config: (a) rows/s
+of the projected last-layer gradient feature step (``make_feature_step``, --feature_dim
+features per row) against rows/s of the train step on the same batch, medians of
+interleaved timed steps after warm-up, both compiled first; (b) seconds of ``craig`` and
+``grad_match`` picking --coreset_size of --candidates rows from --feature_dim features
+(Gaussian features: both run a fixed number of iterations, so their time does not depend
+on the values), after compilation; (c) the bytes of a buffer of --coreset_size rows
+(int32 tokens x (seq_len + 1), an int64 global row id and a float32 weight per row); (d) per
+selection method, the cost ratio: (len(tasks) - 1) task boundaries x (featurising the
+candidates + selecting) over the training compute of the config's whole run (the tasks'
+steps x the median train step). The issue's target is below 2%.
+
 tokens/s is the median over `--steps` synchronised steps after `--warmup` steps. MFU is
 model FLOPs per second over the matmul peak of this machine measured in the same run (a
 jitted square matmul in the model's compute dtype on one device, times the device count).
@@ -39,6 +52,8 @@ from absl import logging
 from cpt_jax import atomic, cli
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.methods import make_loss_fn
+from cpt_jax.replay import coresets, features
+from cpt_jax.replay.rates import nominal_steps
 from cpt_jax.train.setup import build_model
 from cpt_jax.train.state import create_train_state
 from cpt_jax.train.step import make_train_step
@@ -63,6 +78,17 @@ def parse_args(argv):
                          "state in this scratch directory instead")
     ap.add_argument("--checkpoint_repeats", type=int, default=3,
                     help="saves per mode for --checkpoint_dir")
+    ap.add_argument("--replay_selection", action="store_true",
+                    help="time gradient-coreset selection instead: feature extraction vs the "
+                         "train step, craig and grad_match, buffer bytes, cost per run")
+    ap.add_argument("--feature_dim", type=int, default=256,
+                    help="projected last-layer gradient features per row (--replay_selection)")
+    ap.add_argument("--candidates", type=int, default=4096,
+                    help="candidate rows M per task boundary (--replay_selection)")
+    ap.add_argument("--coreset_size", type=int, default=512,
+                    help="rows K the coreset keeps (--replay_selection)")
+    ap.add_argument("--selection_repeats", type=int, default=3,
+                    help="timed runs of each selection method (median reported)")
     args = ap.parse_args(rest)
     args.config = cli.load_config(args.config, overrides)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -263,10 +289,119 @@ def checkpoint_times(config, directory: str, repeats: int) -> dict:
     return out
 
 
+def replay_selection(config, steps: int, warmup: int, feature_dim: int = 256,
+                     candidates: int = 4096, coreset_size: int = 512,
+                     selection_repeats: int = 3) -> dict:
+    """The cost of gradient-coreset replay selection on ``config`` (see the module doc)."""
+    if not 1 <= coreset_size <= candidates:
+        raise cli.UserError(f"--coreset_size={coreset_size} must be in [1, --candidates="
+                            f"{candidates}]")
+    mcfg, mesh, rules, schedule, tx, state, shardings = build_state(config)
+    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule,
+                           loss_fn=make_loss_fn(config, mcfg))
+    try:
+        fstep = features.make_feature_step(mcfg, mesh, shardings, rules, feature_dim,
+                                           config.seed)
+    except ValueError as e:
+        raise cli.UserError(f"--feature_dim: {e}") from e
+    batch = random_batch(config, jax.random.key(1))
+    t0 = time.perf_counter()
+    train_c = step.lower(state, batch).compile()
+    train_compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    feat_c = fstep.lower(state.params, batch).compile()
+    feature_compile_s = time.perf_counter() - t0
+
+    def featurise(params):
+        return feat_c(params, batch, fstep.projection)
+
+    state, _, _ = timed_steps(train_c, state, batch, warmup + 1)
+    for _ in range(warmup + 1):
+        jax.block_until_ready(featurise(state.params))
+    train_times, feature_times = [], []
+    for _ in range(steps):  # interleaved, so machine noise hits both alike
+        state, _, t = timed_steps(train_c, state, batch, 1)
+        train_times += t
+        t0 = time.perf_counter()
+        f = jax.block_until_ready(featurise(state.params))
+        feature_times.append(time.perf_counter() - t0)
+    B = config.global_batch
+    train_s, feature_s = statistics.median(train_times), statistics.median(feature_times)
+    out = {
+        "platform": jax.devices()[0].platform, "devices": jax.device_count(),
+        "params": mcfg.num_params(), "d_model": mcfg.d_model, "vocab_size": mcfg.vocab_size,
+        "global_batch": B, "seq_len": config.seq_len, "dtype": mcfg.dtype,
+        "feature_dim": feature_dim,
+        "feature_factors": list(features.factor_dim(mcfg.d_model, mcfg.vocab_size,
+                                                    feature_dim)),
+        "features_finite": bool(np.isfinite(np.asarray(f)).all()),
+        "train_compile_s": round(train_compile_s, 2),
+        "feature_compile_s": round(feature_compile_s, 2),
+        "train_step_s": train_s, "feature_step_s": feature_s,
+        "train_rows_per_s": B / train_s, "feature_rows_per_s": B / feature_s,
+        "feature_vs_train_speed": train_s / feature_s,
+        **{f"feature_step_{k}": v for k, v in peak_memory_bytes(feat_c).items()},
+    }
+
+    # (b) selection time after compilation, on Gaussian candidate features
+    feats = jax.random.normal(jax.random.key(2), (candidates, feature_dim), jnp.float32)
+    out.update(candidates=candidates, coreset_size=coreset_size)
+    select = {}
+    for name, fn in (("craig", coresets.craig), ("grad_match", coresets.grad_match)):
+        t0 = time.perf_counter()
+        compiled = fn.lower(feats, coreset_size).compile()
+        out[f"{name}_compile_s"] = round(time.perf_counter() - t0, 2)
+        times = []
+        for _ in range(max(1, selection_repeats)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(feats))
+            times.append(time.perf_counter() - t0)
+        select[name] = out[f"{name}_select_s"] = statistics.median(times)
+
+    # (c) the buffer the coreset leaves: tokens, a global row id and a weight per row
+    row_bytes = (config.seq_len + 1) * 4 + 8 + 4
+    out["buffer_bytes"] = coreset_size * row_bytes
+    out["buffer_bytes_per_row"] = row_bytes
+
+    # (d) per task boundary: featurise the candidates, then select; over the run's training
+    tasks = [dict(t) for t in config.tasks]
+    out["extract_candidates_s"] = candidates / out["feature_rows_per_s"]
+    out["boundaries"] = max(len(tasks) - 1, 0)
+    if out["boundaries"]:
+        out["run_steps"] = sum(nominal_steps(config, t) for t in tasks)
+        out["run_train_s"] = out["run_steps"] * train_s
+        for name, sel_s in select.items():
+            per = out["extract_candidates_s"] + sel_s
+            out[f"{name}_boundary_s"] = per
+            out[f"{name}_cost_ratio"] = out["boundaries"] * per / out["run_train_s"]
+    else:
+        out["cost_ratio_note"] = "config has fewer than 2 tasks: no task boundary to select at"
+
+    print(f"{'step':<22} {'median_s':>10} {'rows/s':>10}")
+    print(f"{'train':<22} {train_s:>10.4f} {out['train_rows_per_s']:>10.1f}")
+    print(f"{'features (dim ' + str(feature_dim) + ')':<22} {feature_s:>10.4f} "
+          f"{out['feature_rows_per_s']:>10.1f}")
+    print(f"\nselect K={coreset_size} of M={candidates} (d'={feature_dim})")
+    print(f"{'method':<11} {'select_s':>9} {'boundary_s':>11} {'cost_ratio':>11}")
+    for name, sel_s in select.items():
+        per = out.get(f"{name}_boundary_s")
+        ratio = out.get(f"{name}_cost_ratio")
+        print(f"{name:<11} {sel_s:>9.3f} " + (f"{per:>11.3f} {100 * ratio:>10.3f}%"
+                                             if ratio is not None else f"{'n/a':>11} {'n/a':>11}"))
+    print(f"\nbuffer of K rows: {out['buffer_bytes']} bytes ({row_bytes} per row)")
+    if out["boundaries"]:
+        print(f"run: {out['run_steps']} steps x {train_s:.4f} s = {out['run_train_s']:.1f} s "
+              f"of training, {out['boundaries']} boundaries")
+    return out
+
+
 def main(argv) -> int:
     args = parse_args(argv)
     logging.set_verbosity(logging.ERROR)  # orbax logs every save
-    if args.methods and not args.checkpoint_dir:  # prints its own table
+    if args.replay_selection:  # prints its own table
+        result = replay_selection(args.config, args.steps, args.warmup, args.feature_dim,
+                                  args.candidates, args.coreset_size, args.selection_repeats)
+    elif args.methods and not args.checkpoint_dir:  # prints its own table
         result = compare_methods(args.config, args.methods, args.steps, args.warmup,
                                  args.replay_rate, args.reptile_every)
     else:
