@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from cpt_jax.replay import coresets
+from cpt_jax.replay.features import trajectory_features
 from cpt_jax.replay.buffer import PoolGroup, ReplayPool, ScoreRows, largest_remainder
 from cpt_jax.replay.permutation import draw_rows, stream_items
 
@@ -216,16 +217,6 @@ class CoresetPolicy(ReplayPolicy):
             keep = weights > 0  # a row of weight 0 would be replayed for nothing
             groups.append(PoolGroup(rows=cand[picked[keep]], weights=weights[keep]))
         return ReplayPool(tuple(groups), [g.size for g in groups])
-
-
-def trajectory_features(blocks: Sequence[np.ndarray]) -> np.ndarray:
-    """Features [M, sum d_i] of M rows at several parameter points, each block scaled by
-    1 / its mean row norm so that every point counts equally (Balles et al. 2022)."""
-    scaled = []
-    for f in blocks:
-        f = np.asarray(f, np.float32)
-        scaled.append(f / max(float(np.linalg.norm(f, axis=1).mean()), 1e-30))
-    return np.concatenate(scaled, axis=1)
 
 
 class CraigPolicy(CoresetPolicy):

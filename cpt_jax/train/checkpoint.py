@@ -297,7 +297,7 @@ class RunCheckpointer:
             step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     def read_arrays(self, step: int, item: str = "state") -> dict:
-        """Item 'state' or 'der' of checkpoint `step` as nested dicts of host numpy arrays,
+        """Item 'state', 'der' or 'pool' of checkpoint `step` as nested dicts of host numpy arrays,
         without a target structure: to inspect a checkpoint outside a run."""
         meta = getattr(self._manager.item_metadata(step)[item], "tree", None)
         out = self._manager.restore(step, args=ocp.args.Composite(**{
