@@ -246,3 +246,26 @@ def test_der_with_a_policy_that_replays_outside_its_buffer_is_refused():
     c.method.der.weight = 0.5
     with pytest.raises(ValueError, match="DER"):
         policies.check(c)
+
+
+def test_row_weights_scale_each_rows_loss_and_token_count():
+    """A batch with ``row_weight`` [B]: the loss sum is sum_r w_r * (row r's loss sum) and
+    the token count sum_r w_r n_r, from per-row losses computed without weights."""
+    import jax
+    from cpt_jax import model as model_lib
+    from cpt_jax.train.losses import ce_loss_sum, token_losses
+
+    mcfg = model_lib.LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2,
+                                 n_kv_heads=1, d_ff=32, max_seq_len=16)
+    params = model_lib.init_params(mcfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, (3, 9)).astype(np.int32)
+    segs = np.ones((3, 9), np.int32)
+    segs[2, 5:] = 0  # a padded row: fewer tokens
+    losses, mask, _ = token_losses(mcfg, params, {"tokens": tokens, "segment_ids": segs})
+    per_row, n_row = np.asarray((losses * mask).sum(1)), np.asarray(mask.sum(1))
+    w = np.array([0.5, 0.0, 2.5], np.float32)
+    total, aux = ce_loss_sum(mcfg, params, {"tokens": tokens, "segment_ids": segs,
+                                            "row_weight": w})
+    np.testing.assert_allclose(float(total), (w * per_row).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["tokens"]), (w * n_row).sum(), rtol=1e-6)

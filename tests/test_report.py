@@ -193,3 +193,24 @@ def test_joint_run_in_the_report(tmp_path):
     assert os.path.getsize(rep["files"]["loss_matrices.png"]) > 5000
     # the joint run has no learned loss, hence no point in retained_vs_learned (still drawn)
     assert os.path.getsize(rep["files"]["retained_vs_learned.png"]) > 5000
+
+
+def test_replay_policies_get_their_columns_and_the_buffer_figure(tmp_path):
+    """Runs of bounded replay policies: the table names policy and buffer, and
+    retained_vs_buffer.png is written; a report of uniform runs only has neither."""
+    runs = []
+    for name, policy, buffer, retained in (("all", "uniform", 0, 2.5),
+                                           ("res64", "reservoir", 64, 2.9),
+                                           ("res256", "reservoir", 256, 2.7)):
+        res = _results(0.25, [[2.0, 5.0], [retained, 1.0]], name=name)
+        res["config"]["replay"].update(policy=policy, buffer_rows=buffer)
+        runs.append(_write_run(tmp_path / "runs" / name, res))
+    rep = report.write_report(runs, str(tmp_path / "rep"))
+    header = rep["markdown"].splitlines()[0]
+    assert "| replay policy | buffer rows |" in header
+    assert "| res64 | res64 | 0.25 | reservoir | 64 |" in rep["markdown"]
+    with open(tmp_path / "rep" / "retained_vs_buffer.png", "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    plain = report.write_report(runs[:1], str(tmp_path / "plain"))
+    assert "replay policy" not in plain["markdown"]
+    assert not os.path.exists(tmp_path / "plain" / "retained_vs_buffer.png")

@@ -164,6 +164,29 @@ def plot_retained_vs_learned(points: Sequence[tuple[str, float, float]], path: s
     save_figure(fig, path)
 
 
+def plot_retained_vs_buffer(curves: Mapping[str, Sequence[tuple[float, float]]],
+                            references: Mapping[str, float], path: str) -> None:
+    """Retained loss against replay buffer size (rows), one line per replay policy
+    (``curves``: policy -> [(buffer rows, retained loss)]), and a dashed horizontal line per
+    unbounded reference (``references``: label -> retained loss, e.g. uniform replay of
+    every earlier row)."""
+    fig = _figure((6, 4))
+    ax = fig.add_subplot()
+    for i, (label, pts) in enumerate(sorted(curves.items())):
+        pts = sorted(pts)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=f"C{i % 10}",
+                label=label)
+    for j, (label, y) in enumerate(sorted(references.items())):
+        ax.axhline(y, color="k", ls="--", lw=1, alpha=0.6 - 0.2 * (j % 3), label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("replay buffer (rows)")
+    ax.set_ylabel("retained loss: earlier domains (lower is better)")
+    ax.set_title("retained loss vs replay buffer size")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
 def _labelled_points(ax, points: Sequence[tuple[str, float, float]]) -> None:
     """One marker per ``(label, x, y)``, its label beside it, and a light grid."""
     for i, (label, x, y) in enumerate(points):

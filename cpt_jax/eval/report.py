@@ -12,7 +12,10 @@ what compute", for a set of runs (e.g. replay rates 0 / 0.25 / 0.5, or MER vs re
 - ``loss_matrices.png``: each run's loss matrix R[i][j] as a heatmap;
 - ``retained_vs_flops.png``: retained loss against training FLOPs, one point per run;
 - ``retained_vs_learned.png``: retained loss against learned loss, one point per run
-  (lower-left is better: the stability-plasticity trade-off, e.g. of a MER meta-rate sweep).
+  (lower-left is better: the stability-plasticity trade-off, e.g. of a MER meta-rate sweep);
+- with runs of a bounded replay policy (``cpt_jax.replay.policies``): the table gains the
+  replay policy and buffer size, and ``retained_vs_buffer.png`` plots retained loss against
+  buffer size, one line per policy (runs that replay every earlier row: dashed lines).
 
 report.md names runs by their labels (``run_labels``) only, never by local paths, so it can be
 pasted into a README.
@@ -43,6 +46,7 @@ COLUMNS = [  # (row key, table header)
     ("forgetting", "forgetting"), ("bwt", "BWT"), ("fwt", "FWT"),
     ("curve_area_mean", "mean loss over run"),
 ]
+POLICY_COLUMNS = [("policy", "replay policy"), ("buffer_rows", "buffer rows")]
 METRIC_KEYS = ("learned_loss", "retained_loss", "final_loss_all", "forgetting", "bwt",
                "fwt", "curve_area_mean")  # the columns taken from metrics_from_results
 
@@ -138,9 +142,12 @@ def run_row(results: dict, label: str) -> dict:
     config = results.get("config") or {}
     m = metrics_lib.metrics_from_results(results)
     cfg = model_config(results)
+    replay = config.get("replay") or {}
     return {
         "run": label,
         "method": method_label(config, results.get("method")),
+        "policy": replay.get("policy", "uniform"),
+        "buffer_rows": replay.get("buffer_rows") or None,
         "replay_rate": replay_rate_done(results),
         "params": cfg.num_params() if cfg is not None else None,
         "flops": training_flops_of(results),
@@ -165,12 +172,18 @@ def _fmt(key: str, v) -> str:
     return str(v).replace("|", "\\|")
 
 
+def _with_policies(rows: Sequence[dict]) -> bool:
+    return any(r.get("policy", "uniform") != "uniform" for r in rows)
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-    """A GitHub-flavoured Markdown table of ``run_row`` rows (losses in nats/token)."""
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
-             "| " + " | ".join("---" for _ in COLUMNS) + " |"]
+    """A GitHub-flavoured Markdown table of ``run_row`` rows (losses in nats/token); the
+    replay policy columns only when a run has a policy other than uniform."""
+    columns = COLUMNS[:3] + POLICY_COLUMNS + COLUMNS[3:] if _with_policies(rows) else COLUMNS
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "| " + " | ".join("---" for _ in columns) + " |"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
 
@@ -222,6 +235,19 @@ def write_report(run_dirs: Sequence[str], out_dir: str) -> dict:
           "![loss matrices](loss_matrices.png)", "",
           "![retained loss vs training FLOPs](retained_vs_flops.png)", "",
           "![retained loss vs learned loss](retained_vs_learned.png)"]
+    if _with_policies(rows):
+        files["retained_vs_buffer.png"] = os.path.join(out_dir, "retained_vs_buffer.png")
+        curves, refs = {}, {}
+        for r, res in zip(rows, results):
+            if r["retained_loss"] is None:
+                continue
+            name = (res.get("config") or {}).get("name") or r["policy"]
+            if r["buffer_rows"]:
+                curves.setdefault(name, []).append((r["buffer_rows"], r["retained_loss"]))
+            else:
+                refs[f"{name} (every earlier row)"] = r["retained_loss"]
+        plots.plot_retained_vs_buffer(curves, refs, files["retained_vs_buffer.png"])
+        md += ["", "![retained loss vs replay buffer size](retained_vs_buffer.png)"]
     atomic.write_text(files["report.md"], "\n".join(md) + "\n")
     atomic.write_text(files["report.json"], json.dumps({"rows": rows}, indent=1) + "\n")
     return {"rows": rows, "markdown": table, "files": files}

@@ -150,7 +150,8 @@ def projected_last_layer_grads(mcfg: model_lib.LlamaConfig, params, batch,
         raise ValueError(
             f"projection is for d={projection.hidden.shape[0]}, vocab="
             f"{projection.vocab.shape[0]}; the model has d_model={mcfg.d_model}, "
-            f"vocab_size={mcfg.vocab_size}: build it with make_projection(d_model, vocab_size, ...)")
+            f"vocab_size={mcfg.vocab_size}: build it with "
+            "make_projection(d_model, vocab_size, ...)")
     hidden, probs, targets, weights = _row_terms(mcfg, params, batch)
     ph, pv = projection.hidden, projection.vocab
     h_a = jnp.einsum("nld,da->nla", hidden, ph)  # [B, L, a]
