@@ -251,7 +251,6 @@ class HybridPolicy(ReplayPolicy):
 POLICIES: dict[str, type[ReplayPolicy]] = {
     p.name: p for p in (UniformPolicy, ReservoirPolicy, DomainsPolicy, ResamplePolicy,
                         CurriculumPolicy, CraigPolicy, GradMatchPolicy, HybridPolicy)}
-NEEDS_SCORES = ("curriculum",)
 NEEDS_FEATURES = ("craig", "grad_match")
 
 

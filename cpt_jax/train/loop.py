@@ -36,6 +36,7 @@ from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim import transforms
 from cpt_jax.replay import policies
 from cpt_jax.replay.buffer import ReplayPool
+from cpt_jax.replay.features import make_feature_step
 from cpt_jax.run_config import check_config, check_mesh
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.train.resume import (PreemptionWatch, Preempted, TrainingDiverged,
@@ -184,7 +185,6 @@ class Trainer:
         self.policy = policies.make_policy(config)
         self.feature_step = None
         if set(policies.policy_names(config)) & set(policies.NEEDS_FEATURES):
-            from cpt_jax.replay.features import make_feature_step
             self.feature_step = make_feature_step(mcfg, mesh, shardings, rules,
                                                   config.replay.coreset.feature_dim,
                                                   config.seed)
