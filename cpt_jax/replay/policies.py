@@ -119,9 +119,9 @@ def reservoir_update(buffer: np.ndarray, capacity: int, seen: int, count: int,
     for lo in range(0, count, chunk):
         pos = np.arange(lo, min(lo + chunk, count), dtype=np.int64)
         c = seen + pos + 1
-        accept = rng.random(pos.size) * c < capacity
+        accept = rng.random(pos.size) * c < capacity  # always while c <= capacity
         slot = np.where(c <= capacity, c - 1, rng.integers(0, capacity, pos.size))
-        pos, slot = pos[accept | (c <= capacity)], slot[accept | (c <= capacity)]
+        pos, slot = pos[accept], slot[accept]
         # the last item written to a slot is the one it keeps
         last = pos.size - 1 - np.unique(slot[::-1], return_index=True)[1]
         out[slot[last]] = items(pos[last])
