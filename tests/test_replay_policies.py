@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpt_jax.replay import policies
-from cpt_jax.replay.buffer import PoolGroup, ReplayPool, largest_remainder
+from cpt_jax.replay.buffer import Boundary, PoolGroup, ReplayPool, largest_remainder
 from cpt_jax.replay.sampler import ReplaySampler
 from cpt_jax.run_config import default_config
 
@@ -116,7 +116,7 @@ def _config(policy, buffer_rows=12, **replay):
 
 
 def _boundary(sampler, task, previous=None, **kw):
-    return policies.Boundary(task, sampler, [10, 10, 10], previous=previous, **kw)
+    return Boundary(task, sampler, [10, 10, 10], previous=previous, **kw)
 
 
 def test_reservoir_keeps_every_trained_row_with_probability_k_over_n():
@@ -139,7 +139,7 @@ def test_reservoir_policy_buffers_trained_rows_of_finished_tasks():
     s = _sampler()
     policy = policies.make_policy(c)
     pool1 = policy.pool(_boundary(s, 1))
-    trained0 = set(policies.Boundary(1, s, [10] * 3).trained_items(0, np.arange(
+    trained0 = set(Boundary(1, s, [10] * 3).trained_items(0, np.arange(
         s.new_rows_before(0, 10))).tolist())
     assert len(pool1.groups[0].rows) == 12 and set(pool1.groups[0].rows) <= trained0
     pool2 = policy.pool(_boundary(s, 2, pool1))

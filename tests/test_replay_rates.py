@@ -68,3 +68,17 @@ def test_schedule_drives_the_sampler():
     assert sampler.n_replay(0, 0) == 0
     b = sampler.batch(1, 0)
     assert b.is_replay.sum() == 4 and (b.domain[b.is_replay] == 0).all()
+
+
+def test_task_steps_of_a_config_follow_the_accounting():
+    """The demo's budgets (240, 120, 120 replay-free steps of 16 rows) at 25% replay: 4 of
+    16 rows replayed from task 1 on, so additive accounting needs 1920 / 12 = 160 steps to
+    cover each later task's 1920 new rows; compute-equivalent keeps 120."""
+    from cpt_jax.replay.rates import task_steps
+    from configs.demo import get_config
+
+    c = get_config("replay25")
+    tasks = [dict(t) for t in c.tasks]
+    assert task_steps(c, tasks) == [240, 160, 160]
+    c.replay.accounting = "compute_equivalent"
+    assert task_steps(c, tasks) == [240, 120, 120]

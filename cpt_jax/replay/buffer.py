@@ -23,16 +23,22 @@ every earlier row), and says how the sampler walks it (``cpt_jax.replay.sampler`
 loss weights a replayed row by ``weight * size / sum(weights)`` (mean 1 over the group),
 so the weighted replay gradient estimates the gradient the coreset stands for.
 
+A ``ReplayPolicy`` (the concrete ones: ``cpt_jax.replay.policies``) makes task k's pool
+from a ``Boundary``: what the run can tell it at the start of task k.
+
 ``uniform`` (Abbes et al. 2025: every row of every earlier task, uniformly) is the pool
 ``None``: nothing is stored; the sampler reads it as one span group ``[0, starts[k])``.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from cpt_jax.replay.permutation import stream_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +185,12 @@ class ReplayPool:
         return cls(tuple(groups), arrays["shares"], arrays["parts"])
 
 
+def buffer_bytes(rows: int, seq_len: int) -> int:
+    """Bytes of a buffer of ``rows`` rows: int32 tokens [seq_len + 1], an int64 global row
+    id and a float32 loss weight per row."""
+    return int(rows) * ((seq_len + 1) * 4 + 8 + 4)
+
+
 ScoreRows = Callable[[np.ndarray], np.ndarray]
 
 
@@ -193,3 +205,52 @@ def largest_remainder(total: int, shares) -> np.ndarray:
         order = np.argsort(-(exact - out), kind="stable")
         out[order[:extra]] += 1
     return out
+
+
+FeatureRows = Callable[..., np.ndarray]  # (ids [N], init: int | None) -> [N, d]
+
+
+@dataclasses.dataclass
+class Boundary:
+    """What a policy sees at the start of task ``task`` (>= 1)."""
+
+    task: int
+    sampler: object  # cpt_jax.replay.sampler.ReplaySampler
+    steps: Sequence[int]  # steps of every task
+    previous: ReplayPool | None = None
+    score_rows: ScoreRows | None = None
+    feature_rows: FeatureRows | None = None
+
+    @property
+    def starts(self) -> np.ndarray:
+        return self.sampler.starts
+
+    def domain_rows(self, d: int) -> int:
+        return self.sampler.train_rows[d]
+
+    def trained_count(self, j: int) -> int:
+        """New rows task j trained on."""
+        return self.sampler.new_rows_before(j, self.steps[j])
+
+    def trained_items(self, j: int, positions) -> np.ndarray:
+        """Global ids of task j's new rows at stream ``positions``, in training order."""
+        s = self.sampler
+        return s.starts[j] + stream_items(s.seed, "new", j, positions, s.train_rows[j])
+
+
+class ReplayPolicy(abc.ABC):
+    """Decides, at the start of each task k >= 1, which earlier rows may be replayed.
+    ``bounded``: the policy keeps at most ``buffer_rows`` rows (>= 1 required)."""
+
+    name: str = ""
+    bounded: bool = True
+
+    def __init__(self, config, buffer_rows: int | None = None):
+        self.config = config
+        self.seed = int(config.seed)
+        self.buffer_rows = int(config.replay.buffer_rows if buffer_rows is None
+                               else buffer_rows)
+
+    @abc.abstractmethod
+    def pool(self, b: Boundary) -> ReplayPool | None:
+        """Task ``b.task``'s pool; None = every row of the earlier tasks, uniformly."""

@@ -37,7 +37,6 @@ split it over the finished domains.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -45,57 +44,9 @@ import numpy as np
 
 from cpt_jax.replay import coresets
 from cpt_jax.replay.features import trajectory_features
-from cpt_jax.replay.buffer import PoolGroup, ReplayPool, ScoreRows, largest_remainder
-from cpt_jax.replay.permutation import draw_rows, stream_items
-
-FeatureRows = Callable[..., np.ndarray]  # (ids [N], init: int | None) -> [N, d]
-
-
-@dataclasses.dataclass
-class Boundary:
-    """What a policy sees at the start of task ``task`` (>= 1)."""
-
-    task: int
-    sampler: object  # cpt_jax.replay.sampler.ReplaySampler
-    steps: Sequence[int]  # steps of every task
-    previous: ReplayPool | None = None
-    score_rows: ScoreRows | None = None
-    feature_rows: FeatureRows | None = None
-
-    @property
-    def starts(self) -> np.ndarray:
-        return self.sampler.starts
-
-    def domain_rows(self, d: int) -> int:
-        return self.sampler.train_rows[d]
-
-    def trained_count(self, j: int) -> int:
-        """New rows task j trained on."""
-        return self.sampler.new_rows_before(j, self.steps[j])
-
-    def trained_items(self, j: int, positions) -> np.ndarray:
-        """Global ids of task j's new rows at stream ``positions``, in training order."""
-        s = self.sampler
-        return s.starts[j] + stream_items(s.seed, "new", j, positions, s.train_rows[j])
-
-
-class ReplayPolicy(abc.ABC):
-    """Decides, at the start of each task k >= 1, which earlier rows may be replayed.
-    ``bounded``: the policy keeps at most ``buffer_rows`` rows (>= 1 required)."""
-
-    name: str = ""
-    bounded: bool = True
-
-    def __init__(self, config, buffer_rows: int | None = None):
-        self.config = config
-        self.seed = int(config.seed)
-        self.buffer_rows = int(config.replay.buffer_rows if buffer_rows is None
-                               else buffer_rows)
-
-    @abc.abstractmethod
-    def pool(self, b: Boundary) -> ReplayPool | None:
-        """Task ``b.task``'s pool; None = every row of the earlier tasks, uniformly."""
-
+from cpt_jax.replay.buffer import (Boundary, PoolGroup, ReplayPolicy, ReplayPool,
+                                   largest_remainder)
+from cpt_jax.replay.permutation import draw_rows
 
 class UniformPolicy(ReplayPolicy):
     """Every row of every earlier task, uniformly (Abbes et al. 2025): stores nothing."""

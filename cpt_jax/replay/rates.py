@@ -250,3 +250,13 @@ class ReplayCounts:
             else:
                 lo = mid + 1
         return lo
+
+
+def task_steps(config, tasks) -> list[int]:
+    """Optimizer steps of each task of ``tasks`` as a run takes them: its budget under
+    ``replay.accounting`` at the run's replay rates (needs no data)."""
+    counts = ReplayCounts(len(tasks), config.global_batch, replay_rates(config, tasks),
+                          config.replay.accounting, [t.get("domain", "joint") for t in tasks])
+    return [counts.steps_in_task(k, budget_tokens=t.get("tokens"),
+                                 budget_steps=t.get("steps"), seq_len=config.seq_len)
+            for k, t in enumerate(tasks)]

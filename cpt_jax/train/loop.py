@@ -35,7 +35,7 @@ from cpt_jax.eval.logging import MetricsLogger, scalars
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.optim import transforms
 from cpt_jax.replay import policies
-from cpt_jax.replay.buffer import ReplayPool
+from cpt_jax.replay.buffer import Boundary, ReplayPool, buffer_bytes
 from cpt_jax.replay.features import make_feature_step
 from cpt_jax.run_config import check_config, check_mesh
 from cpt_jax.train import checkpoint as checkpoint_lib
@@ -252,7 +252,7 @@ class Trainer:
         self.state = self.boundary(self.state, k)
         sampler = self.parts.sampler
         t0 = time.perf_counter()
-        sampler.pools[k] = pool = self.policy.pool(policies.Boundary(
+        sampler.pools[k] = pool = self.policy.pool(Boundary(
             k, sampler, self.parts.steps, previous=sampler.pools.get(k - 1),
             score_rows=self.score_rows,
             feature_rows=self.feature_rows if self.feature_step else None))
@@ -262,7 +262,7 @@ class Trainer:
             self.logger.log(self.progress.global_step, {
                 "task": self.parts.task_names[k], "replay_pool_s": time.perf_counter() - t0,
                 "replay_buffer_rows": pool.memory_rows(),
-                "replay_buffer_bytes": pool.memory_rows() * (self.config.seq_len + 1) * 4})
+                "replay_buffer_bytes": buffer_bytes(pool.memory_rows(), self.config.seq_len)})
 
     def log(self, info: StepInfo) -> None:
         m = dict(info.host_metrics())

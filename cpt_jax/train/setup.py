@@ -21,7 +21,7 @@ from cpt_jax.data import tokenizer as tokenizer_lib
 from cpt_jax.data.rows import ConcatRows
 from cpt_jax.optim import transforms
 from cpt_jax.optim.builder import make_optimizer, make_schedule
-from cpt_jax.replay.rates import nominal_steps, replay_rates
+from cpt_jax.replay.rates import nominal_steps, replay_rates, task_steps
 from cpt_jax.replay.sampler import ReplaySampler
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.train.resume import ConfigMismatch
@@ -144,9 +144,7 @@ def prepare_run(config, workdir: str) -> RunParts:
                             rate=replay_rates(config, tasks),
                             accounting=config.replay.accounting, seed=config.seed,
                             names=task_names)
-    steps = [sampler.steps_in_task(k, budget_tokens=t.get("tokens"),
-                                   budget_steps=t.get("steps"), seq_len=config.seq_len)
-             for k, t in enumerate(tasks)]
+    steps = task_steps(config, tasks)
     mcfg, mesh, rules, schedule, tx, shardings = build_model(config, steps)
     return RunParts(names=names, eval_order=[t["domain"] for t in config.tasks],
                     task_names=task_names, steps=steps, train_sources=train_sources,
