@@ -19,6 +19,7 @@ are scaled to the demo: the paper's Reptile period of 500 steps is ~4% of a 100B
 (~12k steps at 4096 x 2048 tokens per batch); 4% of a 120-step demo task is 5 steps.
 """
 
+from cpt_jax.presets import MODEL_PRESETS
 from cpt_jax.run_config import default_config
 
 
@@ -115,8 +116,8 @@ def get_config(arg: str = "replay25"):
         raise ValueError(f"unknown demo method {method!r}; choose one of "
                          f"{sorted(METHODS)} or a replay policy of {sorted(POLICIES)}")
     c = default_config()
-    c.model.update(dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                        d_ff=384, max_seq_len=256, tie_embeddings=True))
+    c.model.update(dict(vocab_size=2048, max_seq_len=256, tie_embeddings=True,
+                        **MODEL_PRESETS["small"]))
     c.seq_len = 128
     c.global_batch = 16
     c.optim.lr = 3e-3

@@ -3,11 +3,12 @@
 With the Llama-2 tokenizer (32000) this has 48.2M non-embedding and 81.0M total parameters
 (untied); the vocabulary follows the tokenizer a run uses."""
 
+from cpt_jax.presets import MODEL_PRESETS
 from cpt_jax.run_config import default_config
 
 
 def get_config():
     c = default_config()
-    c.model.update(dict(vocab_size=32000, d_model=512, n_layers=16, n_heads=8, n_kv_heads=8, d_ff=1280, max_seq_len=2048))
+    c.model.update(dict(vocab_size=32000, max_seq_len=2048, **MODEL_PRESETS["99m"]))
     c.seq_len = 2048
     return c
