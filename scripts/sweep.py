@@ -216,7 +216,7 @@ class Runner:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if self.stopping:
-            print(f"sweep: stopped; run the same command to finish it", file=sys.stderr)
+            print("sweep: stopped; run the same command to finish it", file=sys.stderr)
             return 130
         failed = [e["name"] for e in self.index["points"] if e["status"] == "failed"]
         if failed:
