@@ -179,6 +179,10 @@ class Runner:
         self.save()
         return entry["status"]
 
+    def fill(self, todo):
+        while todo and len(self.running) < self.args.parallel and not self.stopping:
+            self.start(todo.pop(0))
+
     def stop(self, signum, frame):
         self.stopping = True
         for proc, _ in self.running.values():
@@ -198,17 +202,20 @@ class Runner:
         previous = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while todo or self.running:
-                while todo and len(self.running) < self.args.parallel and not self.stopping:
-                    self.start(todo.pop(0))
+                self.fill(todo)
                 time.sleep(POLL_S)
+                finished = False
                 for name, (proc, t0) in list(self.running.items()):
                     rc = proc.poll()
                     if rc is None and self.stopping and time.time() - t0 > STOP_GRACE_S:
                         proc.kill()
                     if rc is None:
                         continue
+                    finished = True
                     if self.finish(name, rc) == "done":
                         done_cost += self.cost[name]
+                if finished:
+                    self.fill(todo)
                     self.progress(started, done_cost)
                 if self.stopping and not self.running:
                     break

@@ -87,3 +87,27 @@ def test_install_cell_finds_a_checkout_or_asks_for_a_source(tmp_path):
     # the marked variable: a git URL (pip needs the git+ scheme) or a wheel as given
     url = "https://example.org/group/cpt_jax.git"
     assert _install_cell(elsewhere, url)["calls"] == [["-q", f"git+{url}"]]
+
+
+def test_scaling_notebook_runs_on_a_sweep(tmp_path, monkeypatch):
+    from synthetic_sweep import write_sweep
+
+    monkeypatch.setenv("CPT_SCALING_SWEEP", write_sweep(tmp_path))
+    monkeypatch.setenv("CPT_SCALING_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("PYTHONPATH", ROOT)  # this checkout's cpt_jax
+    path = os.path.join(ROOT, "notebooks", "scaling.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    markdown = "".join(o["data"]["text/markdown"] for o in outputs
+                       if "text/markdown" in o.get("data", {}))
+    # the synthetic sweep is built so that replay 0 -> 0.25 wins and 0.25 -> 0.5 loses
+    assert "Replay 0 -> 0.25 vs the next model size, at matched FLOPs: yes" in markdown
+    assert "Replay 0.25 -> 0.5 vs the next model size, at matched FLOPs: no" in markdown
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "18 finished points in 9 cells; 0 unfinished" in text
+    assert "replay 0.25: b = 0.300" in text
+    assert (tmp_path / "out" / "analysis.md").exists()

@@ -12,6 +12,8 @@ import math
 import os
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from cpt_jax.eval.metrics import loss_matrix_columns
 
 
@@ -194,3 +196,72 @@ def _labelled_points(ax, points: Sequence[tuple[str, float, float]]) -> None:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.margins(0.15)  # room for the labels
     ax.grid(alpha=0.3)
+
+
+def plot_scaling(cells: Sequence[dict], fits: Sequence[dict], path: str,
+                 metric: str = "retained_loss") -> None:
+    """A sweep's ``metric`` against training FLOPs (``cpt_jax.eval.scaling``): left, one
+    curve per replay rate across model sizes; right, one curve per model size across
+    replay rates. Markers are cell means with standard-error bars over seeds; dotted lines
+    are the power-law fits L = a (C / C0)^-b + c of ``fits`` (``scaling.fit_curves``)."""
+    from cpt_jax.eval import scaling
+
+    fig = _figure((11, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    fit_of = {f["curve"]: f["fit"] for f in fits}
+    for ax, along, title in ((axes[0], "size", "one curve per replay rate (across sizes)"),
+                             (axes[1], "rate", "one curve per model size (across rates)")):
+        for i, curve in enumerate(scaling.curves(cells, along)):
+            cs = [c for c in curve["cells"] if c["flops"] and c[metric] is not None]
+            xs, ys = [c["flops"] for c in cs], [c[metric] for c in cs]
+            err = [c[f"{metric}_se"] or 0.0 for c in cs]
+            color = f"C{i % 10}"
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=5, capsize=3, color=color,
+                        lw=1.2, label=curve["label"])
+            for c in cs:
+                tag = f"r={c['rate']:g}" if along == "rate" else str(c["size"])
+                ax.annotate(tag, (c["flops"], c[metric]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=color)
+            fit = fit_of.get(curve["label"])
+            if fit is not None and xs:
+                grid = np.geomspace(min(xs), max(xs), 100)
+                ax.plot(grid, scaling.power_law(fit, grid), ls=":", color=color, lw=1.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel(f"{metric.replace('_', ' ')} (lower is better)")
+    save_figure(fig, path)
+
+
+def plot_pareto(cells: Sequence[dict], front: Sequence[int], path: str) -> None:
+    """Retained against learned loss, one marker per sweep cell (mean over seeds, error
+    bars: standard errors), the Pareto frontier (``scaling.pareto_front``) as a line."""
+    fig = _figure((6.5, 4.5))
+    ax = fig.add_subplot()
+    sizes = list(dict.fromkeys(c["size"] for c in cells))
+    marks = "os^Dvp*"
+    rates = sorted({c["rate"] for c in cells})
+    for c in cells:
+        if c["learned_loss"] is None or c["retained_loss"] is None:
+            continue
+        ax.errorbar([c["learned_loss"]], [c["retained_loss"]],
+                    xerr=[c["learned_loss_se"] or 0.0], yerr=[c["retained_loss_se"] or 0.0],
+                    marker=marks[sizes.index(c["size"]) % len(marks)], ms=6, capsize=2,
+                    color=f"C{rates.index(c['rate']) % 10}", ls="none")
+    pts = [(cells[i]["learned_loss"], cells[i]["retained_loss"]) for i in front]
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="k", lw=1, ls="--",
+                label="Pareto frontier")
+    for k, s in enumerate(sizes):
+        ax.plot([], [], marker=marks[k % len(marks)], color="grey", ls="none", label=f"model {s}")
+    for k, r in enumerate(rates):
+        ax.plot([], [], marker="s", color=f"C{k % 10}", ls="none", label=f"replay {r:g}")
+    ax.set_xlabel("learned loss: mean R[j][j] (lower is better)")
+    ax.set_ylabel("retained loss: earlier domains (lower is better)")
+    ax.set_title("sweep cells: retained vs learned (lower-left is better)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
