@@ -90,6 +90,9 @@ def parse_args(argv):
                     help="rows K the coreset keeps (--replay_selection)")
     ap.add_argument("--selection_repeats", type=int, default=3,
                     help="timed runs of each selection method (median reported)")
+    ap.add_argument("--peer", choices=["torch"], default=None,
+                    help="time the same Llama step in PyTorch + transformers, interleaved with "
+                         "ours (needs pip install -e \".[peer]\")")
     args = ap.parse_args(rest)
     args.config = cli.load_config(args.config, overrides)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -198,6 +201,49 @@ def benchmark(config, steps: int, warmup: int) -> dict:
         "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
         **peak_memory_bytes(compiled),
     }
+
+
+def compare_peer(config, steps: int, warmup: int) -> dict:
+    """Our train step against the PyTorch peer (``cpt_jax.peer_torch``) on the same batch,
+    from the same initial weights, with the same thread count: one step of each per round,
+    medians of ``steps`` rounds after ``warmup``. The first step's losses must agree."""
+    from cpt_jax import peer_torch
+
+    peer_torch.require()
+    p = prepare(config)
+    compiled, state, batch, mcfg = p["compiled"], p["state"], p["batch"], p["mcfg"]
+    peer = peer_torch.TorchStep(config, mcfg, jax.device_get(state.params), batch["tokens"])
+    state, metrics, _ = timed_steps(compiled, state, batch, 1)  # the donated state moves on
+    first = {"ours": float(metrics["loss"]), "torch": peer.timed()[1]}
+    if not np.isclose(first["ours"], first["torch"], rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"the peer is not the same model: first-step loss {first['torch']} "
+                           f"(torch) vs {first['ours']} (ours)")
+    ours, theirs = [], []
+    for i in range(warmup + steps):
+        state, metrics, t = timed_steps(compiled, state, batch, 1)
+        peer_t, _ = peer.timed()
+        if i >= warmup:
+            ours.append(t[0])
+            theirs.append(peer_t)
+    tokens = config.global_batch * config.seq_len
+    flops_tok = mcfg.flops_per_token(config.seq_len)
+    peak = matmul_peak_flops(jnp.dtype(mcfg.dtype), jax.devices()[0]) * jax.device_count()
+    out = {"params": mcfg.num_params(), "global_batch": config.global_batch,
+           "seq_len": config.seq_len, "threads": peer_torch.cpu_threads(),
+           "first_step_loss": first, "matmul_peak_tflops_per_s": peak / 1e12}
+    for name, times in (("ours", ours), ("torch", theirs)):
+        step_s = statistics.median(times)
+        out[name] = {"step_s_median": step_s, "tokens_per_s": tokens / step_s,
+                     "mfu": tokens / step_s * flops_tok / peak}
+    out["speed_ratio"] = out["ours"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
+    print(f"{'':<16} {'ours (JAX)':>12} {'PyTorch + HF':>13}")
+    for key, fmt in (("tokens_per_s", ".0f"), ("step_s_median", ".4f"), ("mfu", ".3f")):
+        print(f"{key:<16} {out['ours'][key]:>12{fmt}} {out['torch'][key]:>13{fmt}}")
+    print(f"{'first-step loss':<16} {first['ours']:>12.5f} {first['torch']:>13.5f}")
+    print(f"speed ratio (ours / PyTorch tokens/s): {out['speed_ratio']:.2f}  "
+          f"[{mcfg.num_params() / 1e6:.1f}M params, {config.global_batch} x {config.seq_len}, "
+          f"{out['threads']} threads, medians of {steps} interleaved steps]")
+    return out
 
 
 def method_config(config, method: str, rate: float, reptile_every: int = 500):
@@ -399,7 +445,9 @@ def replay_selection(config, steps: int, warmup: int, feature_dim: int = 256,
 def main(argv) -> int:
     args = parse_args(argv)
     logging.set_verbosity(logging.ERROR)  # orbax logs every save
-    if args.replay_selection:  # prints its own table
+    if args.peer:  # prints its own table
+        result = compare_peer(args.config, args.steps, args.warmup)
+    elif args.replay_selection:  # prints its own table
         result = replay_selection(args.config, args.steps, args.warmup, args.feature_dim,
                                   args.candidates, args.coreset_size, args.selection_repeats)
     elif args.methods and not args.checkpoint_dir:  # prints its own table

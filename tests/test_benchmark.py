@@ -3,6 +3,7 @@ memory each method adds, in parameter copies."""
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -57,3 +58,19 @@ def test_checkpoint_timing_saves_the_whole_state(bench, tmp_path):
     assert 3 * 4 * 78144 + 4 * LOSS_WINDOW <= r["state_bytes"] < 3 * 4 * 78144 + 4 * LOSS_WINDOW + 64
     assert r["blocking_blocked_s"] > 0 and r["async_total_s"] >= r["async_blocked_s"] > 0
     assert not os.listdir(tmp_path / "ck")  # the scratch checkpoints are removed
+
+
+def test_peer_torch_starts_from_our_weights_and_is_timed(bench):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    r = bench.compare_peer(bench.config, steps=1, warmup=0)
+    # Hugging Face's LlamaForCausalLM on our exported initial weights: the same loss
+    assert r["first_step_loss"]["torch"] == pytest.approx(r["first_step_loss"]["ours"], rel=1e-4)
+    assert r["speed_ratio"] == pytest.approx(r["ours"]["tokens_per_s"]
+                                             / r["torch"]["tokens_per_s"])
+
+
+def test_peer_torch_without_torch_says_how_to_install_it(bench, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[peer\]"'):
+        bench.compare_peer(bench.config, steps=1, warmup=0)
