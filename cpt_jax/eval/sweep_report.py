@@ -94,7 +94,7 @@ def markdown(analysis: dict, unfinished=()) -> str:
                    else "(the model-size path interpolated in log FLOPs at the replay "
                         "cell's FLOPs)") + ":", ""]
         out += _table(
-            ["replay", "model", "FLOPs (replay cell)", f"{metric} with replay",
+            ["replay", "model", "FLOPs (replay cell)", f"{metric.replace('_', ' ')} with replay",
              "model-size path at those FLOPs", "margin (> 0: replay better)"],
             [[f"{c['rate_from']:g} -> {c['rate_to']:g}", f"{c['size_from']} -> {c['size_to']}",
               f"{c['flops_replay']:.3g}", f"{c['loss_replay']:.3f}",
