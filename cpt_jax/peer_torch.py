@@ -19,7 +19,12 @@ import numpy as np
 
 
 def require():
-    """Import torch and transformers, or say how to install them."""
+    """Import torch and transformers, or say how to install them.
+
+    OpenMP threads that busy-wait after each torch op would take the cores from our step
+    when the two are interleaved, so they are made to sleep (``OMP_WAIT_POLICY=PASSIVE``,
+    read when torch loads its OpenMP runtime; an explicit setting is kept)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
         import transformers
