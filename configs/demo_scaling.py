@@ -12,14 +12,14 @@ The part after ':' is passed to ``configs/demo.py`` (a method or a replay policy
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo  # noqa: E402  (configs/demo.py)
+from cpt_jax.cli import load_config_file
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
 
 def get_config(arg: str = "replay25"):
-    c = demo.get_config(arg)
+    c = load_config_file(f"{DEMO}:{arg}")
     c.tasks = [{"domain": "prose", "steps": 120},
                {"domain": "code", "steps": 60},
                {"domain": "unicode", "steps": 60}]

@@ -99,13 +99,13 @@ def point_config(spec: str, shared: Sequence[tuple[str, str]], point: Point):
 def config_flops(config) -> float:
     """Training FLOPs of a run of ``config``: trained tokens x FLOPs per token, as the run
     records them (``results["compute"]["flops"]``)."""
+    from cpt_jax.eval.metrics import training_flops
     from cpt_jax.model import LlamaConfig
     from cpt_jax.replay.rates import task_steps
 
     steps = sum(task_steps(config, [dict(t) for t in config.tasks]))
-    mcfg = LlamaConfig.from_dict(config.model.to_dict())
-    return float(steps * config.global_batch * config.seq_len) * mcfg.flops_per_token(
-        config.seq_len)
+    return training_flops(LlamaConfig.from_dict(config.model.to_dict()),
+                          steps * config.global_batch * config.seq_len, config.seq_len)
 
 
 def _scaled_tasks(tasks: list[dict], factor: float) -> list[dict]:
@@ -133,12 +133,10 @@ def match_flops(spec: str, shared, points: list[Point], budget: str) -> float:
         raise cli.UserError(f"--budget {budget}: must be > 0")
     for point, config, flops in zip(points, configs, natural):
         tasks = [dict(t) for t in config.tasks]
+        config.unlock()
         factor = target / flops
-        # Replay accounting rounds steps per task; one correction absorbs most of it.
-        for _ in range(2):
-            scaled = _scaled_tasks(tasks, factor)
-            config.unlock()
-            config.tasks = scaled
+        for _ in range(2):  # scale, then correct once for the rounding of steps per task
+            config.tasks = scaled = _scaled_tasks(tasks, factor)
             got = config_flops(config)
             factor *= target / got
         point.overrides = [o for o in point.overrides if o[0] != "tasks"]

@@ -29,7 +29,6 @@ the results wherever the commands ran, once their workdirs are under WORKDIR.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import fcntl
 import os
@@ -47,10 +46,7 @@ STOP_GRACE_S = 300  # how long a stopping run may take to save before it is kill
 
 def parse_args(argv):
     overrides, rest = cli.split_overrides(argv)
-    ap = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0],
-                                 epilog=__doc__.split("\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="run config, configs/X.py[:ARG]")
+    ap = cli.config_parser("sweep.py", __doc__)
     ap.add_argument("--workdir", required=True, help="the sweep's directory")
     ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="one axis of the grid (repeat for more axes)")
@@ -61,7 +57,6 @@ def parse_args(argv):
                     help="with --match flops: min, max, median (default) or a FLOPs number")
     ap.add_argument("--print", action="store_true", dest="print_only",
                     help="print one command per unfinished point instead of running them")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = ap.parse_args(rest)
     if not args.grid:
         ap.error("give at least one --grid KEY=V1,V2,...")
@@ -72,7 +67,8 @@ def parse_args(argv):
 
 def plan(args, shared) -> tuple[list, dict]:
     """The points, each validated (a bad key or value stops the sweep before any run)."""
-    points = sweep_lib.expand_grid([sweep_lib.parse_axis(g) for g in args.grid])
+    axes = [sweep_lib.parse_axis(g) for g in args.grid]
+    points = sweep_lib.expand_grid(axes)
     budget = None
     if args.match == "flops":
         budget = sweep_lib.match_flops(args.config, shared, points, args.budget)
@@ -83,7 +79,7 @@ def plan(args, shared) -> tuple[list, dict]:
                 p.flops = sweep_lib.config_flops(config)
             except (ValueError, KeyError, TypeError):
                 p.flops = None  # the run itself will report what is wrong
-    index = {"config": args.config, "grid": [sweep_lib.parse_axis(g) for g in args.grid],
+    index = {"config": args.config, "grid": axes,
              "shared_overrides": dict(shared), "match": args.match,
              "flops_budget": budget, "points": [p.to_json() for p in points]}
     return points, index

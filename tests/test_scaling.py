@@ -137,9 +137,14 @@ def test_analyze_sweep_end_to_end_on_a_closed_form_sweep(tmp_path, capsys):
     assert answer[0].startswith("- **Replay 0 -> 0.25 vs the next model size, at matched "
                                 "FLOPs: yes**")
     assert ": no**" in answer[1]
+    # learned = l0 - 0.5 - rate / 2 (lowest for base, 0.5), and base at 0.5 also retains
+    # best (1.7 * 2.56^-0.3 + 3 = 4.282 against 4.299 for base at 0.25): it alone is the front
+    front = [out["cells"][i] for i in out["pareto"]]
+    assert [(c["size"], c["rate"]) for c in front] == [("base", 0.5)]
+    assert front[0]["learned_loss"] == pytest.approx(4.2 - 0.5 - 0.25)
     md = capsys.readouterr().out
     assert "| tiny | 0.15M | 0 | 2 |" in md
-    assert md.count("| yes |") >= 1  # Pareto column
+    assert md.count("| yes |") == 1  # the Pareto column
 
 
 def test_analyze_sweep_names_a_missing_sweep(tmp_path, capsys):

@@ -160,10 +160,14 @@ def plot_retained_vs_learned(points: Sequence[tuple[str, float, float]], path: s
     fig = _figure((6, 4))
     ax = fig.add_subplot()
     _labelled_points(ax, points)
+    _learned_retained_axes(ax, "retained vs learned loss (lower-left is better)")
+    save_figure(fig, path)
+
+
+def _learned_retained_axes(ax, title: str) -> None:
     ax.set_xlabel("learned loss: mean R[j][j] (lower is better)")
     ax.set_ylabel("retained loss: earlier domains (lower is better)")
-    ax.set_title("retained vs learned loss (lower-left is better)")
-    save_figure(fig, path)
+    ax.set_title(title)
 
 
 def plot_retained_vs_buffer(curves: Mapping[str, Sequence[tuple[float, float]]],
@@ -259,9 +263,7 @@ def plot_pareto(cells: Sequence[dict], front: Sequence[int], path: str) -> None:
         ax.plot([], [], marker=marks[k % len(marks)], color="grey", ls="none", label=f"model {s}")
     for k, r in enumerate(rates):
         ax.plot([], [], marker="s", color=f"C{k % 10}", ls="none", label=f"replay {r:g}")
-    ax.set_xlabel("learned loss: mean R[j][j] (lower is better)")
-    ax.set_ylabel("retained loss: earlier domains (lower is better)")
-    ax.set_title("sweep cells: retained vs learned (lower-left is better)")
+    _learned_retained_axes(ax, "sweep cells: retained vs learned (lower-left is better)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
