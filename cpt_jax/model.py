@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cpt_jax import attention as attention_lib
+
 Array = jax.Array
 
 REMAT_POLICIES = {
@@ -71,6 +73,9 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True
+    # "auto" (cuDNN flash attention on a GPU with a 16-bit dtype, else "xla"), "xla" or
+    # "cudnn": see cpt_jax.attention.
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -82,6 +87,9 @@ class LlamaConfig:
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                 "set head_dim explicitly"
             )
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}: choose one of "
+                             f"{attention_lib.IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         if self.rope_scaling is not None:
@@ -260,31 +268,12 @@ class Attention(nn.Module):
         q = apply_rope(q, positions_BL, inv_freq)
         k = apply_rope(k, positions_BL, inv_freq)
 
-        out = dot_product_attention(q, k, v, segment_ids_BL)  # [B, L, H, Dh]
+        impl = attention_lib.resolve(c.attention, dtype)
+        out = attention_lib.dot_product_attention(q, k, v, segment_ids_BL, impl)  # [B,L,H,Dh]
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         o = kernel("o", (c.n_heads, dh, c.d_model), ("heads", "head_dim", "embed"),
                    c.init_std / math.sqrt(2 * c.n_layers))
         return jnp.einsum("blhk,hkd->bld", out, o)
-
-
-def dot_product_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
-    """Causal grouped-query attention restricted to each token's own segment.
-
-    Scores and softmax are computed in float32 whatever the compute dtype, as in the
-    reference implementation.
-    """
-    B, L, H, D = q_BLHD.shape
-    K = k_BLKD.shape[2]
-    q = q_BLHD.reshape(B, L, K, H // K, D)  # query heads grouped by their shared kv head
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BLKD,
-                        preferred_element_type=jnp.float32) / math.sqrt(D)
-    causal = jnp.tril(jnp.ones((L, L), dtype=bool))
-    same_doc = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]  # [B, L, S]
-    mask = (causal[None] & same_doc)[:, None, None]  # [B, 1, 1, L, S]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BLKD.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BLKD)
-    return out.reshape(B, L, H, D)
 
 
 class MLP(nn.Module):
@@ -337,7 +326,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, logits: bool = True):
         c = self.config
         dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         if segment_ids_BL is None:
@@ -363,18 +352,20 @@ class Llama(nn.Module):
             for i in range(c.n_layers):
                 carry, _ = block(c, name=f"layers_{i}")(carry, None)
         x = RMSNorm(c.norm_eps, dtype, pdt, name="final_norm")(carry[0])
+        if not logits:  # the caller applies the output projection (fused cross-entropy)
+            return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         if c.tie_embeddings:
-            logits = embed.attend(x)
+            out = embed.attend(x)
         else:
             head = _param(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"),
                           c.init_std, pdt)
-            logits = x @ head.astype(dtype)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+            out = x @ head.astype(dtype)
+        out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
         if return_hidden:
             hidden = nn.with_logical_constraint(x.astype(jnp.float32), ("batch", "length", "embed"))
-            return hidden, logits
-        return logits
+            return hidden, out
+        return out
 
 
 def init_params(config: LlamaConfig, key: Array, boxed: bool = False):
@@ -393,6 +384,23 @@ def param_logical_axes(config: LlamaConfig):
 def forward(config: LlamaConfig, params, tokens, segment_ids=None, positions=None) -> Array:
     """Logits [B, L, V] in float32 for tokens [B, L] (int). Pure function of its inputs."""
     return Llama(config).apply({"params": params}, tokens, segment_ids, positions)
+
+
+def final_hidden(config: LlamaConfig, params, tokens, segment_ids=None,
+                 positions=None) -> Array:
+    """Hidden states [B, L, D] after ``final_norm``, in the compute dtype, without the output
+    projection: what ``cpt_jax.train.cross_entropy`` projects chunk by chunk."""
+    return Llama(config).apply({"params": params}, tokens, segment_ids, positions,
+                               logits=False)
+
+
+def output_matrix(config: LlamaConfig, params) -> Array:
+    """The output projection [D, V] in the parameter dtype: ``lm_head``, or the transposed
+    embedding when tied (``logits = final_hidden @ output_matrix`` up to compute-dtype
+    rounding)."""
+    if config.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def forward_hidden(config: LlamaConfig, params, tokens, segment_ids=None,

@@ -22,7 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
         vocab_size=32000, d_model=512, n_layers=16, n_heads=8, n_kv_heads=8, d_ff=1280,
         head_dim=None, rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5,
         tie_embeddings=False, max_seq_len=2048, init_std=0.02, dtype="float32",
-        param_dtype="float32", remat="none", scan_layers=True))
+        param_dtype="float32", remat="none", scan_layers=True, attention="auto"))
     c.model.rope_scaling = ml_collections.FieldReference(None, field_type=dict)
     c.model.head_dim = ml_collections.FieldReference(None, field_type=int)
 

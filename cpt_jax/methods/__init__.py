@@ -22,7 +22,7 @@ from cpt_jax.methods import agem, der, distill, ewc, l2, replay, reptile
 from cpt_jax.methods.base import Method
 from cpt_jax.optim import transforms
 from cpt_jax.replay.permutation import draw_rows
-from cpt_jax.train.losses import token_losses
+from cpt_jax.train.losses import ce_loss_sum, token_losses
 from cpt_jax.train.state import TrainState
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
@@ -89,12 +89,12 @@ def make_loss_fn(config, mcfg):
     teacher_needed = needs_teacher(config)
 
     def loss_fn(params, batch, teacher=None, replay=False):
+        if not (replay and terms):  # no term needs the logits: the fused cross-entropy
+            return ce_loss_sum(mcfg, params, batch)
         losses, mask, logits = token_losses(mcfg, params, batch)
         ce = (losses * mask).sum()
         aux = {"tokens": mask.sum(), "ce_sum": ce}
         total = ce
-        if not (replay and terms):
-            return total, aux
         t_logits = None
         if teacher_needed and teacher is not None:
             tokens, seg = batch["tokens"], batch["segment_ids"]
