@@ -8,4 +8,5 @@ def get_config():
     c = default_config()
     c.model.update(dict(vocab_size=32000, max_seq_len=2048, **MODEL_PRESETS["560m"]))
     c.seq_len = 2048
+    c.model.dtype = "bfloat16"  # accelerator compute; parameters and AdamW state float32
     return c

@@ -144,6 +144,11 @@ class LlamaConfig:
         return 6.0 * matmul_params + attn
 
 
+def resolve_attention(config: LlamaConfig) -> str:
+    """The attention implementation a config runs with on this backend ("xla" or "cudnn")."""
+    return attention_lib.resolve(config.attention, config.dtype)
+
+
 class _FrozenDict(dict):
     """A hashable dict so that LlamaConfig stays hashable (usable as a jit static arg)."""
 
@@ -268,8 +273,8 @@ class Attention(nn.Module):
         q = apply_rope(q, positions_BL, inv_freq)
         k = apply_rope(k, positions_BL, inv_freq)
 
-        impl = attention_lib.resolve(c.attention, dtype)
-        out = attention_lib.dot_product_attention(q, k, v, segment_ids_BL, impl)  # [B,L,H,Dh]
+        out = attention_lib.dot_product_attention(q, k, v, segment_ids_BL,
+                                                  resolve_attention(c))  # [B, L, H, Dh]
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         o = kernel("o", (c.n_heads, dh, c.d_model), ("heads", "head_dim", "embed"),
                    c.init_std / math.sqrt(2 * c.n_layers))

@@ -50,6 +50,7 @@ import numpy as np
 from absl import logging
 
 from cpt_jax import atomic, cli
+from cpt_jax import model as model_lib
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.methods import make_loss_fn
 from cpt_jax.replay import coresets, features
@@ -93,6 +94,9 @@ def parse_args(argv):
     ap.add_argument("--peer", choices=["torch"], default=None,
                     help="time the same Llama step in PyTorch + transformers, interleaved with "
                          "ours (needs pip install -e \".[peer]\")")
+    ap.add_argument("--loader", action="store_true",
+                    help="time the input pipeline instead: rows/s the run's loader delivers "
+                         "(cpt_jax.data.throughput) against rows/s the train step consumes")
     args = ap.parse_args(rest)
     args.config = cli.load_config(args.config, overrides)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -114,6 +118,17 @@ def matmul_peak_flops(dtype, device, n: int | None = None, repeats: int = 5) -> 
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2.0 * n ** 3 / min(times)
+
+
+# Dense bfloat16 tensor-core peak from the vendor's datasheet, by device kind (substring):
+# the MFU denominator papers quote (MaxText, PaLM), beside the measured matmul peak.
+DATASHEET_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def datasheet_peak_flops(device) -> float | None:
+    """The datasheet bf16 peak of a known accelerator, else None (CPUs have none)."""
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in DATASHEET_BF16_FLOPS.items() if k in kind), None)
 
 
 def peak_memory_bytes(compiled) -> dict:
@@ -197,6 +212,9 @@ def benchmark(config, steps: int, warmup: int) -> dict:
         "tokens_per_s": tok_s, "model_flops_per_token": flops_tok,
         "model_tflops_per_s": tok_s * flops_tok / 1e12,
         "matmul_peak_tflops_per_s": peak / 1e12, "mfu": tok_s * flops_tok / peak,
+        **({"mfu_datasheet_bf16": tok_s * flops_tok / (sheet * jax.device_count())}
+           if (sheet := datasheet_peak_flops(dev)) else {}),
+        "attention": model_lib.resolve_attention(mcfg),
         "final_loss": float(metrics["loss"]),
         "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
         **peak_memory_bytes(compiled),
@@ -442,11 +460,33 @@ def replay_selection(config, steps: int, warmup: int, feature_dim: int = 256,
     return out
 
 
+def loader_vs_step(config, steps: int, warmup: int) -> dict:
+    """Rows/s of the input pipeline (synthetic packed sources written to a scratch
+    directory, the run's sampler and loader, 25% replay) against rows/s of the train step
+    on the same batch shape; the ratio should be well above 1 (the issue's target: 20)."""
+    import tempfile
+
+    from cpt_jax.data.throughput import loader_rows_per_s
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loader = loader_rows_per_s(config, tmp, steps=max(steps, 50))
+    step = benchmark(config, steps, warmup)
+    step_rows = config.global_batch / step["step_s_median"]
+    out = {"loader": loader, "step_rows_per_s": step_rows, "step_s_median": step["step_s_median"],
+           "ratio": loader["rows_per_s"] / step_rows}
+    print(f"loader {loader['rows_per_s']:.0f} rows/s ({loader['replay_rows']} of "
+          f"{config.global_batch} rows replayed), step {step_rows:.1f} rows/s: the loader is "
+          f"{out['ratio']:.0f}x faster than the step consumes")
+    return out
+
+
 def main(argv) -> int:
     args = parse_args(argv)
     logging.set_verbosity(logging.ERROR)  # orbax logs every save
     if args.peer:  # prints its own table
         result = compare_peer(args.config, args.steps, args.warmup)
+    elif args.loader:  # prints its own line
+        result = loader_vs_step(args.config, args.steps, args.warmup)
     elif args.replay_selection:  # prints its own table
         result = replay_selection(args.config, args.steps, args.warmup, args.feature_dim,
                                   args.candidates, args.coreset_size, args.selection_repeats)

@@ -15,11 +15,18 @@ from cpt_jax.train.cross_entropy import token_chunk, weighted_ce_sum
 from cpt_jax.train.losses import ce_loss_sum, token_losses
 
 
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    """Full float32 matmuls on every backend (GPUs default to TF32 for float32 dots)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
 def test_chunk_is_the_largest_divisor_within_the_budget():
     assert token_chunk(12, 10, max_logits=40) == 4  # 4 tokens x 10 logits
     assert token_chunk(12, 10, max_logits=59) == 4  # 5 does not divide 12
     assert token_chunk(7, 10, max_logits=40) == 1  # prime
-    assert token_chunk(2048, 32000) == 512  # 2^24 // 32000 = 524 -> 512
+    assert token_chunk(2048, 32000, max_logits=1 << 24) == 512  # 524 -> 512
     assert token_chunk(8, 10, max_logits=10_000) == 8  # everything in one chunk
 
 
@@ -63,3 +70,24 @@ def test_ce_loss_sum_equals_the_sum_over_full_logits(tied):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_fused),
                             jax.tree.leaves(g_full)):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_bfloat16_compute_gives_the_float32_loss_and_gradient():
+    """The accelerator configs' precision (bf16 compute, float32 parameters) on CPU: the
+    same loss as float32 compute to bf16 accuracy, and a gradient pointing the same way."""
+    shape = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                 max_seq_len=32, init_std=0.1)
+    f32 = model_lib.LlamaConfig(**shape)
+    bf16 = model_lib.LlamaConfig(**shape, dtype="bfloat16")
+    params = model_lib.init_params(f32, jax.random.key(3))
+    tokens = jax.random.randint(jax.random.key(4), (4, 17), 0, 64)
+    seg = jnp.concatenate([jnp.ones((4, 9), jnp.int32), 2 * jnp.ones((4, 8), jnp.int32)], 1)
+    batch = {"tokens": tokens, "segment_ids": seg}
+    (l32, _), g32 = jax.value_and_grad(lambda p: ce_loss_sum(f32, p, batch), has_aux=True)(params)
+    (l16, _), g16 = jax.value_and_grad(lambda p: ce_loss_sum(bf16, p, batch), has_aux=True)(params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))  # float32 master grads
+    np.testing.assert_allclose(l16, l32, rtol=1e-2)
+    flat32, flat16 = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]) for g in (g32, g16))
+    cos = flat32 @ flat16 / (jnp.linalg.norm(flat32) * jnp.linalg.norm(flat16))
+    assert cos > 0.99, cos
+    assert not np.allclose(l16, l32, rtol=1e-7)  # bf16 really was used
