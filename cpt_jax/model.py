@@ -325,6 +325,8 @@ class Llama(nn.Module):
     With ``return_hidden=True`` it returns ``(hidden [B, L, D] f32, logits)`` instead, where
     ``hidden`` is the final hidden state after ``final_norm``, the input of the output
     projection (``logits = hidden @ lm_head``, or ``hidden @ embedding.T`` when tied).
+    With ``logits=False`` it returns only that hidden state, in the compute dtype, and skips
+    the projection (``final_hidden``).
     """
 
     config: LlamaConfig
