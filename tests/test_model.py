@@ -146,3 +146,21 @@ def test_positions_from_segments_by_hand():
     pos = positions_from_segments(seg)
     assert pos.dtype == jnp.int32
     np.testing.assert_array_equal(pos, want)
+
+
+def test_swiglu_backward_matches_autodiff_of_its_formula():
+    from flax import linen as nn
+
+    from cpt_jax.model import swiglu
+
+    ks = jax.random.split(jax.random.key(5), 5)
+    x = jax.random.normal(ks[0], (2, 5, 8))
+    wg, wu = jax.random.normal(ks[1], (8, 12)), jax.random.normal(ks[2], (8, 12))
+    wd, cot = jax.random.normal(ks[3], (12, 8)), jax.random.normal(ks[4], (2, 5, 8))
+    plain = lambda x, wg, wu, wd: jnp.sum(((nn.silu(x @ wg) * (x @ wu)) @ wd) * cot)
+    ours = lambda *a: jnp.sum(swiglu(*a) * cot)
+    np.testing.assert_allclose(ours(x, wg, wu, wd), plain(x, wg, wu, wd), rtol=1e-6)
+    for name, a, b in zip(("x", "gate", "up", "down"),
+                          jax.grad(ours, argnums=(0, 1, 2, 3))(x, wg, wu, wd),
+                          jax.grad(plain, argnums=(0, 1, 2, 3))(x, wg, wu, wd)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
