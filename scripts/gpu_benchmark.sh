@@ -3,7 +3,8 @@
 #   bash scripts/gpu_benchmark.sh OUTDIR [steps]
 # The paper's "1B" and Llama-3.2-1B at seq 2048 in bf16 (float32 parameters and AdamW
 # state), with cuDNN flash attention (the configs' default on a GPU) and with the XLA
-# attention, one microbatch and the microbatched global batch; then replay/MER overheads
+# attention (8 rows and remat dots_no_batch: with dots it keeps the [B, H, L, L] scores and
+# runs out of memory), one microbatch and the microbatched global batch; then replay/MER overheads
 # on the "560M" model (all five methods' states must fit at once). Each run writes
 # OUTDIR/<name>.json and .log; a failing run (out of memory, say) is reported and the
 # others go on. Prints a summary last.
@@ -16,10 +17,10 @@ run() {  # name, then benchmark.py arguments
       --json "$out/$name.json" >"$out/$name.log" 2>&1 || echo "$name failed: $(tail -1 "$out/$name.log")"
 }
 run 1b_flash_b16 --config configs/llama_1b.py --config.global_batch=16 --config.microbatches=1
-run 1b_xla_b8 --config configs/llama_1b.py --config.global_batch=8 --config.microbatches=1 --config.model.attention=xla
+run 1b_xla_b8 --config configs/llama_1b.py --config.global_batch=8 --config.microbatches=1 --config.model.attention=xla --config.model.remat=dots_no_batch
 run 1b_flash_b64_mb4 --config configs/llama_1b.py --config.global_batch=64 --config.microbatches=4
 run l32_flash_b16 --config configs/llama_3_2_1b.py --config.global_batch=16 --config.microbatches=1
-run l32_xla_b8 --config configs/llama_3_2_1b.py --config.global_batch=8 --config.microbatches=1 --config.model.attention=xla
+run l32_xla_b8 --config configs/llama_3_2_1b.py --config.global_batch=8 --config.microbatches=1 --config.model.attention=xla --config.model.remat=dots_no_batch
 run 560m_methods_b8 --config configs/llama_560m.py --config.global_batch=8 --methods plain,replay,agem,reptile,mer
 python - "$out" <<'PY'
 import json, pathlib, sys
