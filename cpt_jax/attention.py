@@ -17,7 +17,8 @@ with scores and softmax in float32 whatever the compute dtype (as Hugging Face's
   ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, with the same-document
   mask passed as its boolean mask (cuDNN adds it as a bias, so packed rows stay exact).
 
-``"auto"`` picks cudnn on a GPU with a 16-bit compute dtype and xla otherwise. On the xla
+``"auto"`` picks cudnn on a GPU with a 16-bit compute dtype (and a length that is a
+multiple of 64) and xla otherwise. On the xla
 path the model runs the whole sublayer (projections, rotary embedding, attention, output
 projection) as ``attention_block``, whose backward pass is written out too.
 """
@@ -32,14 +33,17 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
-def resolve(implementation: str, dtype) -> str:
-    """The implementation ``"auto"`` stands for on this backend and compute dtype."""
+def resolve(implementation: str, dtype, seq_len: int) -> str:
+    """The implementation ``"auto"`` stands for on this backend, compute dtype and length:
+    cudnn on a GPU with a 16-bit dtype and a length cuDNN tiles (a multiple of 64; it
+    refuses others), else xla."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r}: choose one of {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    tiled = seq_len % 64 == 0
+    return "cudnn" if half and tiled and jax.default_backend() == "gpu" else "xla"
 
 
 def attention_mask(segment_ids_BL):

@@ -144,9 +144,10 @@ class LlamaConfig:
         return 6.0 * matmul_params + attn
 
 
-def resolve_attention(config: LlamaConfig) -> str:
-    """The attention implementation a config runs with on this backend ("xla" or "cudnn")."""
-    return attention_lib.resolve(config.attention, config.dtype)
+def resolve_attention(config: LlamaConfig, seq_len: int) -> str:
+    """The attention implementation a config runs with on this backend at this sequence
+    length ("xla" or "cudnn")."""
+    return attention_lib.resolve(config.attention, config.dtype, seq_len)
 
 
 class _FrozenDict(dict):
@@ -270,7 +271,7 @@ class Attention(nn.Module):
         o = kernel("o", (c.n_heads, dh, c.d_model), ("heads", "head_dim", "embed"),
                    c.init_std / math.sqrt(2 * c.n_layers))
         inv_freq = rope_inv_freq(c)
-        if resolve_attention(c) == "xla":  # one sublayer with a written-out backward pass
+        if resolve_attention(c, x.shape[1]) == "xla":  # one sublayer with a written-out backward pass
             cos, sin = rope_cos_sin(positions_BL, inv_freq, dtype)
             return attention_lib.attention_block(x, wq, wk, wv, o, cos, sin, segment_ids_BL)
         q = jnp.einsum("bld,dhk->blhk", x, wq)
@@ -284,7 +285,7 @@ class Attention(nn.Module):
         k = apply_rope(k, positions_BL, inv_freq)
 
         out = attention_lib.dot_product_attention(q, k, v, segment_ids_BL,
-                                                  resolve_attention(c))  # [B, L, H, Dh]
+                                                  resolve_attention(c, x.shape[1]))  # [B, L, H, Dh]
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return jnp.einsum("blhk,hkd->bld", out, o)
 

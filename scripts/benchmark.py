@@ -214,7 +214,7 @@ def benchmark(config, steps: int, warmup: int) -> dict:
         "matmul_peak_tflops_per_s": peak / 1e12, "mfu": tok_s * flops_tok / peak,
         **({"mfu_datasheet_bf16": tok_s * flops_tok / (sheet * jax.device_count())}
            if (sheet := datasheet_peak_flops(dev)) else {}),
-        "attention": model_lib.resolve_attention(mcfg),
+        "attention": model_lib.resolve_attention(mcfg, config.seq_len),
         "final_loss": float(metrics["loss"]),
         "param_bytes": tree_bytes(state.params), "opt_state_bytes": tree_bytes(state.opt_state),
         **peak_memory_bytes(compiled),

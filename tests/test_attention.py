@@ -89,10 +89,14 @@ def test_bfloat16_inputs_stay_close_to_float32():
 
 def test_auto_resolves_to_xla_off_gpu_and_names_are_checked():
     if jax.default_backend() != "gpu":
-        assert attention.resolve("auto", jnp.bfloat16) == "xla"
-    assert attention.resolve("auto", jnp.float32) == "xla"  # cuDNN needs a 16-bit dtype
+        assert attention.resolve("auto", jnp.bfloat16, 128) == "xla"
+    else:
+        assert attention.resolve("auto", jnp.bfloat16, 128) == "cudnn"
+    assert attention.resolve("auto", jnp.float32, 128) == "xla"  # cuDNN: 16-bit dtypes
+    assert attention.resolve("auto", jnp.bfloat16, 100) == "xla"  # and lengths it tiles
+    assert attention.resolve("cudnn", jnp.float32, 100) == "cudnn"  # explicit: as asked
     with pytest.raises(ValueError, match="choose one of"):
-        attention.resolve("flash", jnp.float32)
+        attention.resolve("flash", jnp.float32, 128)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")

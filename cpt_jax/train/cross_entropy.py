@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+
 def max_chunk_logits() -> int:
     """Logits held at once: 2^24 float32 (64 MB) on a CPU, where a chunk that stays near the
     caches is fastest; 2^28 (1 GB) on an accelerator, where each chunk adds a read and write
