@@ -23,7 +23,7 @@ MODEL_PRESETS = {
     "99m": dict(d_model=512, n_layers=16, n_heads=8, n_kv_heads=8, d_ff=1280),
     # remat "dots" (keep matmul outputs, recompute the rest): on one H100 at 16 x 2048,
     # "1b" ran 57.5k tok/s at 48 GiB, against 52.0k at 28 GiB with "full" and out of
-    # memory with "none" (scripts/gpu_benchmark.sh, README "Accelerator step")
+    # memory with "none" (README "Accelerator step", with the command)
     "560m": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=2560,
                  remat="dots"),
     "1b": dict(d_model=1792, n_layers=24, n_heads=28, n_kv_heads=28, d_ff=5120,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cpt_jax import cli
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, process_row_range
@@ -81,13 +81,6 @@ class MemoryRows:
         with self._lock:
             self.reads.extend(int(r) for r in rows)
         return self.tokens[rows].copy(), self.segs[rows].copy()
-
-
-def load_config_file(path: str):
-    spec = importlib.util.spec_from_file_location("cpt_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def parse_mesh(text: str) -> dict:
@@ -196,7 +189,7 @@ def main():
         print(f"[process {args.process_id} +{time.perf_counter() - t0:.1f}s] {msg}", flush=True)
 
     # ---- the run config, and joining the other processes through the production path
-    config = load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+    config = cli.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
     config.model.vocab_size = VOCAB
     config.seq_len, config.global_batch = SEQ_LEN, GLOBAL_BATCH
     config.optim.lr, config.optim.warmup_steps = 1e-2, 2

@@ -10,7 +10,6 @@ need a workdir, each on its own copy.
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -19,34 +18,9 @@ import numpy as np
 import pytest
 
 from cpt_jax import cli
+from tiny_runs import load_script, tiny_run_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_spec = importlib.util.spec_from_file_location("train_script",
-                                               os.path.join(ROOT, "scripts", "train.py"))
-train_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_script)
-
-CONFIG = '''
-import json
-from cpt_jax.run_config import default_config
-
-
-def get_config():
-    c = default_config()
-    c.model.update(dict(vocab_size=320, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
-                        d_ff=64, max_seq_len=64))
-    c.seq_len, c.global_batch = 16, 8
-    c.data.domains = json.loads({domains!r})
-    c.data.cache_dir = {cache!r}
-    c.data.val_fraction = 0.2
-    c.tasks = [{{"domain": "en", "steps": 4}}, {{"domain": "num", "steps": 4}}]
-    c.eval.update(dict(every=0, max_rows=8, batch=8))
-    c.optim.lr = 3e-3
-    c.replay.rate = 0.25
-    c.checkpoint.update(dict(every=2, keep=10, async_save=False))
-    return c
-'''
+train_script = load_script("train")
 
 
 def _write_jsonl(path, texts):
@@ -72,7 +46,8 @@ def setup(tmp_path_factory):
         domains.append({"name": name, "kind": "jsonl", "pattern": str(root / name / "*.jsonl"),
                         "field": "text"})
     config = root / "cfg.py"
-    config.write_text(CONFIG.format(domains=json.dumps(domains), cache=str(root / "cache")))
+    config.write_text(tiny_run_config(json.dumps(domains), str(root / "cache"),
+                                      vocab_size=320, steps=4, keep=10))
     base = root / "base"
     code = cli.run_main(train_script.main, ["--config", str(config), "--workdir", str(base)])
     assert code == 0

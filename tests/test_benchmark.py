@@ -1,7 +1,6 @@
 """scripts/benchmark.py runs (no timing asserted): its method comparison reports the state
 memory each method adds, in parameter copies."""
 
-import importlib.util
 import os
 import sys
 
@@ -9,16 +8,13 @@ import pytest
 
 from cpt_jax import cli
 from cpt_jax.optim.transforms import LOSS_WINDOW
+from tiny_runs import ROOT, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark",
-                                                  os.path.join(ROOT, "scripts", "benchmark.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmark")
     mod.config = cli.load_config(os.path.join(ROOT, "configs", "tiny.py"), [])
     return mod
 

@@ -11,6 +11,7 @@ import pytest
 from cpt_jax.data import prepare, sources
 from cpt_jax.data import tokenizer as tk
 from cpt_jax.data.prepare import PackedRows, pack_documents
+from tiny_runs import load_script
 
 SEQ_LEN = 16
 
@@ -267,11 +268,7 @@ def test_preparation_is_deterministic(tok, tmp_path):
 
 def test_prepare_data_script(tmp_path, capsys):
     """scripts/prepare_data.py prepares a run config's data where the run looks for it."""
-    import importlib.util
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "prepare_data.py")
-    spec = importlib.util.spec_from_file_location("prepare_data_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("prepare_data")
     src = _write_docs(tmp_path / "src", _docs(20))
     demos = [{"name": n, "kind": "demo", "demo": n, "max_chars": 15000}
              for n in ("python_docs", "python_code", "unicode_table")]

@@ -4,7 +4,6 @@ and HF -> orbax params checkpoint -> HF conversion is bit-exact. No torch needed
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from cpt_jax import hf
 from cpt_jax.hf import load_hf_llama, save_hf_llama
 from cpt_jax.model import forward
 from cpt_jax.train.checkpoint import load_params, save_params
+from tiny_runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
@@ -33,10 +33,7 @@ NAMES = ["gqa", "tied", "rope_theta", "llama3_scaling", "sharded", "bf16"]
 
 
 def _load_convert_module():
-    spec = importlib.util.spec_from_file_location("convert_hf", ROOT / "scripts" / "convert_hf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("convert_hf")
 
 
 def hf_tensors(directory: Path) -> dict[str, np.ndarray]:

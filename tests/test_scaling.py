@@ -3,7 +3,6 @@ power law recovered from its own values, standard errors against Monte Carlo, se
 and standard errors by hand, the Pareto frontier of a hand-made set, the replay-vs-size
 comparison interpolated in log FLOPs by hand, and a whole synthetic sweep end to end."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import pytest
 
 from cpt_jax.eval import scaling
 from synthetic_sweep import A, B, C_INF, C_REF, write_sweep
+from tiny_runs import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,11 +102,7 @@ def test_replay_vs_size_at_matched_flops_compares_the_cells_directly():
 
 
 def _analyze_sweep_script():
-    spec = importlib.util.spec_from_file_location(
-        "analyze_sweep", os.path.join(ROOT, "scripts", "analyze_sweep.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("analyze_sweep")
 
 
 def test_analyze_sweep_end_to_end_on_a_closed_form_sweep(tmp_path, capsys):

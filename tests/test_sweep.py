@@ -2,7 +2,6 @@
 per-point failures, and a sweep killed in the middle that the same command finishes
 without redoing finished points."""
 
-import importlib.util
 import json
 import math
 import os
@@ -16,34 +15,10 @@ import pytest
 
 from cpt_jax import sweep as sweep_lib
 from cpt_jax.presets import MODEL_PRESETS
+from tiny_runs import ROOT, load_script, tiny_run_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(ROOT, "scripts", "sweep.py")
-
-_spec = importlib.util.spec_from_file_location("sweep_script", SWEEP)
-sweep_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep_script)
-
-CONFIG = '''
-import json
-from cpt_jax.run_config import default_config
-
-
-def get_config():
-    c = default_config()
-    c.model.update(dict(vocab_size=300, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
-                        d_ff=64, max_seq_len=64))
-    c.seq_len, c.global_batch = 16, 8
-    c.data.domains = json.loads({domains!r})
-    c.data.cache_dir = {cache!r}
-    c.data.val_fraction = 0.2
-    c.tasks = [{{"domain": "en", "steps": 6}}, {{"domain": "num", "steps": 6}}]
-    c.eval.update(dict(every=0, max_rows=8, batch=8))
-    c.optim.lr = 3e-3
-    c.replay.rate = 0.25
-    c.checkpoint.update(dict(every=2, keep=3, async_save=False))
-    return c
-'''
+sweep_script = load_script("sweep")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +34,8 @@ def config_file(tmp_path_factory):
                                 for d in range(40)))
         domains.append({"name": name, "kind": "jsonl", "pattern": str(path), "field": "text"})
     path = root / "cfg.py"
-    path.write_text(CONFIG.format(domains=json.dumps(domains), cache=str(root / "cache")))
+    path.write_text(tiny_run_config(json.dumps(domains), str(root / "cache"),
+                                    vocab_size=300, steps=6, keep=3))
     return str(path)
 
 

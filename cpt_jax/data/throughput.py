@@ -18,13 +18,10 @@ not reproduced: replay is uniform over the first source at a constant rate.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import statistics
 import time
-import uuid
 from typing import NamedTuple
 
 import jax
@@ -57,8 +54,8 @@ class ThroughputLoader(NamedTuple):
 def loader_rows_per_s(config, workdir: str, steps: int = 50, prefetch: int = 2) -> dict:
     """Rows per second the run's ``BatchLoader`` delivers for ``config``'s batch shape.
 
-    Writes two synthetic packed-row sources under ``workdir`` (reused by later calls with
-    the same shape), then times ``steps`` batches of the second task, read ``prefetch``
+    Writes two synthetic packed-row sources in ``workdir`` (a scratch directory), then
+    times ``steps`` batches of the second task, read ``prefetch``
     steps ahead on the loader's thread, after ``WARMUP_BATCHES`` untimed ones. A batch
     counts as delivered once its arrays are ready on the devices. ``batch_s_median`` is
     the median time between consecutive delivered batches; ``rows_per_s`` is
@@ -83,18 +80,17 @@ def loader_rows_per_s(config, workdir: str, steps: int = 50, prefetch: int = 2) 
 
 
 def build_loader(config, workdir: str) -> ThroughputLoader:
-    """Synthetic sources under ``workdir`` and the sampler and loader a run would build
-    on them (single process; the mesh of ``config.mesh``)."""
+    """Synthetic sources in ``workdir`` (a scratch directory) and the sampler and loader
+    a run would build on them (single process; the mesh of ``config.mesh``)."""
     _check_config(config)
-    workdir = _check_workdir(workdir)
     rate = replay_rate(config)
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     _check_batch_shards(config.global_batch, mesh)
     rows = rows_per_source(config.global_batch, config.seq_len)
-    sources = [synthetic_source(workdir, f"synthetic{i}", rows, config.seq_len,
+    names = [f"synthetic{i}" for i in range(MEASURED_TASK + 1)]
+    sources = [synthetic_source(os.path.join(workdir, name), rows, config.seq_len,
                                 config.model.vocab_size, seed=(int(config.seed), i))
-               for i in range(MEASURED_TASK + 1)]
-    names = [f"synthetic{i}" for i in range(len(sources))]
+               for i, name in enumerate(names)]
     sampler = ReplaySampler([len(s) for s in sources], config.global_batch, rate=rate,
                             accounting=config.replay.accounting, seed=config.seed,
                             names=names)
@@ -118,31 +114,20 @@ def rows_per_source(global_batch: int, seq_len: int) -> int:
     return max(1, min(max(64 * global_batch, MIN_ROWS), SOURCE_BYTES_CAP // record_bytes))
 
 
-def synthetic_source(workdir: str, name: str, rows: int, seq_len: int, vocab_size: int,
+def synthetic_source(folder: str, rows: int, seq_len: int, vocab_size: int,
                      seed=0) -> prepare.PackedRows:
     """A train split of exactly ``rows`` packed rows of random token ids in
-    ``[0, vocab_size)``, in a folder ``workdir/<name>-<key>`` laid out as data
-    preparation lays out a domain. A complete folder for the same inputs is reused; a new
-    one is written under a temporary name and renamed when complete."""
+    ``[0, vocab_size)``, written to the new folder ``folder`` as data preparation lays out
+    a domain (scratch data: the caller gives a fresh directory)."""
+    os.makedirs(folder)
     spec = {"format": prepare.FORMAT_VERSION, "writer": prepare.WRITER_OPTIONS,
             "rows": int(rows), "seq_len": int(seq_len), "vocab_size": int(vocab_size),
             "seed": [int(s) for s in np.atleast_1d(seed)]}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    final = os.path.join(workdir, f"{name}-{key[:12]}")
-    if not os.path.isfile(os.path.join(final, "meta.json")):
-        tmp = os.path.join(workdir, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(tmp)
-        try:
-            _write_split(tmp, name, spec, key)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not os.path.isfile(os.path.join(final, "meta.json")):
-                raise  # only a concurrent writer that finished first is not an error
-    return prepare.PackedRows(os.path.join(final, "train.array_record"))
+    _write_split(folder, os.path.basename(folder), spec)
+    return prepare.PackedRows(os.path.join(folder, "train.array_record"))
 
 
-def _write_split(folder: str, name: str, spec: dict, key: str) -> None:
+def _write_split(folder: str, name: str, spec: dict) -> None:
     """train.array_record of random documents, through prepare's split writer, and a
     meta.json (written last) that ``PackedRows`` reads and checks."""
     row_len = spec["seq_len"] + 1
@@ -156,7 +141,7 @@ def _write_split(folder: str, name: str, spec: dict, key: str) -> None:
         stats = writer.close()
     files = {"train.array_record": prepare._file_integrity(  # pylint: disable=protected-access
         os.path.join(folder, "train.array_record"))}
-    meta = {**spec, "name": name, "key": key, "synthetic": True, "row_len": row_len,
+    meta = {**spec, "name": name, "synthetic": True, "row_len": row_len,
             "record": "int32 [2, seq_len + 1]: tokens, segment_ids (0 = padding)",
             "pad_id": 0, "n_documents": stats["docs"], "splits": {"train": stats},
             "files": files}
@@ -214,14 +199,3 @@ def _check_batch_shards(global_batch: int, mesh) -> None:
 def _check_count(name: str, value, least: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
         raise ValueError(f"{name}={value!r} must be an integer >= {least}.")
-
-
-def _check_workdir(workdir) -> str:
-    """``workdir`` as a path, created if missing; a file there is an error."""
-    if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
-        raise ValueError(f"workdir={workdir!r} must be a directory path.")
-    path = os.path.expanduser(os.fspath(workdir))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"workdir={workdir!r} exists and is not a directory.")
-    os.makedirs(path, exist_ok=True)
-    return path
