@@ -4,15 +4,16 @@ Both compute ``softmax(q k^T / sqrt(Dh) + mask) v`` per head, where a query atte
 only if the key is not later and lies in the same document (``segment_ids``, 0 = padding),
 with scores and softmax in float32 whatever the compute dtype (as Hugging Face's Llama).
 
-- ``"xla"`` (any backend): the scores of a layer are materialised [B, K, G, L, S] float32
-  in the forward pass, but only the row log-sum-exp [B, K, G, L] is kept for the backward
-  pass, which recomputes the probabilities and uses the FlashAttention-2 gradient
+- ``"xla"`` (any backend): the scores are materialised in float32 one query block at a
+  time (``query_blocks``: block [lo, hi) against keys [0, hi), so the causal mask's upper
+  triangle is mostly skipped), but only the row log-sum-exp [B, K, G, L] is kept for the
+  backward pass, which recomputes the probabilities and uses the FlashAttention-2 gradient
   (Dao 2023, "FlashAttention-2", section 2.3: ``dS = P * (dP - rowsum(dO * O))``) instead of
   differentiating through the softmax. Stacked over layers by ``nn.scan``, the probabilities
   of every layer are then never held at once (16 x 32 MB at 99M, 4 x 512; 16 x 512 MB at
   seq 2048), and the softmax backward is one fused pass. On a 2-core CPU, 16 layers at
   B 4, L 512, H 8 under ``lax.scan``: 2.69 s -> 1.20 s forward + backward against
-  differentiating the plain softmax.
+  differentiating the plain softmax, and 1.41 s -> 0.77 s with 8 query blocks.
 - ``"cudnn"`` (NVIDIA GPU, bfloat16/float16): cuDNN's fused flash attention through
   ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, with the same-document
   mask passed as its boolean mask (cuDNN adds it as a bias, so packed rows stay exact).
@@ -48,9 +49,35 @@ def resolve(implementation: str, dtype, seq_len: int) -> str:
 
 def attention_mask(segment_ids_BL):
     """[B, L, S] bool: key s is visible from query l (s <= l, same document)."""
-    L = segment_ids_BL.shape[-1]
-    causal = jnp.tril(jnp.ones((L, L), dtype=bool))
-    return causal[None] & (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
+    return _block_mask(segment_ids_BL, segment_ids_BL, 0)
+
+
+def _block_mask(segment_ids_BLq, segment_ids_BS, offset: int):
+    """[B, Lq, S] bool for queries at positions offset .. offset + Lq - 1 and keys 0 .. S - 1:
+    key s visible from query l iff s <= l and both lie in one document."""
+    Lq, S = segment_ids_BLq.shape[-1], segment_ids_BS.shape[-1]
+    causal = jnp.arange(S)[None, :] <= jnp.arange(Lq)[:, None] + offset
+    return causal[None] & (segment_ids_BLq[:, :, None] == segment_ids_BS[:, None, :])
+
+
+# Query blocks of the xla path: up to MAX_QUERY_BLOCKS blocks of at least MIN_QUERY_BLOCK
+# queries. Measured on a 2-core CPU, 16 layers forward + backward at B 4, L 512, 8 heads of
+# 64: one block 1.41 s, 2 blocks 0.94, 4 blocks 0.86, 8 blocks 0.77, 16 blocks 0.88; 4
+# layers at B 16, L 128, 4 heads of 32: 0.037 s -> 0.020 (4 blocks) and 0.016 (8 blocks).
+MIN_QUERY_BLOCK = 32
+MAX_QUERY_BLOCKS = 8
+
+
+def query_blocks(L: int) -> list[tuple[int, int]]:
+    """Static [lo, hi) query blocks covering 0 .. L - 1, as even as L allows.
+
+    A block attends to keys [0, hi) only: a causal query never sees a later key, so the
+    scores right of each block's diagonal are never computed. With n blocks that skips
+    (n - 1) / 2n of the L x L square, and each block's scores are a 1/n-th of the layer's.
+    """
+    n = max(1, min(MAX_QUERY_BLOCKS, L // MIN_QUERY_BLOCK))
+    edges = [round(i * L / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def dot_product_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, implementation="xla"):
@@ -69,24 +96,28 @@ def dot_product_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, implementation
     return out.reshape(B, L, H, D)
 
 
-def _masked_scores(q_BLKGD, k_BSKD, segment_ids_BL):
-    """Scaled scores [B, K, G, L, S] float32, -inf where masked."""
+def _masked_scores(q_BLKGD, k_BSKD, segment_ids_BL, lo: int, hi: int):
+    """Scaled scores [B, K, G, hi - lo, hi] float32 of queries lo .. hi - 1 against keys
+    0 .. hi - 1, -inf where masked."""
     D = q_BLKGD.shape[-1]
-    s = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD,
+    s = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD[:, lo:hi], k_BSKD[:, :hi],
                    preferred_element_type=jnp.float32) / math.sqrt(D)
-    mask = attention_mask(segment_ids_BL)[:, None, None]
+    mask = _block_mask(segment_ids_BL[:, lo:hi], segment_ids_BL[:, :hi], lo)[:, None, None]
     return jnp.where(mask, s, -jnp.inf)
 
 
 def _forward(q, k, v, segment_ids):
-    s = _masked_scores(q, k, segment_ids)
-    m = jnp.max(s, axis=-1, keepdims=True)  # finite: every query sees itself
-    e = jnp.exp(s - m)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    probs = (e / total).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    lse = m + jnp.log(total)  # [B, K, G, L, 1]
-    return out, lse
+    """(output [B, L, K, G, D], row log-sum-exp [B, K, G, L, 1]), block by query block."""
+    outs, lses = [], []
+    for lo, hi in query_blocks(q.shape[1]):
+        s = _masked_scores(q, k, segment_ids, lo, hi)
+        m = jnp.max(s, axis=-1, keepdims=True)  # finite: every query sees itself
+        e = jnp.exp(s - m)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        probs = (e / total).astype(v.dtype)
+        outs.append(jnp.einsum("bkgls,bskd->blkgd", probs, v[:, :hi]))
+        lses.append(m + jnp.log(total))
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=3)
 
 
 @jax.custom_vjp
@@ -101,17 +132,25 @@ def _attention_fwd(q, k, v, segment_ids):
 
 def _attention_bwd(res, d_out):
     q, k, v, segment_ids, out, lse = res
+    L = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    p = jnp.exp(_masked_scores(q, k, segment_ids) - lse)  # [B, K, G, L, S] float32
-    dv = jnp.einsum("bkgls,blkgd->bskd", p.astype(v.dtype), d_out)
-    dp = jnp.einsum("blkgd,bskd->bkgls", d_out, v, preferred_element_type=jnp.float32)
     # rowsum(dP * P) = rowsum(dO * O): the softmax Jacobian without an [L, S] reduction
     delta = jnp.einsum("blkgd,blkgd->bkgl", d_out.astype(jnp.float32),
                        out.astype(jnp.float32))[..., None]
-    ds = (p * (dp - delta) * scale).astype(q.dtype)
-    dq = jnp.einsum("bkgls,bskd->blkgd", ds, k)
-    dk = jnp.einsum("bkgls,blkgd->bskd", ds, q)
-    return dq, dk, dv, None
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for lo, hi in query_blocks(L):
+        p = jnp.exp(_masked_scores(q, k, segment_ids, lo, hi) - lse[:, :, :, lo:hi])
+        do = d_out[:, lo:hi]
+        dp = jnp.einsum("blkgd,bskd->bkgls", do, v[:, :hi], preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[:, :, :, lo:hi]) * scale).astype(q.dtype)
+        dq.append(jnp.einsum("bkgls,bskd->blkgd", ds, k[:, :hi]))
+        # keys 0 .. hi - 1 collect this block's share; the rest of dk, dv is untouched
+        pad = [(0, 0), (0, L - hi), (0, 0), (0, 0)]
+        dv += jnp.pad(jnp.einsum("bkgls,blkgd->bskd", p.astype(v.dtype), do,
+                                 preferred_element_type=jnp.float32), pad)
+        dk += jnp.pad(jnp.einsum("bkgls,blkgd->bskd", ds, q[:, lo:hi],
+                                 preferred_element_type=jnp.float32), pad)
+    return jnp.concatenate(dq, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

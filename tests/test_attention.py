@@ -64,7 +64,19 @@ def test_mask_is_causal_within_documents():
                                   visible_by_hand())
 
 
-def test_xla_attention_and_its_gradients_match_plain_softmax():
+def test_query_blocks_cover_the_row_evenly():
+    assert attention.query_blocks(31) == [(0, 31)]  # shorter than two blocks: one
+    assert attention.query_blocks(64) == [(0, 32), (32, 64)]
+    assert attention.query_blocks(100) == [(0, 33), (33, 67), (67, 100)]
+    assert attention.query_blocks(512) == [(i * 64, i * 64 + 64) for i in range(8)]  # at most 8
+
+
+# one block; uneven blocks of 2-3 queries with documents across their edges; one query each
+@pytest.mark.parametrize("min_block", [L, 2, 1])
+def test_xla_attention_and_its_gradients_match_plain_softmax(monkeypatch, min_block):
+    monkeypatch.setattr(attention, "MIN_QUERY_BLOCK", min_block)
+    monkeypatch.setattr(attention, "MAX_QUERY_BLOCKS", L)
+    assert len(attention.query_blocks(L)) == L // min_block
     q, k, v, cot = _inputs()
     seg = jnp.asarray(SEGMENTS)
 
