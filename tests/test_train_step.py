@@ -17,7 +17,7 @@ from cpt_jax.optim.builder import make_optimizer, make_schedule
 from cpt_jax.optim.transforms import PerSourceGrads
 from cpt_jax.run_config import default_config
 from cpt_jax.train.state import create_train_state
-from cpt_jax.train.step import make_train_step
+from cpt_jax.train.step import gradient_statistics, make_train_step
 
 _init = jax.jit(model_lib.init_params, static_argnums=0)
 TINY = model_lib.LlamaConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4,
@@ -105,6 +105,29 @@ def test_loss_matches_reference():
     cos = grads["current"] @ grads["replay"] / (
         np.linalg.norm(grads["current"]) * np.linalg.norm(grads["replay"]))
     np.testing.assert_allclose(metrics["grad_cos"], cos, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_statistics_by_hand():
+    """Cosines and norms from flattened numpy vectors: all parameters, each layer's slice
+    of the stacked leaves, the embeddings alone."""
+    rng = np.random.default_rng(3)
+    shapes = {"embed": {"embedding": (5, 3)}, "final_norm": {"scale": (3,)},
+              "layers": {"attn": {"q": (2, 3, 4)}, "norm": {"scale": (2, 3)}}}
+    def tree():
+        return jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
+                            is_leaf=lambda x: isinstance(x, tuple))
+    a, b = tree(), tree()
+    b["embed"]["embedding"] = -2 * a["embed"]["embedding"]  # embeddings: cosine -1 exactly
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]).astype(np.float64)
+    cos = lambda x, y: x @ y / np.linalg.norm(x) / np.linalg.norm(y)
+    got = jax.jit(gradient_statistics)(a, b)
+    np.testing.assert_allclose(got["grad_cos"], cos(flat(a), flat(b)), rtol=1e-5)
+    np.testing.assert_allclose(got["grad_norm_current"], np.linalg.norm(flat(a)), rtol=1e-6)
+    np.testing.assert_allclose(got["grad_norm_replay"], np.linalg.norm(flat(b)), rtol=1e-6)
+    np.testing.assert_allclose(got["grad_cos_embed"], -1.0, rtol=1e-6)
+    layer = lambda t, i: flat(jax.tree.map(lambda x: x[i], t["layers"]))
+    np.testing.assert_allclose(got["grad_cos_layer"],
+                               [cos(layer(a, i), layer(b, i)) for i in range(2)], rtol=1e-5)
 
 
 @pytest.mark.parametrize("mesh_axes", [{"data": 8}, {"data": 1, "fsdp": 2, "tensor": 4},

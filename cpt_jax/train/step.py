@@ -35,7 +35,7 @@ import optax
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.replay.sampler import replay_positions
-from cpt_jax.optim.transforms import GuardState, PerSourceGrads, schedule_count, tree_dot
+from cpt_jax.optim.transforms import GuardState, PerSourceGrads, schedule_count
 from cpt_jax.train.losses import ce_loss_sum, token_losses
 from cpt_jax.train.state import TrainState
 
@@ -97,25 +97,35 @@ def take_rows(batch, idx: np.ndarray, mesh):
     return jax.tree.map(take, batch)
 
 
-def gradient_cosines(g_cur, g_rep) -> dict:
-    """Cosine between current-task and replay gradients: global, per layer, embeddings.
+def gradient_statistics(g_cur, g_rep) -> dict:
+    """Norms of the current-task and replay gradients and their cosine: global, per layer
+    and of the embeddings (the quantity MER's objective rewards, Riemer et al. 2019).
 
-    The quantity MER's objective rewards (Riemer et al. 2019). A few parameter-sized
-    reductions per step.
-    """
-    def cos(a, b):
-        return tree_dot(a, b) / jnp.maximum(jnp.sqrt(tree_dot(a, a) * tree_dot(b, b)), 1e-30)
+    Every statistic comes from one set of per-leaf sums (a.b, a.a, b.b), per layer for the
+    leaves ``nn.scan`` stacks under "layers" (leading axis = layer): three sibling
+    reductions over each pair of leaves, where separate dot products and norms read each
+    gradient five times."""
+    def cos(dot, aa, bb):
+        return dot / jnp.maximum(jnp.sqrt(aa * bb), 1e-30)
 
-    out = {"grad_cos": cos(g_cur, g_rep)}
-    if "layers" in g_cur:  # stacked by nn.scan: leading axis = layer
-        def per_layer(a, b):
-            return sum(jnp.sum((x * y).reshape(x.shape[0], -1), axis=1)
-                       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-        dot = per_layer(g_cur["layers"], g_rep["layers"])
-        norms = per_layer(g_cur["layers"], g_cur["layers"]) * per_layer(g_rep["layers"],
-                                                                      g_rep["layers"])
-        out["grad_cos_layer"] = dot / jnp.maximum(jnp.sqrt(norms), 1e-30)
-    out["grad_cos_embed"] = cos(g_cur["embed"], g_rep["embed"])
+    def sums(tree_a, tree_b, per_layer=False):  # [3] (or [3, n_layers]): a.b, a.a, b.b
+        out = 0.0
+        for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)):
+            a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+            axes = tuple(range(1 if per_layer else 0, a.ndim))
+            out += jnp.stack([jnp.sum(a * b, axes), jnp.sum(a * a, axes), jnp.sum(b * b, axes)])
+        return out
+
+    embed = sums(g_cur["embed"], g_rep["embed"])
+    other = [k for k in g_cur if k not in ("layers", "embed")]
+    every = embed + sums({k: g_cur[k] for k in other}, {k: g_rep[k] for k in other})
+    out = {"grad_cos_embed": cos(*embed)}
+    if "layers" in g_cur:
+        layers = sums(g_cur["layers"], g_rep["layers"], per_layer=True)
+        out["grad_cos_layer"] = cos(*layers)
+        every = every + layers.sum(axis=-1)
+    out.update(grad_cos=cos(*every), grad_norm_current=jnp.sqrt(every[1]),
+               grad_norm_replay=jnp.sqrt(every[2]))
     return out
 
 
@@ -137,6 +147,7 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
     metrics = {}
     if n_replay == 0:
         g_cur, aux_c = grads_of(cur_loss, batch)
+        metrics["grad_norm_current"] = optax.tree.norm(g_cur)
         aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
         g_rep = None
     else:
@@ -144,7 +155,7 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
         cur_idx = np.setdiff1d(np.arange(B), rep_idx)
         g_cur, aux_c = grads_of(cur_loss, take_rows(batch, cur_idx, mesh))
         g_rep, aux_r = grads_of(rep_loss, take_rows(batch, rep_idx, mesh))
-        metrics.update(gradient_cosines(g_cur, g_rep))
+        metrics.update(gradient_statistics(g_cur, g_rep))
 
     grads = PerSourceGrads(g_cur, g_rep, aux_c["tokens"], aux_r["tokens"])
     # the rate this update applies (a skipped step does not advance the schedule)
@@ -159,14 +170,12 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
         "loss": loss,
         "loss_current": aux_c["ce_sum"] / jnp.maximum(tc, 1.0),
         "tokens": tc + tr,
-        "grad_norm_current": optax.tree.norm(g_cur),
         "update_norm": optax.tree.norm(updates),
         "param_norm": optax.tree.norm(state.params),
         "lr": lr,
     })
     if g_rep is not None:  # replay scalars only for steps that replay (no fake 0.0 loss)
         metrics["loss_replay"] = aux_r["ce_sum"] / jnp.maximum(tr, 1.0)
-        metrics["grad_norm_replay"] = optax.tree.norm(g_rep)
         for k in aux_r:
             if k not in ("tokens", "ce_sum"):  # method-specific terms, e.g. distillation
                 metrics[f"{k}_replay"] = aux_r[k] / jnp.maximum(tr, 1.0)
