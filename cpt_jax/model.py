@@ -271,7 +271,8 @@ class Attention(nn.Module):
         o = kernel("o", (c.n_heads, dh, c.d_model), ("heads", "head_dim", "embed"),
                    c.init_std / math.sqrt(2 * c.n_layers))
         inv_freq = rope_inv_freq(c)
-        if resolve_attention(c, x.shape[1]) == "xla":  # one sublayer with a written-out backward pass
+        implementation = resolve_attention(c, x.shape[1])
+        if implementation == "xla":  # one sublayer with a written-out backward pass
             cos, sin = rope_cos_sin(positions_BL, inv_freq, dtype)
             return attention_lib.attention_block(x, wq, wk, wv, o, cos, sin, segment_ids_BL)
         q = jnp.einsum("bld,dhk->blhk", x, wq)
@@ -285,7 +286,7 @@ class Attention(nn.Module):
         k = apply_rope(k, positions_BL, inv_freq)
 
         out = attention_lib.dot_product_attention(q, k, v, segment_ids_BL,
-                                                  resolve_attention(c, x.shape[1]))  # [B, L, H, Dh]
+                                                  implementation)  # [B, L, H, Dh]
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return jnp.einsum("blhk,hkd->bld", out, o)
 

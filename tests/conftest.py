@@ -9,3 +9,16 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                                    "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture
+def exact_float32_matmuls():
+    """Full float32 matmuls on every backend (GPUs default to TF32 for float32 dots); a
+    module takes it with ``pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")``."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield

@@ -17,13 +17,9 @@ B, L, H, K, D = 2, 9, 4, 2, 8
 # row 0: documents of 4, 3 and 2 tokens; row 1: one of 6 then 3 padding tokens
 SEGMENTS = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3], [5, 5, 5, 5, 5, 5, 0, 0, 0]], np.int32)
 
+# float32 tests at full precision, on GPUs too (conftest)
+pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")
 
-
-@pytest.fixture(autouse=True)
-def exact_float32_matmuls():
-    """Full float32 matmuls on every backend (GPUs default to TF32 for float32 dots)."""
-    with jax.default_matmul_precision("highest"):
-        yield
 
 def visible_by_hand(segments=SEGMENTS):
     """[B, L, S]: key s visible from query l iff s <= l and both are in one document."""

@@ -14,13 +14,9 @@ from cpt_jax import model as model_lib
 from cpt_jax.train.cross_entropy import token_chunk, weighted_ce_sum
 from cpt_jax.train.losses import ce_loss_sum, token_losses
 
+# float32 tests at full precision, on GPUs too (conftest)
+pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")
 
-
-@pytest.fixture(autouse=True)
-def exact_float32_matmuls():
-    """Full float32 matmuls on every backend (GPUs default to TF32 for float32 dots)."""
-    with jax.default_matmul_precision("highest"):
-        yield
 
 def test_chunk_is_the_largest_divisor_within_the_budget():
     assert token_chunk(12, 10, max_logits=40) == 4  # 4 tokens x 10 logits

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from cpt_jax.model import LlamaConfig, forward, init_params, positions_from_segments, rope_inv_freq
+from cpt_jax.model import (LlamaConfig, forward, init_params, positions_from_segments,
+                           rope_inv_freq, swiglu)
 
 TINY = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                    max_seq_len=64, init_std=0.2)
@@ -149,10 +151,6 @@ def test_positions_from_segments_by_hand():
 
 
 def test_swiglu_backward_matches_autodiff_of_its_formula():
-    from flax import linen as nn
-
-    from cpt_jax.model import swiglu
-
     ks = jax.random.split(jax.random.key(5), 5)
     x = jax.random.normal(ks[0], (2, 5, 8))
     wg, wu = jax.random.normal(ks[1], (8, 12)), jax.random.normal(ks[2], (8, 12))
