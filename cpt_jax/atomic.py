@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import tempfile
 
 
 def _create_temp(folder: str, base: str) -> tuple[int, str]:
@@ -45,3 +47,27 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj, **dumps_kwargs) -> None:
     write_text(path, json.dumps(obj, **{"indent": 1, **dumps_kwargs}))
+
+
+def temp_dir(parent: str, base: str) -> str:
+    """A new empty folder ``parent/.BASE.tmp-XXXX`` to fill before ``replace_dir``."""
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst`` only at
+    the end: a reader sees the old folder or the new one, never a mix."""
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-",
+                           dir=os.path.dirname(os.path.abspath(dst)))
+    os.rmdir(old)
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)  # put the previous version back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -26,6 +26,7 @@ import sys
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
+from cpt_jax import pretrained
 from cpt_jax.train.checkpoint import CheckpointError
 from cpt_jax.train.resume import TrainingDiverged
 
@@ -160,10 +161,13 @@ def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def load_config(spec: str, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
-    """The config file ``spec`` with ``overrides`` applied, locked (no new keys)."""
+    """The config file ``spec`` with ``overrides`` applied and its model resolved (unset
+    keys from the pretrained checkpoint or the defaults), locked (no new keys)."""
     config = load_config_file(spec)
     for key, text in overrides:
         apply_override(config, key, text)
+    if "model" in config and "init" in config:
+        pretrained.resolve_model(config)
     config.lock()
     return config
 

@@ -39,6 +39,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from cpt_jax import atomic
 from cpt_jax.model import LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -418,11 +419,13 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
     ``dtype`` ("float32", "bfloat16", "float16") casts every tensor; None keeps the dtype of
     the embedding table. Params may be stacked (``layers``) or per-layer (``layers_{i}``).
 
-    ``tokenizer`` (the model's SentencePiece tokenizer: a ``cpt_jax.data.tokenizer.Tokenizer``
-    or the path of its ``.model``) adds ``tokenizer.json`` and the other files
-    ``AutoTokenizer`` reads (``cpt_jax.hf_tokenizer``: it encodes exactly as SentencePiece),
-    the BOS/EOS/pad ids to ``config.json`` and a ``generation_config.json``. Without it the
-    directory holds the model alone.
+    ``tokenizer`` (the model's tokenizer: a ``cpt_jax.data.tokenizer.Tokenizer``, or the path
+    of a .model, a tokenizer.json or a folder holding either) adds the files
+    ``AutoTokenizer`` reads (``Tokenizer.save``: a tokenizer.json carried unchanged, or one
+    converted from a SentencePiece model that encodes exactly as it), the BOS/EOS/pad ids to
+    ``config.json`` and a ``generation_config.json``. Without it the directory holds the
+    model alone. Embedding rows beyond the tokenizer's vocabulary (a padded vocabulary)
+    are kept.
 
     The directory is written under a temporary name beside ``path`` and renamed at the end,
     so a failure never leaves a half-written model. An existing non-empty ``path`` is an
@@ -445,9 +448,9 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
     token_ids = None
     if tokenizer is not None:
         tokenizer = _tokenizer(tokenizer, config)
-        token_ids = {f"{k}_token_id": (i if i >= 0 else None) for k, i in
-                     (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
-                      ("pad", tokenizer.pad_id))}
+        token_ids = tokenizer.special_ids()
+        if len(tokenizer.stop_ids) > 1:
+            token_ids["eos_token_id"] = list(tokenizer.stop_ids)
 
     # Plan the shards from shapes alone (greedy in checkpoint order, as transformers does),
     # so file names can say "-of-N" before any tensor is converted.
@@ -485,14 +488,11 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
         (tmp / "config.json").write_text(json.dumps(
             {**config_to_hf(config, dtype), **(token_ids or {})}, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
-            from cpt_jax import hf_tokenizer
-
             (tmp / "generation_config.json").write_text(json.dumps(
                 token_ids, indent=2, sort_keys=True) + "\n")
-            hf_tokenizer.save_hf_tokenizer(tokenizer.sp.serialized_model_proto(), str(tmp),
-                                           model_max_length=config.max_seq_len)
+            tokenizer.save(str(tmp), model_max_length=config.max_seq_len)
         _publishable(tmp)
-        _replace_dir(tmp, target)
+        atomic.replace_dir(str(tmp), str(target))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -500,16 +500,13 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
 
 
 def _tokenizer(tokenizer, config: LlamaConfig):
-    """The SentencePiece tokenizer to export (a Tokenizer or a .model path), checked to fit."""
-    from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer
+    """The tokenizer to export (a ``cpt_jax.data.tokenizer.Tokenizer`` or the path of a
+    .model, a tokenizer.json or a folder holding either), checked to fit the embedding."""
+    from cpt_jax.data.tokenizer import check_vocab, load_tokenizer
 
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise TokenizerError(
-            f"the tokenizer {tokenizer.path or ''} has {tokenizer.vocab_size} pieces but the "
-            f"model only {config.vocab_size} embeddings; export with the tokenizer the model "
-            "was trained with")
+    check_vocab(tokenizer, config.vocab_size)
     return tokenizer
 
 
@@ -521,19 +518,3 @@ def _publishable(directory: Path):
     os.chmod(directory, 0o777 & ~umask)
     for f in directory.iterdir():
         os.chmod(f, 0o666 & ~umask)
-
-
-def _replace_dir(src: Path, dst: Path):
-    """Move the finished directory src to dst, replacing an existing dst only at the end."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.rmdir(old)
-    os.rename(dst, old)
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        os.rename(old, dst)  # put the previous version back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

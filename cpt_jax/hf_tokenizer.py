@@ -266,26 +266,3 @@ def save_hf_tokenizer(model_proto: bytes, out_dir: str, *, model_max_length: int
         atomic.write_bytes(path, data)
         paths.append(path)
     return paths
-
-
-def find_run_tokenizer(ckpt: str) -> str | None:
-    """The SentencePiece model of the run whose workdir holds the params checkpoint ``ckpt``
-    (e.g. ``WORKDIR/final_params``), from ``WORKDIR/results.json``: its
-    ``config.tokenizer.path``, else the tokenizer the run trained under its data cache.
-    None when it cannot be told (no results.json, or the trained model is gone)."""
-    from cpt_jax.data.tokenizer import trained_prefix
-
-    workdir = os.path.dirname(os.path.abspath(ckpt))
-    res_path = os.path.join(workdir, "results.json")
-    if not os.path.isfile(res_path):
-        return None
-    with open(res_path) as f:
-        config = json.load(f).get("config") or {}
-    tok = config.get("tokenizer") or {}
-    if tok.get("path"):
-        return os.path.expanduser(tok["path"])
-    data_dir = os.path.expanduser((config.get("data") or {}).get("cache_dir") or
-                                  os.path.join(workdir, "data"))
-    path = trained_prefix(data_dir, tok.get("model_type", "bpe"),
-                          config["model"]["vocab_size"]) + ".model"
-    return path if os.path.isfile(path) else None

@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from cpt_jax import pretrained
 from cpt_jax import sharding as sharding_lib
 
 
@@ -17,14 +18,16 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    # Model: fields of cpt_jax.model.LlamaConfig.
+    # Model: fields of cpt_jax.model.LlamaConfig. The keys of pretrained.MODEL_DEFAULTS
+    # (shape, rope_theta, rope_scaling, norm_eps, tie_embeddings, max_seq_len) are None
+    # until set: from the checkpoint with init.hf / init.orbax / init.checkpoint (a set value
+    # must agree with it), else the defaults (cpt_jax.pretrained.resolve_model).
     c.model = ml_collections.ConfigDict(dict(
-        vocab_size=32000, d_model=512, n_layers=16, n_heads=8, n_kv_heads=8, d_ff=1280,
-        head_dim=None, rope_theta=10000.0, rope_scaling=None, norm_eps=1e-5,
-        tie_embeddings=False, max_seq_len=2048, init_std=0.02, dtype="float32",
-        param_dtype="float32", remat="none", scan_layers=True, attention="auto"))
-    c.model.rope_scaling = ml_collections.FieldReference(None, field_type=dict)
-    c.model.head_dim = ml_collections.FieldReference(None, field_type=int)
+        init_std=0.02, dtype="float32", param_dtype="float32", remat="none", scan_layers=True,
+        attention="auto"))
+    for key, value in pretrained.MODEL_DEFAULTS.items():
+        kind = {"rope_scaling": dict, "head_dim": int}.get(key, type(value))
+        c.model[key] = ml_collections.FieldReference(None, field_type=kind)
 
     # Devices: mesh sizes over (data, fsdp, tensor); -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -59,7 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
         domains=[],  # e.g. [{"name": "en", "kind": "jsonl", "pattern": "...", "field": "text"}]
         cache_dir="",  # "" = <workdir>/data
         val_fraction=0.05, split_seed=0))
-    # Tokenizer: an existing sentencepiece .model, or one trained on all domains.
+    # Tokenizer: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory
+    # holding either. Empty: the pretrained checkpoint's own (init.*), else one trained on
+    # all domains (model_type, character_coverage, sample_chars: cpt_jax.data.tokenizer).
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="", model_type="bpe", character_coverage=0.9995, sample_chars=2_000_000))
     # Tasks in order: {"domain": name, "steps": n} or {"domain": name, "tokens": n}.
@@ -117,6 +122,7 @@ def check_config(c) -> None:
     from cpt_jax.model import LlamaConfig
     from cpt_jax.optim.schedules import SCHEDULES
 
+    pretrained.resolve_model(c)
     try:
         LlamaConfig.from_dict(c.model.to_dict())
     except (TypeError, ValueError) as e:
@@ -165,9 +171,15 @@ def check_config(c) -> None:
     t = c.tokenizer
     _need(t.model_type in ("bpe", "unigram"),
           f"tokenizer.model_type={t.model_type!r}: use 'bpe' or 'unigram'")
-    _need(not t.path or os.path.isfile(os.path.expanduser(t.path)),
-          f"tokenizer.path={t.path!r} does not exist; give a SentencePiece .model file, or "
-          "leave it empty to train one on the domains")
+    _need(not t.path or os.path.exists(os.path.expanduser(t.path)),
+          f"tokenizer.path={t.path!r} does not exist; give a SentencePiece .model, a Hugging "
+          "Face tokenizer.json or a checkpoint directory holding either, or leave it empty "
+          "(the pretrained checkpoint's own tokenizer, or one trained on the domains)")
+    tok_path = pretrained.tokenizer_path(c)
+    if tok_path is not None:  # refused now, before any data is prepared
+        from cpt_jax.data import tokenizer as tokenizer_lib
+
+        tokenizer_lib.check_vocab(tokenizer_lib.load_tokenizer(tok_path), c.model.vocab_size)
 
     _need(bool(c.tasks), "tasks is empty: list the domains to train on, in order")
     tnames = [t.get("domain") for t in c.tasks]
@@ -188,11 +200,8 @@ def check_config(c) -> None:
     from cpt_jax import methods
     methods.check(c)
 
-    given = [f"init.{k}" for k in ("hf", "orbax", "checkpoint") if c.init.get(k)]
+    given = [f"init.{k}" for k in pretrained.INIT_KEYS if c.init.get(k)]
     _need(len(given) <= 1, f"{' and '.join(given)} are all set: start from only one of them")
-    for key in given:
-        path = os.path.expanduser(c.init[key.split(".")[1]])
-        _need(os.path.exists(path), f"{key}={path!r} does not exist")
     _need(c.checkpoint.every >= 0 and c.checkpoint.keep >= 1,
           f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at task ends) and "
           f"checkpoint.keep={c.checkpoint.keep} >= 1")

@@ -2,10 +2,11 @@
 
   hf-to-orbax   HF LlamaForCausalLM directory (config.json + safetensors) -> params checkpoint
                 (model_config.json + orbax params/), the format training runs start from.
+                The checkpoint's tokenizer is kept in OUT/tokenizer/.
   orbax-to-hf   params checkpoint -> HF directory that transformers' from_pretrained loads,
                 with the run's tokenizer (--tokenizer, or found from the run the checkpoint
-                belongs to) as tokenizer.json etc., which AutoTokenizer loads and which
-                encodes exactly as the SentencePiece model (cpt_jax.hf_tokenizer).
+                belongs to): a tokenizer.json carried unchanged, or one that encodes exactly
+                as the run's SentencePiece model (cpt_jax.hf_tokenizer).
 
 Examples:
   python scripts/convert_hf.py hf-to-orbax --hf ~/models/Llama-3.2-1B --out ckpt/llama1b
@@ -20,27 +21,35 @@ refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
-from cpt_jax.data.tokenizer import TokenizerError
+from cpt_jax.data.tokenizer import (KINDS, TokenizerError, find_run_tokenizer, load_tokenizer,
+                                    save_run_tokenizer)
 from cpt_jax.hf import DEFAULT_MAX_SHARD_BYTES, load_hf_llama, save_hf_llama
-from cpt_jax.hf_tokenizer import TokenizerExportError, find_run_tokenizer
+from cpt_jax.hf_tokenizer import TokenizerExportError
 from cpt_jax.train.checkpoint import load_params, save_params
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def hf_to_orbax(hf: str, out: str, param_dtype: str | None = "float32", overwrite: bool = False):
+    """``hf`` -> params checkpoint ``out``, with the checkpoint's tokenizer (if it has one)
+    in ``out/tokenizer/``, where runs starting from ``init.orbax=out`` and exports find it."""
+    has_tokenizer = any(os.path.isfile(os.path.join(hf, f)) for _, f in KINDS.values())
+    tokenizer = load_tokenizer(hf) if has_tokenizer else None  # refused before any write
     config, params = load_hf_llama(hf, param_dtype=param_dtype)
     save_params(out, config, params, overwrite=overwrite)
+    if tokenizer is not None:
+        save_run_tokenizer(tokenizer, out, config.max_seq_len)
     return config
 
 
 def orbax_to_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool = False,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: str | None = None):
-    """Export ``ckpt`` to ``out``; ``tokenizer`` (a SentencePiece .model) defaults to the
-    run's. Warns on stderr when no tokenizer is written."""
+    """Export ``ckpt`` to ``out``; ``tokenizer`` (a .model, a tokenizer.json or a folder)
+    defaults to the run's. Warns on stderr when no tokenizer is written."""
     tokenizer = tokenizer or find_run_tokenizer(ckpt)
     config, params = load_params(ckpt)
     save_hf_llama(config, params, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
@@ -48,8 +57,8 @@ def orbax_to_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool =
     if tokenizer is None:
         print(f"warning: {out} has no tokenizer: none was given and none could be found from "
               f"{ckpt}/../results.json, so AutoTokenizer.from_pretrained({out!r}) will fail; "
-              "rerun with --tokenizer PATH (the SentencePiece .model the model was trained "
-              "with)", file=sys.stderr)
+              "rerun with --tokenizer PATH (the tokenizer the model was trained with)",
+              file=sys.stderr)
     return config
 
 
@@ -81,7 +90,8 @@ def main(argv=None):
                    help="dtype of the written tensors (default: the checkpoint's dtype)")
     b.add_argument("--max_shard_gb", "--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
                    help="split safetensors into shards of at most this many GB (default 5)")
-    b.add_argument("--tokenizer", help="SentencePiece .model to export beside the weights "
+    b.add_argument("--tokenizer", help="tokenizer to export beside the weights: a "
+                   "SentencePiece .model, a tokenizer.json or a folder holding either "
                    "(default: the tokenizer of the run the checkpoint belongs to)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 

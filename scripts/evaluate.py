@@ -9,13 +9,13 @@ scored zero-shot by log-likelihood (cpt_jax.eval.downstream): acc, acc_norm (per
 as lm-evaluation-harness), acc_norm_token and chance are printed and, with --out, written
 together with every item's per-choice log-likelihoods and token counts.
 
---tokenizer: the run's SentencePiece .model. Left out, it is found from the run the
-checkpoint belongs to (CKPT/../results.json: config.tokenizer.path, or the tokenizer the run
-trained under its data cache).
+--tokenizer: the run's tokenizer (a SentencePiece .model, a tokenizer.json or a folder
+holding either). Left out, it is the copy the run keeps in WORKDIR/tokenizer/ (for a
+checkpoint from hf-to-orbax, CKPT/tokenizer/).
 
 --hf_export OUTDIR: writes a Hugging Face LlamaForCausalLM directory (cpt_jax.hf.save_hf_llama)
-with the tokenizer beside it (tokenizer.json, which AutoTokenizer loads and which encodes
-exactly as the SentencePiece model, see cpt_jax.hf_tokenizer; tokenizer.model and the config
+with the tokenizer beside it (the run's tokenizer.json unchanged, or one converted from its
+SentencePiece model that encodes exactly as it, see cpt_jax.hf_tokenizer; and the config
 files) and prints the lm-evaluation-harness command that evaluates it on standard
 benchmarks. That command needs, in its environment: pip install 'lm_eval[hf]' torch.
 The model was trained on [BOS] document [EOS] rows, so the command asks for add_bos_token=True.
@@ -35,10 +35,10 @@ import sys
 
 
 from cpt_jax import atomic
-from cpt_jax.data.tokenizer import TokenizerError, load_tokenizer
+from cpt_jax.data.tokenizer import TokenizerError, find_run_tokenizer, load_tokenizer
 from cpt_jax.eval import downstream, lm_eval_task
 from cpt_jax.hf import save_hf_llama
-from cpt_jax.hf_tokenizer import TokenizerExportError, find_run_tokenizer
+from cpt_jax.hf_tokenizer import TokenizerExportError
 from cpt_jax.train.checkpoint import CONFIG_FILE, load_params
 
 LM_EVAL_TASKS = "hellaswag,piqa,arc_easy,arc_challenge"
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
                     help="params checkpoint directory (checkpoint.save_params, e.g. "
                          "WORKDIR/final_params)")
     ap.add_argument("--tasks", nargs="*", default=[], help="JSON-lines task files")
-    ap.add_argument("--tokenizer", help="SentencePiece .model (default: the run's)")
+    ap.add_argument("--tokenizer", help="tokenizer: .model, tokenizer.json or a folder "
+                    "(default: the run's)")
     ap.add_argument("--out", help="write the scores as JSON here")
     ap.add_argument("--batch_size", "--batch-size", type=int, default=32, help="rows per scoring batch")
     ap.add_argument("--seq_len", "--seq-len", type=int, default=None,
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         except TokenizerError as e:
             return fail(str(e))
     elif tasks:
-        return fail("no tokenizer: pass --tokenizer PATH (the run's SentencePiece .model); "
+        return fail("no tokenizer: pass --tokenizer PATH (the run's tokenizer); "
                     f"it could not be found from {args.ckpt}/../results.json")
 
     config, params = load_params(args.ckpt)
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
         if tok is None:
             print(f"warning: {args.hf_export} has no tokenizer: none was given and none could "
                   f"be found from {args.ckpt}/../results.json, so AutoTokenizer will fail on "
-                  "it; pass --tokenizer PATH (the run's SentencePiece .model)", file=sys.stderr)
+                  "it; pass --tokenizer PATH (the run's tokenizer)", file=sys.stderr)
         print(f"wrote Hugging Face checkpoint {args.hf_export}")
         print("evaluate it with lm-evaluation-harness (pip install 'lm_eval[hf]' torch):")
         print("  " + lm_eval_command(os.path.abspath(args.hf_export), args.dtype))

@@ -437,7 +437,7 @@ def test_orbax_to_hf_finds_the_run_tokenizer_or_warns(tmp_path):
 def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
     model = _tiny_spm(tmp_path / "tok.model", byte_fallback=True)
     config, params = load_hf_llama(FIXTURES / "gqa")  # 128 embeddings
-    with pytest.raises(ValueError, match=r"tok.model has \d+ pieces but the model only 128"):
+    with pytest.raises(ValueError, match=r"tok.model has \d+ tokens but the model has only 128 emb"):
         save_hf_llama(config, params, tmp_path / "out", tokenizer=str(model))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.model", "tok.vocab"]
 

@@ -12,6 +12,9 @@ import threading
 
 import jax
 
+from cpt_jax import pretrained
+from cpt_jax.data import tokenizer as tokenizer_lib
+
 # Keys that may change between the run that wrote a checkpoint and the one resuming it:
 # where and how the run is placed and logged, not what it computes. (A new mesh or
 # microbatch split changes float reduction order, so results then match to rounding, not
@@ -125,8 +128,9 @@ class PreemptionWatch:
 def data_fingerprints(config) -> dict:
     """What a run's data is, cheap to compute before anything is prepared: per domain the
     sha256 of its source fingerprint (files' paths, sizes and mtimes, a TFDS build, or the
-    demo's Python version), and the sha256 of ``tokenizer.path`` when one is given (a
-    tokenizer the run trains itself follows from the domains and the config)."""
+    demo's Python version), and the content hash of the tokenizer when the run is given one
+    (``tokenizer.path`` or the pretrained checkpoint's; a tokenizer the run trains itself
+    follows from the domains and the config)."""
     from cpt_jax.data import sources
 
     out = {}
@@ -134,9 +138,9 @@ def data_fingerprints(config) -> dict:
         fp = sources.source_fingerprint(d)
         out[f"domain {d['name']}"] = hashlib.sha256(
             json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
-    if config.tokenizer.path:
-        with open(os.path.expanduser(config.tokenizer.path), "rb") as f:
-            out["tokenizer.path"] = hashlib.sha256(f.read()).hexdigest()
+    path = pretrained.tokenizer_path(config)
+    if path is not None:
+        out["tokenizer"] = tokenizer_lib.load_tokenizer(path).sha256
     return out
 
 

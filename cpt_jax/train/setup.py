@@ -13,7 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from cpt_jax import hf, methods
+from cpt_jax import hf, methods, pretrained
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data import prepare as prepare_lib
@@ -32,11 +32,13 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def load_tokenizer(config, domains, data_dir):
-    """The run's tokenizer: an existing .model, or one trained on a sample of all domains."""
-    t = config.tokenizer
-    if t.path:
-        tok = tokenizer_lib.load_tokenizer(os.path.expanduser(t.path))
+    """The run's tokenizer: ``tokenizer.path``, else the pretrained checkpoint's own
+    (``cpt_jax.pretrained.tokenizer_path``), else one trained on a sample of all domains."""
+    path = pretrained.tokenizer_path(config)
+    if path is not None:
+        tok = tokenizer_lib.load_tokenizer(path)
     else:
+        t = config.tokenizer
         prefix = tokenizer_lib.trained_prefix(data_dir, t.model_type, config.model.vocab_size)
         tok = tokenizer_lib.train_tokenizer(
             domains, prefix, config.model.vocab_size, model_type=t.model_type,
@@ -124,6 +126,8 @@ def prepare_run(config, workdir: str) -> RunParts:
 
     def prepare():
         tok = load_tokenizer(config, domains, data_dir)
+        if is_main:  # the copy that exports, evaluation and generation of this run use
+            tokenizer_lib.save_run_tokenizer(tok, workdir, config.model.max_seq_len)
         return prepare_lib.prepare_domains(domains, tok, data_dir, config.seq_len,
                                            config.data.val_fraction, config.data.split_seed,
                                            progress=is_main)

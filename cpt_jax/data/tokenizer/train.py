@@ -1,4 +1,4 @@
-"""SentencePiece tokenizers: train one on a run's domains, or load an existing model.
+"""Train a SentencePiece tokenizer on a run's domains (the ``sentencepiece`` kind).
 
 ``train_tokenizer`` trains a byte-fallback BPE (or unigram) model on a deterministic sample
 of all the run's domains, so every string is encodable (unseen characters become UTF-8
@@ -7,9 +7,8 @@ Llama-2 (unk=0, bos=1, eos=2) with pad=3. The normalizer is the identity and spa
 kept as they are, so ``decode(encode(text)) == text`` and code indentation survives; the
 sample is fed in multi-line chunks so newlines (and e.g. "):\\n") can become pieces.
 
-``load_tokenizer`` loads any standard SentencePiece ``.model`` (a Llama-2
-``tokenizer.model`` included; a directory holding ``tokenizer.model`` works too).
-Llama-3 tokenizers are tiktoken-based and not supported here.
+Only a run that starts from random weights trains a tokenizer: a pre-trained model keeps
+the one it was trained with (``cpt_jax.train.setup.load_tokenizer``).
 """
 
 from __future__ import annotations
@@ -26,84 +25,13 @@ import sentencepiece as spm
 
 from cpt_jax import atomic
 from cpt_jax.data import sources
+from cpt_jax.data.tokenizer.base import TokenizerError
+from cpt_jax.data.tokenizer.sentencepiece_model import SentencePieceTokenizer
 
 # The sample is fed to the trainer as chunks of at most this many characters,
 # cut at line boundaries (spm ignores "sentences" longer than max_sentence_length bytes).
 _CHUNK_CHARS = 2000
 _MAX_SENTENCE_BYTES = 4 * _CHUNK_CHARS + 16
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be trained/loaded or does not fit the model; says how to fix it."""
-
-
-class Tokenizer:
-    """A thin wrapper around a SentencePieceProcessor with the ids the pipeline needs.
-
-    Attributes: ``path`` (the .model file or None), ``sha256`` (hash of the serialized
-    model, part of every prepared-data key), ``vocab_size``, ``bos_id``, ``eos_id``,
-    ``pad_id`` (-1 when the model has none, as in Llama-2), ``unk_id``.
-    """
-
-    def __init__(self, model_proto: bytes, path: str | None = None):
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.path = path
-        self.sha256 = hashlib.sha256(model_proto).hexdigest()
-        self.vocab_size = int(self.sp.vocab_size())
-        self.bos_id = int(self.sp.bos_id())
-        self.eos_id = int(self.sp.eos_id())
-        self.pad_id = int(self.sp.pad_id())
-        self.unk_id = int(self.sp.unk_id())
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no BOS/EOS added)."""
-        return self.sp.encode(text)
-
-    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None
-                     ) -> list[list[int]]:
-        """Token ids of several texts, encoded in parallel C++ threads."""
-        return self.sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """The text of ``ids`` (special ids such as BOS/EOS/pad decode to nothing)."""
-        return self.sp.decode([int(i) for i in ids])
-
-    def __repr__(self):
-        return (f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, "
-                f"bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})")
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    """Loads a SentencePiece model file (or a directory containing ``tokenizer.model``)."""
-    path = os.path.expanduser(str(path))
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise TokenizerError(f"Tokenizer model {path!r} does not exist; give the path of a "
-                             f"SentencePiece .model file or train one with "
-                             f"train_tokenizer(...).")
-    with open(path, "rb") as f:
-        proto = f.read()
-    try:
-        tok = Tokenizer(proto, path=path)
-    except RuntimeError as e:
-        raise TokenizerError(f"{path!r} is not a SentencePiece model ({e}). Llama-3 "
-                             f"(tiktoken) tokenizers are not supported.") from None
-    if tok.bos_id < 0 or tok.eos_id < 0:
-        raise TokenizerError(f"Tokenizer {path!r} has no BOS or EOS piece (bos={tok.bos_id},"
-                             f" eos={tok.eos_id}); documents are packed as [BOS] doc [EOS]"
-                             f", so use a model with both.")
-    return tok
-
-
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    """Raises TokenizerError unless the model's vocabulary equals the tokenizer's."""
-    if int(model_vocab_size) != tokenizer.vocab_size:
-        raise TokenizerError(
-            f"The tokenizer {tokenizer.path or ''} has {tokenizer.vocab_size} pieces but the "
-            f"model has vocab_size={model_vocab_size}. Set model.vocab_size="
-            f"{tokenizer.vocab_size}, or train/load a tokenizer with {model_vocab_size} "
-            f"pieces.")
 
 
 def _chunks(doc: str) -> Iterator[str]:
@@ -179,7 +107,7 @@ def trained_prefix(data_dir: str, model_type: str, vocab_size: int) -> str:
 
 def train_tokenizer(domains: Sequence[Any], out_prefix: str, vocab_size: int,
                     model_type: str = "bpe", character_coverage: float = 0.9995,
-                    sample_chars: int = 10_000_000, num_threads: int = 4) -> Tokenizer:
+                    sample_chars: int = 10_000_000, num_threads: int = 4) -> SentencePieceTokenizer:
     """Trains (or reuses) ``<out_prefix>.model`` on a sample of ``domains``; returns it.
 
     The model is written atomically (temp file, then rename) next to
@@ -215,7 +143,7 @@ def train_tokenizer(domains: Sequence[Any], out_prefix: str, vocab_size: int,
     if os.path.isfile(model_path) and os.path.isfile(info_path):
         with open(info_path) as f:
             if json.load(f).get("key") == key:
-                return load_tokenizer(model_path)
+                return SentencePieceTokenizer.from_file(model_path)
 
     sample = sample_text(specs, sample_chars)
     proto = io.BytesIO()
@@ -225,7 +153,7 @@ def train_tokenizer(domains: Sequence[Any], out_prefix: str, vocab_size: int,
     except RuntimeError as e:
         raise _training_error(e, [d["name"] for d in specs], int(vocab_size), sample) from None
     atomic.write_bytes(model_path, proto.getvalue())
-    tok = Tokenizer(proto.getvalue(), path=model_path)
+    tok = SentencePieceTokenizer(proto.getvalue(), path=model_path)
     info = {"key": key, "sha256": tok.sha256, "vocab_size": tok.vocab_size, **record}
     atomic.write_json(info_path, info, sort_keys=True, default=str)
     return tok
