@@ -100,11 +100,49 @@ def make_fixtures(out: Path):
             logits = ref(torch.from_numpy(tokens).long()).logits.numpy()
         np.save(d / "tokens.npy", tokens)
         np.save(d / "logits.npy", logits.astype(np.float32))
+        write_greedy(ref, d, tokens)
         files = sorted(p.name for p in d.iterdir())
         print(f"fixture {name:15s} seq={seq:3d} |logits|max={np.abs(logits).max():.2f} files={files}")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"total fixture size: {size / 1024:.0f} KiB")
     assert size < 1_000_000, "fixtures must stay under 1 MB"
+
+
+GREEDY_PROMPT_LENGTHS = (5, 9)
+GREEDY_NEW_TOKENS = 12
+
+
+def write_greedy(model, d: Path, tokens: np.ndarray):
+    """``greedy.json``: transformers' greedy ``generate`` continuation of prompts cut from
+    ``tokens`` (one prompt per call, no EOS), the reference for cpt_jax.generate."""
+    import json
+
+    import torch
+
+    prompts = [tokens[i % len(tokens), :n].tolist() for i, n in enumerate(GREEDY_PROMPT_LENGTHS)]
+    outs = []
+    for prompt in prompts:
+        with torch.no_grad():
+            ids = torch.tensor([prompt])  # an explicit mask: token 0 is a token here, not padding
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=GREEDY_NEW_TOKENS,
+                                 min_new_tokens=GREEDY_NEW_TOKENS, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+        outs.append(out[0, len(prompt):].tolist())
+    (d / "greedy.json").write_text(json.dumps({"prompts": prompts, "continuations": outs}) + "\n")
+
+
+def greedy_only(out: Path):
+    """Add greedy.json to the committed fixtures, leaving their weights as they are."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    for name in CASES:
+        d = out / name
+        model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+        write_greedy(model, d, np.load(d / "tokens.npy"))
+        print(f"greedy {name}: {(d / 'greedy.json').read_text().strip()[:120]}")
 
 
 # ----------------------------------------------------------------------------- export check
@@ -191,8 +229,12 @@ def main():
                     help="a Python with cpt_jax's dependencies; when given, also check that "
                          "save_hf_llama output loads in transformers and reproduces logits")
     ap.add_argument("--skip-fixtures", action="store_true", help="only run the export check")
+    ap.add_argument("--greedy-only", action="store_true",
+                    help="only add greedy.json (transformers' greedy generate) to the fixtures")
     args = ap.parse_args()
-    if not args.skip_fixtures:
+    if args.greedy_only:
+        greedy_only(args.out)
+    elif not args.skip_fixtures:
         make_fixtures(args.out)
     if args.jax_python:
         check_export(args.jax_python)
