@@ -79,7 +79,7 @@ def save_run_tokenizer(tokenizer: Tokenizer, workdir: str, model_max_length: int
         except TokenizerError:
             pass
     tmp = atomic.temp_dir(workdir, RUN_TOKENIZER_DIR)
-    tokenizer.save(tmp, model_max_length=model_max_length)
+    tokenizer.save_own(tmp, model_max_length=model_max_length)
     atomic.replace_dir(tmp, folder)
     return folder
 

@@ -58,6 +58,11 @@ class Tokenizer:
         ``load_tokenizer(out_dir)`` reads back with the same ``sha256``); returns them."""
         raise NotImplementedError
 
+    def save_own(self, out_dir: str, *, model_max_length: int) -> list[str]:
+        """The files that ``load_tokenizer(out_dir)`` reads back as this same kind (a run's
+        copy of its tokenizer); by default those of ``save``."""
+        return self.save(out_dir, model_max_length=model_max_length)
+
     def special_ids(self) -> dict:
         """``{"bos_token_id", "eos_token_id", "pad_token_id"}`` for config.json and
         generation_config.json (None where the tokenizer has no such token)."""

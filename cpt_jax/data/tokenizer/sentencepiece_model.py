@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import sentencepiece as spm
 
+from cpt_jax import atomic
 from cpt_jax.data.tokenizer.base import CheckpointSpecials, Tokenizer, TokenizerError
 
 FILE = "tokenizer.model"
@@ -102,6 +103,13 @@ class SentencePieceTokenizer(Tokenizer):
 
         return hf_tokenizer.save_hf_tokenizer(self.proto, out_dir,
                                               model_max_length=model_max_length)
+
+
+    def save_own(self, out_dir: str, *, model_max_length: int) -> list[str]:
+        """``tokenizer.model`` alone, so the folder loads as this SentencePiece model."""
+        path = os.path.join(out_dir, FILE)
+        atomic.write_bytes(path, self.proto)
+        return [path]
 
 
 def _not_sentencepiece(path, data: bytes, e: Exception) -> TokenizerError:
