@@ -11,6 +11,10 @@ gradients (replay_mix); "agem" adds the projection; "reptile" adds the meta-upda
 meta step is timed separately and amortised over --reptile_every steps; "mer" is
 replay + reptile.
 
+With --generate, it instead times decoding (cpt_jax.eval.decode_speed): new tokens/s of
+greedy ``cpt_jax.generate`` and its prefill time, and with --peer torch the same for
+transformers' ``generate`` on the same weights and prompts (their tokens must agree).
+
 With --checkpoint_dir, it instead times saving the whole train state (params and AdamW
 moments) as a run checkpoint: blocking (the step loop waits for the write) against
 asynchronous (the loop waits only for the device-to-host copy; the write goes on in the
@@ -39,6 +43,7 @@ Model FLOPs per token = 6 x (weight-matmul parameters, output projection include
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
 import sys
@@ -51,6 +56,8 @@ from absl import logging
 
 from cpt_jax import atomic, cli
 from cpt_jax import model as model_lib
+from cpt_jax.eval.decode_speed import decode_speed
+from cpt_jax.model import LlamaConfig
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.methods import make_loss_fn
 from cpt_jax.replay import coresets, features
@@ -94,6 +101,14 @@ def parse_args(argv):
     ap.add_argument("--peer", choices=["torch"], default=None,
                     help="time the same Llama step in PyTorch + transformers, interleaved with "
                          "ours (needs pip install -e \".[peer]\")")
+    ap.add_argument("--generate", action="store_true",
+                    help="time decoding instead (cpt_jax.generate): new tokens/s of greedy "
+                         "generate at the config's model, --decode_batch prompts of "
+                         "--prompt_len tokens, --new_tokens each; with --peer torch also "
+                         "transformers' generate on the same weights and prompts")
+    ap.add_argument("--decode_batch", type=int, default=4, help="prompts per generate call")
+    ap.add_argument("--prompt_len", type=int, default=32, help="prompt tokens (--generate)")
+    ap.add_argument("--new_tokens", type=int, default=64, help="new tokens (--generate)")
     ap.add_argument("--loader", action="store_true",
                     help="time the input pipeline instead: rows/s the run's loader delivers "
                          "(cpt_jax.data.throughput) against rows/s the train step consumes")
@@ -483,7 +498,13 @@ def loader_vs_step(config, steps: int, warmup: int) -> dict:
 def main(argv) -> int:
     args = parse_args(argv)
     logging.set_verbosity(logging.ERROR)  # orbax logs every save
-    if args.peer:  # prints its own table
+    if args.generate:
+        result = decode_speed(LlamaConfig.from_dict(args.config.model.to_dict()),
+                              batch=args.decode_batch, prompt_len=args.prompt_len,
+                              new_tokens=args.new_tokens, repeats=max(1, args.steps // 3),
+                              peer=args.peer)
+        print(json.dumps(result, indent=1))
+    elif args.peer:  # prints its own table
         result = compare_peer(args.config, args.steps, args.warmup)
     elif args.loader:  # prints its own line
         result = loader_vs_step(args.config, args.steps, args.warmup)

@@ -278,7 +278,7 @@ def test_evaluate_cli_errors(tmp_path):
 
 
 def test_evaluate_finds_the_run_tokenizer(tmp_path):
-    from cpt_jax import hf_tokenizer as ev  # shared by evaluate.py and convert_hf.py
+    from cpt_jax.data import tokenizer as ev  # shared by evaluate, convert_hf and generate
 
     work = tmp_path / "run"
     (work / "data").mkdir(parents=True)
@@ -296,3 +296,6 @@ def test_evaluate_finds_the_run_tokenizer(tmp_path):
     (work / "results.json").write_text(json.dumps({"config": config}))
     assert ev.find_run_tokenizer(ckpt) == "/models/llama2/tokenizer.model"
     assert ev.find_run_tokenizer(str(tmp_path / "elsewhere" / "ckpt")) is None
+    (work / "tokenizer").mkdir()  # the run's own copy wins, from any of its checkpoints
+    assert ev.find_run_tokenizer(ckpt) == str(work / "tokenizer")
+    assert ev.find_run_tokenizer(str(work / "checkpoints" / "40")) == str(work / "tokenizer")
