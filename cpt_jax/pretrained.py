@@ -31,10 +31,11 @@ INIT_KEYS = ("hf", "orbax", "checkpoint")
 
 def init_source(config) -> tuple[str, str] | None:
     """("init.hf" | "init.orbax" | "init.checkpoint", path) of a pretrained start, or None."""
-    for key in INIT_KEYS:
-        if config.init.get(key):
-            return f"init.{key}", os.path.expanduser(config.init[key])
-    return None
+    given = [key for key in INIT_KEYS if config.init.get(key)]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join('init.' + k for k in given)} are all set: start "
+                         "from only one of them")
+    return (f"init.{given[0]}", os.path.expanduser(config.init[given[0]])) if given else None
 
 
 def checkpoint_model(key: str, path: str) -> dict:
@@ -117,6 +118,15 @@ def resolve_model(config) -> None:
         mine[k] = dict(v) if isinstance(v, dict) else v
     if mine.head_dim == mine.d_model // mine.n_heads and not mine.d_model % mine.n_heads:
         mine.head_dim = None  # the default: d_model // n_heads
+
+
+def model_config(config):
+    """The run's ``LlamaConfig``: ``config.model`` with its unset keys resolved
+    (``resolve_model``; idempotent)."""
+    from cpt_jax.model import LlamaConfig
+
+    resolve_model(config)
+    return LlamaConfig.from_dict(config.model.to_dict())
 
 
 def tokenizer_path(config) -> str | None:

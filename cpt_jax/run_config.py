@@ -200,8 +200,6 @@ def check_config(c) -> None:
     from cpt_jax import methods
     methods.check(c)
 
-    given = [f"init.{k}" for k in pretrained.INIT_KEYS if c.init.get(k)]
-    _need(len(given) <= 1, f"{' and '.join(given)} are all set: start from only one of them")
     _need(c.checkpoint.every >= 0 and c.checkpoint.keep >= 1,
           f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at task ends) and "
           f"checkpoint.keep={c.checkpoint.keep} >= 1")

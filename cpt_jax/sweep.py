@@ -28,7 +28,7 @@ import statistics
 import sys
 from typing import Sequence
 
-from cpt_jax import atomic, cli
+from cpt_jax import atomic, cli, pretrained
 from cpt_jax.presets import model_preset
 
 INDEX_FILE = "index.json"
@@ -100,11 +100,10 @@ def config_flops(config) -> float:
     """Training FLOPs of a run of ``config``: trained tokens x FLOPs per token, as the run
     records them (``results["compute"]["flops"]``)."""
     from cpt_jax.eval.metrics import training_flops
-    from cpt_jax.model import LlamaConfig
     from cpt_jax.replay.rates import task_steps
 
     steps = sum(task_steps(config, [dict(t) for t in config.tasks]))
-    return training_flops(LlamaConfig.from_dict(config.model.to_dict()),
+    return training_flops(pretrained.model_config(config),
                           steps * config.global_batch * config.seq_len, config.seq_len)
 
 

@@ -54,10 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cpt_jax import atomic, cli
+from cpt_jax import atomic, cli, pretrained
 from cpt_jax import model as model_lib
 from cpt_jax.eval.decode_speed import decode_speed
-from cpt_jax.model import LlamaConfig
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.methods import make_loss_fn
 from cpt_jax.replay import coresets, features
@@ -499,7 +498,7 @@ def main(argv) -> int:
     args = parse_args(argv)
     logging.set_verbosity(logging.ERROR)  # orbax logs every save
     if args.generate:
-        result = decode_speed(LlamaConfig.from_dict(args.config.model.to_dict()),
+        result = decode_speed(pretrained.model_config(args.config),
                               batch=args.decode_batch, prompt_len=args.prompt_len,
                               new_tokens=args.new_tokens, repeats=max(1, args.steps // 3),
                               peer=args.peer)

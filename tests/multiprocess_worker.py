@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 
 from cpt_jax import cli
 from cpt_jax import model as model_lib
+from cpt_jax import pretrained
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, process_row_range
 from cpt_jax.replay.sampler import ReplaySampler
@@ -97,7 +98,7 @@ def train(config, mesh_axes: dict, out: str, log) -> None:
     # ---- mesh, sampler, loader
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
-    mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
+    mcfg = pretrained.model_config(config)
     sources = [MemoryRows(d, n, SEQ_LEN + 1) for d, n in enumerate(TASK_ROWS)]
     sampler = ReplaySampler(TASK_ROWS, GLOBAL_BATCH, rate=config.replay.rate,
                             accounting=config.replay.accounting, seed=config.seed)

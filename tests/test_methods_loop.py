@@ -12,6 +12,7 @@ import pytest
 from test_train_loop import _config
 
 from cpt_jax import model as model_lib
+from cpt_jax import pretrained
 from cpt_jax.train.checkpoint import RunCheckpointer
 from cpt_jax.train.loop import prepare_run, run
 
@@ -110,7 +111,7 @@ def test_reptile_params_are_the_interpolation_at_a_period_end(runs):
     """Reptile (every 3, meta_lr 0.5): the first 3 inner steps equal plain training's, so
     at step 3 the weights are init + 0.5 (plain_3 - init)."""
     c = runs["reptile"][0]
-    mcfg = model_lib.LlamaConfig.from_dict(c.model.to_dict())
+    mcfg = pretrained.model_config(c)
     init = jax.device_get(model_lib.init_params(mcfg, jax.random.key(c.seed)))
     plain, rep = _params(runs, "seq", 3), _params(runs, "reptile", 3)
     want = jax.tree.map(lambda i, p: i + 0.5 * (p - i), init, plain)

@@ -200,11 +200,11 @@ def test_start_from_another_runs_full_state(reference, tmp_path):
     for g, w in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(want.params)):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
-    c.model.d_ff = 128  # another model: the first differing tensor is named
-    with pytest.raises(ValueError, match=r"tensor params/layers/mlp/down/kernel: checkpoint "
-                                         r".* has shape \(2, 96, 64\) but the run's config "
-                                         r"implies \(2, 128, 64\)"):
-        run_start(c, prepare_run(c, str(tmp_path)), None, None)
+    c.model.d_ff = 128  # another model: refused naming the key, before anything is built
+    with pytest.raises(ValueError, match=r"model.d_ff=128 contradicts the checkpoint "
+                                         r"init.checkpoint=.*8 \(d_ff=96 in the run that "
+                                         r"wrote it\)"):
+        prepare_run(c, str(tmp_path))
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path):

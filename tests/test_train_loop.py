@@ -136,6 +136,7 @@ def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypa
     of a forward pass with the task-0-end weights, and every row replayed in task 1 is one
     of the 6 it kept."""
     from cpt_jax import model as model_lib
+    from cpt_jax import pretrained
     from cpt_jax.replay import policies
     from cpt_jax.replay.buffer import ReplayPolicy, ReplayPool
     from cpt_jax.train.checkpoint import RunCheckpointer
@@ -163,7 +164,7 @@ def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypa
 
     # the scores: an independent forward pass with the weights at the end of task 0
     parts = prepare_run(c, str(work))
-    mcfg = model_lib.LlamaConfig.from_dict(c.model.to_dict())
+    mcfg = pretrained.model_config(c)
     params = RunCheckpointer(str(work / "checkpoints"), read_only=True).read_arrays(
         parts.steps[0])["params"]
     tokens, segs = parts.train_sources[0].read(seen["ids"])

@@ -106,7 +106,7 @@ class RunParts:
 def build_model(config, task_steps):
     """(LlamaConfig, mesh, sharding rules, learning-rate schedule, optimizer chain, state
     shardings) of a run config whose tasks take ``task_steps`` steps."""
-    mcfg = model_lib.LlamaConfig.from_dict(config.model.to_dict())
+    mcfg = pretrained.model_config(config)
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
     schedule = make_schedule(config.optim, task_steps)
