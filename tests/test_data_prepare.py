@@ -200,7 +200,7 @@ def test_failure_mid_way_leaves_no_output(tok, tmp_path, monkeypatch):
     domain = _write_docs(tmp_path / "src", _docs(700))
 
     def broken(d):
-        for i, doc in enumerate(sources._iter_text_glob(sources.normalize_domain(d))):
+        for i, doc in enumerate(sources.REGISTRY["text_glob"].documents(sources.normalize_domain(d))):
             if i == 600:  # after some rows were written
                 raise OSError("disk on fire")
             yield doc
