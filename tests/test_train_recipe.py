@@ -107,3 +107,10 @@ def test_mixture_source_and_heldout_in_one_run(tmp_path):
     metas = [json.load(open(p)) for p in (tmp_path / "cache").glob("*/meta.json")]
     held = [m for m in metas if m["name"] == "held"]
     assert held and held[0]["splits"]["train"]["rows"] == 0 < held[0]["splits"]["val"]["rows"]
+
+    from cpt_jax.eval.report import write_report  # pylint: disable=import-outside-toplevel
+    md = open(write_report([str(tmp_path / "work")], str(tmp_path / "report"))["files"][
+        "report.md"]).read()
+    assert ("| after | orig (replay source) | web | wiki | code | held (held out) |" in md)
+    assert f"| start | {start[0]:.3f} |" in md
+    assert "held-out change (final minus start): held " in md

@@ -285,6 +285,16 @@ def loss_matrix_columns(results: dict) -> list[str]:
     return list(results["tasks"])
 
 
+COLUMN_MARKS = {"task": "", "replay_source": " (replay source)", "heldout": " (held out)"}
+
+
+def column_labels(results: dict) -> list[str]:
+    """The loss-matrix columns with their kind marked: task domains plain, replay sources
+    "(replay source)", held-out domains "(held out)" (results.json ``column_kinds``)."""
+    kinds = results.get("column_kinds") or {}
+    return [c + COLUMN_MARKS.get(kinds.get(c, "task"), "") for c in loss_matrix_columns(results)]
+
+
 def random_init_losses(results: dict) -> dict | None:
     """{domain: loss} of a randomly initialised model for FWT: ``init_losses_random``, or,
     in results written before that key, ``init_losses`` if the run was a fresh init (no

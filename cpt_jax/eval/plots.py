@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cpt_jax.eval.metrics import loss_matrix_columns
+from cpt_jax.eval.metrics import column_labels, loss_matrix_columns
 
 
 def save_figure(fig, path: str, dpi: int = 120) -> str:
@@ -100,8 +100,9 @@ def plot_runs_loss_curves(runs: Mapping[str, dict], path: str) -> None:
 def plot_loss_matrices(runs: Mapping[str, dict], path: str) -> None:
     """The loss matrix R[i][j] of each run as an annotated heatmap, one panel per run.
 
-    Rows: the model after task i; columns: the domain of task j. All panels share one colour
-    scale so that colours compare across runs.
+    Rows: the model after task i; columns: every evaluated domain, replay sources and
+    held-out domains marked as such. All panels share one colour scale so that colours
+    compare across runs.
     """
     mats = {label: res["loss_matrix"] for label, res in runs.items() if res["loss_matrix"]}
     values = [x for m in mats.values() for row in m for x in row]
@@ -113,7 +114,7 @@ def plot_loss_matrices(runs: Mapping[str, dict], path: str) -> None:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     image = None
     for ax, (label, m) in zip(axes, mats.items()):
-        rows_of, cols_of = runs[label]["tasks"], loss_matrix_columns(runs[label])
+        rows_of, cols_of = runs[label]["tasks"], column_labels(runs[label])
         image = ax.imshow(m, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
         mid = (vmin + vmax) / 2
         for i, row in enumerate(m):
