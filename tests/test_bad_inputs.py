@@ -138,6 +138,16 @@ CONFIG_CASES = [
     ("domain of an unknown kind", ['--config.data.domains=[{"name": "en", "kind": "csv"}]'],
      ["'en'", "kind"]),
     ("sequence longer than the model", ["--config.seq_len=128"], ["seq_len=128", "max_seq_len"]),
+    ("mixture weight not positive", ['--config.tasks=[{"domains": {"en": 1, "num": 0}, '
+                                     '"steps": 2}]'], ["domains", "positive weight"]),
+    ("mixture of an unknown domain", ['--config.tasks=[{"domains": {"en": 1, "fr": 1}, '
+                                      '"steps": 2}]'], ["'fr'", "data.domains"]),
+    ("domain and domains", ['--config.tasks=[{"domain": "en", "domains": {"num": 1}, '
+                            '"steps": 2}]'], ["exactly one of domain and domains"]),
+    ("replay source that a task trains", ['--config.replay.sources=["en"]'],
+     ["replay.sources", "'en'", "trained by a task"]),
+    ("replay source of an unknown domain", ['--config.replay.sources=["fr"]'],
+     ["replay.sources", "'fr'", "data.domains"]),
     ("value without =", ["--config.seed"], ["--config.seed", "VALUE"]),
 ]
 

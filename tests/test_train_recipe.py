@@ -59,7 +59,7 @@ def _write(tmp_path):
     return domains
 
 
-def test_mixture_source_and_heldout_in_one_run(tmp_path):
+def test_mixture_source_and_heldout_in_one_run(tmp_path, capsys):
     c = default_config()
     c.model.update(dict(vocab_size=320, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
                         d_ff=64, max_seq_len=64))
@@ -73,6 +73,7 @@ def test_mixture_source_and_heldout_in_one_run(tmp_path):
     c.eval.update(dict(every=0, max_rows=8, batch=8))
     c.checkpoint.update(dict(every=0, async_save=False))
     res = run(c, str(tmp_path / "work"))
+    assert "has no effect" not in capsys.readouterr().err  # task 0 replays the source
 
     names = ["orig", "web", "wiki", "code", "held"]
     assert res["columns"] == names and res["tasks"] == ["web+wiki", "code"]
