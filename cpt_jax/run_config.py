@@ -227,6 +227,10 @@ def _check_replay_sources(c, names, trained) -> None:
         _need(d not in trained, f"replay.sources: {d!r} is trained by a task; a replay "
               "source is replayed only (remove it from the tasks or from replay.sources)")
     _need(len(set(sources)) == len(sources), f"replay.sources {sources} lists a domain twice")
+    _need(not (sources and c.method.der.weight > 0 and c.replay.policy == "uniform"),
+          "DER with replay.sources and replay.policy='uniform' would replay source rows that "
+          "have no stored logits; use a bounded policy (e.g. replay.policy=reservoir with "
+          "replay.buffer_rows), whose buffer rows get the start model's logits")
 
 
 def check_mesh(c, n_devices: int) -> None:
