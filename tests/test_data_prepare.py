@@ -437,3 +437,19 @@ def test_unreadable_meta_json(tok, tmp_path):
         PackedRows(path)
     _assert_names_fix(e, path, folder)
     _reprepare_after_delete(domain, tok, data_dir, folder, files)
+
+
+def test_max_tokens_caps_what_is_prepared(tok, tmp_path):
+    """A token cap stops preparation at the first document that reaches it; the capped
+    domain is its own folder."""
+    docs = _docs(n=600, seed=3)
+    domain = _write_docs(tmp_path / "src", docs)
+    full = prepare.prepare_domain(domain, tok, str(tmp_path / "out"), SEQ_LEN, 0.1,
+                                  progress=False)["train"].meta
+    capped = prepare.prepare_domain(dict(domain, max_tokens=1000), tok, str(tmp_path / "out"),
+                                    SEQ_LEN, 0.1, progress=False)["train"].meta
+    longest = max(len(ids) for ids in tok.encode_batch(docs)) + 2  # with BOS and EOS
+    assert full["n_documents"] == 600 and capped["n_documents"] < 600
+    assert 1000 <= capped["n_tokens"] < 1000 + longest
+    with pytest.raises(sources.DomainError, match="max_tokens must be a positive int"):
+        sources.normalize_domain(dict(domain, max_tokens=0))

@@ -447,8 +447,11 @@ def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fracti
     min_score, min_doc = 2.0, None
     bar = tqdm(desc=f"prepare {d['name']}", unit=" doc", disable=not progress,
                mininterval=1.0)
+    cap = d.get("max_tokens") or 0  # stop once the splits hold this many tokens
     try:
         for batch in _batched(sources.iter_documents(d)):
+            if cap and sum(w.stats["tokens"] for w in writers.values()) >= cap:
+                break
             kept = [doc for doc in batch if doc]
             n_empty += len(batch) - len(kept)
             scores = [split_score(doc, seed) for doc in kept]
@@ -458,6 +461,8 @@ def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fracti
             wanted = [doc for doc, v in zip(kept, is_vals) if v or not skip]
             encoded = iter(tok.encode_batch(wanted) if wanted else ())
             for doc, score, is_val in zip(kept, scores, is_vals):
+                if cap and sum(w.stats["tokens"] for w in writers.values()) >= cap:
+                    break
                 ids = next(encoded) if is_val or not skip else None
                 content.update(len(doc.encode("utf-8", "replace")).to_bytes(8, "little"))
                 content.update(doc.encode("utf-8", "replace"))

@@ -3,9 +3,11 @@ spec, list its files, read its documents (with the ``max_docs``/``max_chars`` ca
 validate it cheaply and fingerprint its content.
 
 A domain is a plain dict (or an ml_collections ``ConfigDict``) with a ``kind`` from
-``KINDS``; the keys every kind takes are ``name``, ``kind``, ``max_docs`` and
-``max_chars`` (reading stops at the cap; the cap is part of the domain's identity, so a
-capped dataset is prepared separately). Unknown keys are an error (usually typos).
+``KINDS``; the keys every kind takes are ``name``, ``kind``, ``max_docs``, ``max_chars``
+(reading stops at the cap) and ``max_tokens`` (preparation stops once the domain's rows
+hold that many tokens: a replay source needs only the rows replay can reach). A cap is
+part of the domain's identity, so a capped dataset is prepared separately. Unknown keys
+are an error (usually typos).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cpt_jax.data.sources.tfds import Tfds
 REGISTRY: dict[str, SourceKind] = {k.name: k for k in (
     TextGlob(), Jsonl(), Parquet(), HfDataset(), Tfds(), Demo())}
 KINDS = tuple(REGISTRY)
-COMMON_KEYS = ("name", "kind", "max_docs", "max_chars")
+COMMON_KEYS = ("name", "kind", "max_docs", "max_chars", "max_tokens")
 
 
 def normalize_domain(domain: Any) -> dict:
@@ -59,12 +61,14 @@ def normalize_domain(domain: Any) -> dict:
         raise DomainError(f"Domain name {name!r} must be usable as a folder name: no "
                           f"slashes, no leading dot or surrounding spaces.")
     d["name"] = name
-    for key in ("max_docs", "max_chars"):
+    for key in ("max_docs", "max_chars", "max_tokens"):
         if d.get(key) is not None and (not isinstance(d[key], int) or d[key] <= 0):
             raise DomainError(f"Domain {name!r}: {key} must be a positive int or None, "
                               f"got {d[key]!r}.")
     d.setdefault("max_docs", None)
     d.setdefault("max_chars", None)
+    if d.get("max_tokens") is None:  # absent from the spec, so uncapped keys stay as before
+        d.pop("max_tokens", None)
     return d
 
 
