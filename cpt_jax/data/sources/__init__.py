@@ -12,8 +12,9 @@ registry (``registry.py``)::
      "feature": "text", "data_dir": None}
     {"kind": "demo", "demo": "python_docs", "max_chars": 1_000_000}
 
-Every kind takes an optional ``max_docs``, ``max_chars`` and ``max_tokens`` cap. Adding a kind is one
-``SourceKind`` subclass in its own module and one entry in ``registry.REGISTRY``.
+Every kind takes an optional ``max_docs``, ``max_chars`` and ``max_tokens`` cap. Adding a
+kind is one ``SourceKind`` subclass in its own module and one entry in
+``registry.REGISTRY``.
 """
 
 from cpt_jax.data.sources.base import DomainError, SourceKind
