@@ -305,7 +305,9 @@ class Trainer:
             "task": info.name, "steps": n,
             "new_tokens": sampler.new_rows_before(k, n) * self.config.seq_len,
             "replay_tokens": sampler.replay_rows_before(k, n) * self.config.seq_len,
-            **tokens_by_domain(sampler, k, n, self.parts.slot_names, self.config.seq_len)})
+            **tokens_by_domain(sampler, k, n, self.parts.slot_names, self.config.seq_len,
+                               joint=(self.parts.train_sources[0], self.parts.recipe.trained)
+                               if self.config.joint else None)})
         self.logger.log(info.global_step, {"task": info.name,
                                            "task_wall_s": time.perf_counter() - self.task_start})
         p.task, p.step = k + 1, 0

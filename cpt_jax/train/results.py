@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from cpt_jax.eval import metrics as metrics_lib
+from cpt_jax.replay.permutation import stream_items
 
 
 @dataclasses.dataclass
@@ -31,12 +32,26 @@ class Progress:
     task_stats: list = dataclasses.field(default_factory=list)
 
 
-def tokens_by_domain(sampler, task: int, steps: int, slot_names, seq_len: int) -> dict:
+def tokens_by_domain(sampler, task: int, steps: int, slot_names, seq_len: int,
+                     joint=None) -> dict:
     """{"new_tokens_by_domain", "replay_tokens_by_domain"} of a task's ``steps`` steps:
     the new tokens each of its components gave, and the replayed tokens each earlier
-    domain gave (counted from the sampler's batches, replay pools included)."""
+    domain gave (counted from the sampler's batches, replay pools included).
+
+    ``joint``: (ConcatRows of the joint task, its domains' names): the joint task's new
+    rows are split by the domain each comes from (full epochs give every row once, the
+    last partial epoch is read off the permutation)."""
     slots, _ = sampler.task_slots[task]
     new = sampler.new_rows_before_by_slot(task, steps)
+    if joint is not None:
+        rows, names = joint
+        total, n = int(new[0]), sampler.train_rows[0]
+        epochs = total // n
+        ids = stream_items(sampler.seed, "new", 0, np.arange(epochs * n, total), n)
+        owner = np.searchsorted(rows.starts, ids, side="right") - 1
+        counts = epochs * np.diff(rows.starts) + np.bincount(owner, minlength=len(names))
+        return {"new_tokens_by_domain": {d: int(c) * seq_len for d, c in zip(names, counts)},
+                "replay_tokens_by_domain": {}}
     replayed = np.zeros(len(sampler.train_rows), np.int64)
     if sampler.first_slot[task] and sampler.replay_rows_before(task, steps):
         for t in range(steps):
