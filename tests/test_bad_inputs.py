@@ -233,6 +233,21 @@ def test_domain_without_files(setup, tmp_path):
     assert code == 2 and "'num'" in line and "missing*.jsonl" in line
 
 
+def test_parquet_through_text_glob_is_refused_naming_parquet(setup, tmp_path):
+    """The UTF-8 error's advice (encoding_errors=replace) once let a run train on a
+    Parquet file's bytes with exit 0."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    pq.write_table(pa.table({"text": ["one two three"] * 50}), tmp_path / "num.parquet")
+    domains = [setup["domains"][0], {"name": "num", "kind": "text_glob",
+                                     "pattern": str(tmp_path / "num.parquet"),
+                                     "encoding_errors": "replace"}]
+    code, _, err = _train(["--config", setup["config"], "--workdir", tmp_path / "w",
+                           f"--config.data.domains={json.dumps(domains)}"])
+    line = _error_line(err)
+    assert code == 2 and "num.parquet is a Parquet file" in line and "'parquet'" in line
+
+
 def test_tokenizer_vocab_too_small(setup, tmp_path):
     code, _, err = _train(["--config", setup["config"], "--workdir", tmp_path / "w",
                            "--config.model.vocab_size=200"])
