@@ -7,7 +7,8 @@ fills its own defaults (``normalize``) and reads its own format (``documents``).
 Adding a kind is one subclass and one registry entry.
 
 The helpers here are shared by the kinds that read files: ``glob_files`` (sorted, ``~``
-and ``**`` expanded) and ``stat`` (the fingerprint of a file), and ``refuse_binary``, the
+and ``**`` expanded), ``stat`` (the fingerprint of a file), ``open_binary`` (gzip or zstd
+decompressed by the file's suffix) and ``refuse_binary``, the
 check that keeps a binary file (Parquet, Arrow, zstd, NUL bytes) out of a text kind: such
 bytes would otherwise be decoded with replacement characters and trained on.
 """
@@ -15,6 +16,7 @@ bytes would otherwise be decoded with replacement characters and trained on.
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 from collections.abc import Iterator
 
@@ -80,13 +82,29 @@ def stat(path: str) -> tuple:
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
+ZSTD_SUFFIXES = (".zst", ".zstd")
+
+
+def open_binary(path: str):
+    """A binary stream of ``path``'s content, gzip or zstd decompressed by its suffix."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(ZSTD_SUFFIXES):
+        import zstandard  # pylint: disable=import-outside-toplevel
+        raw = open(path, "rb")  # pylint: disable=consider-using-with
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return open(path, "rb")  # pylint: disable=consider-using-with
+
+
 # Leading bytes of binary formats a corpus often comes in, and the kind that reads each.
 _MAGIC = (
-    (b"PAR1", "a Parquet file", "parquet"),
-    (b"ARROW1", "an Arrow file", "hf_dataset"),
-    (b"\xff\xff\xff\xff", "an Arrow stream (a datasets.save_to_disk shard)", "hf_dataset"),
-    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "jsonl (.jsonl.zst)"),
-    (b"PK\x03\x04", "a zip archive", "text_glob on the unpacked files"),
+    (b"PAR1", "a Parquet file", "kind 'parquet'"),
+    (b"ARROW1", "an Arrow file", "kind 'hf_dataset'"),
+    (b"\xff\xff\xff\xff", "an Arrow stream (a datasets.save_to_disk shard)",
+     "kind 'hf_dataset'"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed without a .zst suffix",
+     "kind 'jsonl' or 'text_glob' with the file named *.zst"),
+    (b"PK\x03\x04", "a zip archive", "kind 'text_glob' on the unpacked files"),
     (b"\x89HDF", "an HDF5 file", "a text export of it"),
 )
 
@@ -94,10 +112,10 @@ _MAGIC = (
 def refuse_binary(d: dict, path: str, head: bytes) -> None:
     """Raises DomainError when ``head`` (a file's first bytes, after any gzip layer) is a
     binary format or holds NUL bytes, naming the kind that reads it."""
-    for magic, what, kind in _MAGIC:
+    for magic, what, fix in _MAGIC:
         if head.startswith(magic):
             raise DomainError(f"Domain {d['name']!r} (kind {d['kind']!r}): {path} is {what}, "
-                              f"not text; use kind {kind!r} for it.")
+                              f"not text; use {fix}.")
     if b"\x00" in head:
         raise DomainError(f"Domain {d['name']!r} (kind {d['kind']!r}): {path} holds NUL "
                           f"bytes, so it is binary, not text; convert it to text or use the "

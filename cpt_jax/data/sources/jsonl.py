@@ -9,27 +9,12 @@ naming the kind to use.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 from collections.abc import Iterator
 
 from cpt_jax.data.sources.base import (DomainError, SourceKind, as_patterns, glob_files,
-                                       refuse_binary)
-
-ZSTD_SUFFIXES = (".zst", ".zstd")
-
-
-def open_binary(path: str):
-    """A binary stream of ``path``'s content, gzip or zstd decompressed by its suffix."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(ZSTD_SUFFIXES):
-        import zstandard  # pylint: disable=import-outside-toplevel
-        raw = open(path, "rb")  # pylint: disable=consider-using-with
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    return open(path, "rb")  # pylint: disable=consider-using-with
-
+                                       open_binary, refuse_binary)
 
 class Jsonl(SourceKind):
     name = "jsonl"

@@ -2,7 +2,7 @@
 "/data/en/*.txt"}``.
 
 ``pattern`` is a string or a list of them (``~`` and ``**`` expanded, files in sorted
-path order); ``.gz`` files are decompressed. Files are decoded as UTF-8; ``"encoding_errors":
+path order); ``.gz`` and ``.zst`` files are decompressed. Files are decoded as UTF-8; ``"encoding_errors":
 "replace"`` accepts a few invalid bytes, but a binary file (Parquet, Arrow, zstd, NUL
 bytes) is always refused, naming the kind that reads it, since replacing its bytes would
 train on garbage.
@@ -10,11 +10,10 @@ train on garbage.
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Iterator
 
 from cpt_jax.data.sources.base import (DomainError, SourceKind, as_patterns, glob_files,
-                                       refuse_binary)
+                                       open_binary, refuse_binary)
 
 
 def decode_text(d: dict, path: str, raw: bytes) -> str:
@@ -41,8 +40,6 @@ class TextGlob(SourceKind):
 
     def documents(self, d) -> Iterator[str]:
         for path in self.files(d):
-            with open(path, "rb") as f:
+            with open_binary(path) as f:
                 raw = f.read()
-            if path.endswith(".gz"):
-                raw = gzip.decompress(raw)
             yield decode_text(d, path, raw)
