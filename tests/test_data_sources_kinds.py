@@ -116,3 +116,14 @@ def test_every_kind_is_one_registry_entry():
                                   "demo"}
     for name, kind in sources.REGISTRY.items():
         assert kind.name == name and isinstance(kind, sources.SourceKind)
+
+
+def test_source_kinds_benchmark_reads_back_what_it_wrote(tmp_path, capsys):
+    """scripts/source_kinds_benchmark.py on a small corpus: every kind yields the documents
+    written (the script checks it) and prepares the same rows."""
+    from tiny_runs import load_script  # pylint: disable=import-outside-toplevel
+    assert load_script("source_kinds_benchmark").main(
+        ["--docs", "400", "--dir", str(tmp_path / "kinds")]) == 0
+    rows = [line.split("|")[-2].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "MB" in line]
+    assert len(rows) >= 5 and len(set(rows)) == 1
