@@ -81,6 +81,8 @@ def test_hf_dataset_reads_save_to_disk_without_datasets(tmp_path):
     assert list(sources.iter_documents(dict(split, split="validation"))) == DOCS[:3]
     with pytest.raises(DomainError, match=r"no column 'body'.*\"field\""):
         sources.validate_domain(dict(domain, field="body"))
+    with pytest.raises(DomainError, match=r"holds one dataset, not a DatasetDict.*\"split\""):
+        sources.validate_domain(dict(domain, split="train"))
 
 
 def test_hf_dataset_reads_arrow_files_of_both_ipc_formats(tmp_path):

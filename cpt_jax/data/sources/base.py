@@ -96,6 +96,14 @@ def open_binary(path: str):
     return open(path, "rb")  # pylint: disable=consider-using-with
 
 
+def is_text_type(arrow_type) -> bool:
+    """Whether an Arrow column type holds strings (string, large_string, string_view)."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    view = getattr(pa.types, "is_string_view", lambda t: False)
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or view(
+        arrow_type)
+
+
 # Leading bytes of binary formats a corpus often comes in, and the kind that reads each.
 _MAGIC = (
     (b"PAR1", "a Parquet file", "kind 'parquet'"),

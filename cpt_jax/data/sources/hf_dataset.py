@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from cpt_jax.data.sources.base import DomainError, SourceKind, glob_files
+from cpt_jax.data.sources.base import DomainError, SourceKind, glob_files, is_text_type
 
 
 def _shards(d: dict) -> list[str]:
@@ -34,6 +34,9 @@ def _shards(d: dict) -> list[str]:
             raise DomainError(f"Domain {d['name']!r}: {path} is a DatasetDict and {what} "
                               f"\"split\" to one of {splits}.")
         path = os.path.join(path, d["split"])
+    elif d["split"] is not None:
+        raise DomainError(f"Domain {d['name']!r}: {path} holds one dataset, not a "
+                          f"DatasetDict of splits; remove \"split\": {d['split']!r}.")
     state = os.path.join(path, "state.json")
     if not os.path.isfile(state):
         files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".arrow"))
@@ -88,8 +91,7 @@ class HfDataset(SourceKind):
                             f"Domain {d['name']!r}: {path} has no column {d['field']!r} "
                             f"(columns: {batch.schema.names}); set \"field\".")
                     column = batch.column(d["field"])
-                    if not (pa.types.is_string(column.type)
-                            or pa.types.is_large_string(column.type)):
+                    if not is_text_type(column.type):
                         raise DomainError(f"Domain {d['name']!r}: column {d['field']!r} of "
                                           f"{path} is {column.type}, not text; set \"field\".")
                     for value in column.to_pylist():

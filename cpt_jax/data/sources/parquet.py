@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cpt_jax.data.sources.base import DomainError, SourceKind, as_patterns, glob_files
+from cpt_jax.data.sources.base import (DomainError, SourceKind, as_patterns, glob_files,
+                                       is_text_type)
 
 
 class Parquet(SourceKind):
@@ -43,7 +44,7 @@ class Parquet(SourceKind):
                                   f"{d['field']!r} (columns: {names}); set the domain's "
                                   f"\"field\" to the column holding the text.")
             column_type = pf.schema_arrow.field(d["field"]).type
-            if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            if not is_text_type(column_type):
                 raise DomainError(f"Domain {d['name']!r}: column {d['field']!r} of {path} is "
                                   f"{column_type}, not text; set \"field\" to a string column.")
             for group in range(pf.num_row_groups):
