@@ -67,7 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
     # all domains (model_type, character_coverage, sample_chars: cpt_jax.data.tokenizer).
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="", model_type="bpe", character_coverage=0.9995, sample_chars=2_000_000))
-    # Tasks in order: {"domain": name, "steps": n} or {"domain": name, "tokens": n}.
+    # Tasks in order: {"domain": name, "steps": n} or {"domain": name, "tokens": n}, or a
+    # weighted mixture {"domains": {name: weight, ...}, "steps": n} (optional "name").
+    # Domains of data.domains that no task trains are replay sources (replay.sources) or
+    # held out (only evaluated); every domain is a column of the loss matrix.
     c.tasks = []
     # Replay (Abbes et al. 2025): fraction of each batch drawn from earlier tasks.
     # schedule: "constant", or "linear_decay" / "exp_decay" from rate to end_rate over the
@@ -75,9 +78,11 @@ def default_config() -> ml_collections.ConfigDict:
     # policy (cpt_jax.replay.policies): which earlier rows may be replayed and in what
     # proportions: "uniform" (all), "reservoir", "domains", "resample", "curriculum",
     # "craig", "grad_match", "hybrid"; buffer_rows bounds the rows a policy keeps.
+    # sources: domains never trained, replayable from task 0 on as if trained before it
+    # (an original-data proxy of a pre-trained model).
     c.replay = ml_collections.ConfigDict(dict(
         rate=0.0, accounting="additive", schedule="constant", end_rate=0.0,
-        policy="uniform", buffer_rows=0,
+        policy="uniform", buffer_rows=0, sources=[],
         domains=dict(tau=1.0, recency=0.0),
         resample=dict(every=20),
         curriculum=dict(order="easy_first"),
@@ -182,17 +187,13 @@ def check_config(c) -> None:
         tokenizer_lib.check_vocab(tokenizer_lib.load_tokenizer(tok_path), c.model.vocab_size)
 
     _need(bool(c.tasks), "tasks is empty: list the domains to train on, in order")
-    tnames = [t.get("domain") for t in c.tasks]
+    _check_tasks(c.tasks, names)
+    tnames = [d for t in c.tasks for d in (t.get("domains") or [t.get("domain")])]
     dup = sorted({n for n in tnames if tnames.count(n) > 1})
     _need(not dup, f"tasks: domain(s) {dup} appear twice; each task trains on its own "
           "domain once")
+    _check_replay_sources(c, names, tnames)
     for t in c.tasks:
-        unknown = sorted(set(t) - {"domain", "steps", "tokens"})
-        _need(not unknown, f"task {t}: unknown key(s) {unknown}; use domain, steps or tokens")
-        _need(t.get("domain") in names,
-              f"task {t}: domain {t.get('domain')!r} is not in data.domains {names}")
-        _need(("steps" in t) != ("tokens" in t), f"task {t}: give exactly one budget, steps "
-              "or tokens")
         budget = t.get("steps", t.get("tokens"))
         _need(isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1,
               f"task {t}: its budget must be a positive integer")
@@ -203,6 +204,40 @@ def check_config(c) -> None:
     _need(c.checkpoint.every >= 0 and c.checkpoint.keep >= 1,
           f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at task ends) and "
           f"checkpoint.keep={c.checkpoint.keep} >= 1")
+
+
+def _check_tasks(tasks, names) -> None:
+    """Each task names one domain, or a mixture of domains with positive weights."""
+    for t in tasks:
+        unknown = sorted(set(t) - {"domain", "domains", "name", "steps", "tokens"})
+        _need(not unknown, f"task {t}: unknown key(s) {unknown}; use domain (or domains, a "
+              "{name: weight} mixture), steps or tokens")
+        _need(("domain" in t) != ("domains" in t), f"task {t}: give exactly one of domain "
+              "and domains (a mixture such as {'de_web': 0.8, 'de_wiki': 0.2})")
+        mix = t.get("domains")
+        if mix is not None:
+            _need(hasattr(mix, "values") and len(mix) >= 1 and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+                for w in mix.values()),
+                f"task {t}: domains must map each domain name to a positive weight")
+        for d in (mix or [t.get("domain")]):
+            _need(d in names, f"task {t}: domain {d!r} is not in data.domains {names}")
+        _need(("steps" in t) != ("tokens" in t), f"task {t}: give exactly one budget, steps "
+              "or tokens")
+
+
+def _check_replay_sources(c, names, trained) -> None:
+    """replay.sources: domains of data.domains that no task trains, each once."""
+    sources = list(c.replay.get("sources") or [])
+    for d in sources:
+        _need(d in names, f"replay.sources: {d!r} is not in data.domains {names}")
+        _need(d not in trained, f"replay.sources: {d!r} is trained by a task; a replay "
+              "source is replayed only (remove it from the tasks or from replay.sources)")
+    _need(len(set(sources)) == len(sources), f"replay.sources {sources} lists a domain twice")
+    _need(not (sources and c.method.der.weight > 0 and c.replay.policy == "uniform"),
+          "DER with replay.sources and replay.policy='uniform' would replay source rows that "
+          "have no stored logits; use a bounded policy (e.g. replay.policy=reservoir with "
+          "replay.buffer_rows), whose buffer rows get the start model's logits")
 
 
 def check_mesh(c, n_devices: int) -> None:

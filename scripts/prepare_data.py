@@ -22,6 +22,7 @@ import time
 
 from cpt_jax import cli
 from cpt_jax.data import prepare
+from cpt_jax.data.recipe import Recipe
 from cpt_jax.train.setup import load_tokenizer
 
 
@@ -51,9 +52,10 @@ def main(argv) -> dict:
     tok = load_tokenizer(config, domains, data_dir)
     print(json.dumps({"tokenizer": tok.path, "vocab_size": tok.vocab_size,
                       "seconds": round(time.time() - start, 2)}))
+    heldout = Recipe.of_config(config).heldout if config.tasks else ()  # as the run does
     prepared = prepare.prepare_domains(domains, tok, data_dir, config.seq_len,
                                        config.data.val_fraction, config.data.split_seed,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, val_only=heldout)
     summary = {}
     for name, splits in prepared.items():
         meta = splits["train"].meta

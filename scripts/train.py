@@ -50,7 +50,8 @@ def main(argv) -> int:
     except Preempted as e:
         print(e, file=sys.stderr)
         return 0
-    print("loss matrix (row: after task, column: domain " + ", ".join(results["tasks"]) + "):")
+    print("loss matrix (row: after task, column: domain " + ", ".join(
+        results.get("columns") or results["tasks"]) + "):")
     for task, row in zip(results["tasks"], results["loss_matrix"]):
         print(f"  {task:>14}: " + "  ".join(f"{x:.3f}" for x in row))
     print("metrics:", {k: round(v, 4) if isinstance(v, float) else v

@@ -138,6 +138,16 @@ CONFIG_CASES = [
     ("domain of an unknown kind", ['--config.data.domains=[{"name": "en", "kind": "csv"}]'],
      ["'en'", "kind"]),
     ("sequence longer than the model", ["--config.seq_len=128"], ["seq_len=128", "max_seq_len"]),
+    ("mixture weight not positive", ['--config.tasks=[{"domains": {"en": 1, "num": 0}, '
+                                     '"steps": 2}]'], ["domains", "positive weight"]),
+    ("mixture of an unknown domain", ['--config.tasks=[{"domains": {"en": 1, "fr": 1}, '
+                                      '"steps": 2}]'], ["'fr'", "data.domains"]),
+    ("domain and domains", ['--config.tasks=[{"domain": "en", "domains": {"num": 1}, '
+                            '"steps": 2}]'], ["exactly one of domain and domains"]),
+    ("replay source that a task trains", ['--config.replay.sources=["en"]'],
+     ["replay.sources", "'en'", "trained by a task"]),
+    ("replay source of an unknown domain", ['--config.replay.sources=["fr"]'],
+     ["replay.sources", "'fr'", "data.domains"]),
     ("value without =", ["--config.seed"], ["--config.seed", "VALUE"]),
 ]
 
@@ -221,6 +231,21 @@ def test_domain_without_files(setup, tmp_path):
                            f"--config.data.domains={json.dumps(domains)}"])
     line = _error_line(err)
     assert code == 2 and "'num'" in line and "missing*.jsonl" in line
+
+
+def test_parquet_through_text_glob_is_refused_naming_parquet(setup, tmp_path):
+    """The UTF-8 error's advice (encoding_errors=replace) once let a run train on a
+    Parquet file's bytes with exit 0."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    pq.write_table(pa.table({"text": ["one two three"] * 50}), tmp_path / "num.parquet")
+    domains = [setup["domains"][0], {"name": "num", "kind": "text_glob",
+                                     "pattern": str(tmp_path / "num.parquet"),
+                                     "encoding_errors": "replace"}]
+    code, _, err = _train(["--config", setup["config"], "--workdir", tmp_path / "w",
+                           f"--config.data.domains={json.dumps(domains)}"])
+    line = _error_line(err)
+    assert code == 2 and "num.parquet is a Parquet file" in line and "'parquet'" in line
 
 
 def test_tokenizer_vocab_too_small(setup, tmp_path):

@@ -200,7 +200,7 @@ def test_failure_mid_way_leaves_no_output(tok, tmp_path, monkeypatch):
     domain = _write_docs(tmp_path / "src", _docs(700))
 
     def broken(d):
-        for i, doc in enumerate(sources._iter_text_glob(sources.normalize_domain(d))):
+        for i, doc in enumerate(sources.REGISTRY["text_glob"].documents(sources.normalize_domain(d))):
             if i == 600:  # after some rows were written
                 raise OSError("disk on fire")
             yield doc
@@ -437,3 +437,19 @@ def test_unreadable_meta_json(tok, tmp_path):
         PackedRows(path)
     _assert_names_fix(e, path, folder)
     _reprepare_after_delete(domain, tok, data_dir, folder, files)
+
+
+def test_max_tokens_caps_what_is_prepared(tok, tmp_path):
+    """A token cap stops preparation at the first document that reaches it; the capped
+    domain is its own folder."""
+    docs = _docs(n=600, seed=3)
+    domain = _write_docs(tmp_path / "src", docs)
+    full = prepare.prepare_domain(domain, tok, str(tmp_path / "out"), SEQ_LEN, 0.1,
+                                  progress=False)["train"].meta
+    capped = prepare.prepare_domain(dict(domain, max_tokens=1000), tok, str(tmp_path / "out"),
+                                    SEQ_LEN, 0.1, progress=False)["train"].meta
+    longest = max(len(ids) for ids in tok.encode_batch(docs)) + 2  # with BOS and EOS
+    assert full["n_documents"] == 600 and capped["n_documents"] < 600
+    assert 1000 <= capped["n_tokens"] < 1000 + longest
+    with pytest.raises(sources.DomainError, match="max_tokens must be a positive int"):
+        sources.normalize_domain(dict(domain, max_tokens=0))

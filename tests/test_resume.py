@@ -236,3 +236,10 @@ def test_unwritable_workdir_is_refused_before_any_work(tmp_path):
     with pytest.raises(OSError, match=r"workdir .*a_file/run is not a writable directory"):
         run(_config(tmp_path), str(blocker / "run"))
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_config_key_added_since_with_an_empty_value_is_no_change():
+    """A workdir written before replay.sources existed resumes under the new default []."""
+    old = {"replay": {"rate": 0.25}}
+    assert config_diff(old, {"replay": {"rate": 0.25, "sources": []}}) == []
+    assert config_diff(old, {"replay": {"rate": 0.25, "sources": ["en"]}}) == ["replay.sources"]

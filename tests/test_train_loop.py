@@ -128,6 +128,9 @@ def test_joint_training_is_one_task_over_the_union(tmp_path):
         "init_ppl_random", "init_loss_start", "init_ppl_start", "curve_area", "curve_area_mean"}
     R = res["loss_matrix"][0]
     assert res["metrics"]["retained_loss"] == pytest.approx((R[0] + R[1]) / 2)
+    by_domain = res["compute"]["new_tokens_by_domain"]  # the union's rows by their domain
+    assert sorted(by_domain) == ["en", "num", "sym"] and min(by_domain.values()) > 0
+    assert sum(by_domain.values()) == res["compute"]["new_tokens"] == 16 * 8 * 32
 
 
 def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypatch):

@@ -272,21 +272,28 @@ class PackedRows:
 
 
 def dataset_key(domain: Any, tokenizer: Tokenizer, seq_len: int, val_fraction: float,
-                seed: int) -> str:
+                seed: int, val_only: bool = False) -> str:
     """sha256 of everything a prepared domain depends on (see the module docstring)."""
     d = sources.normalize_domain(domain)
     record = {"format": FORMAT_VERSION, "domain": d,
               "source": sources.source_fingerprint(d), "tokenizer": tokenizer.sha256,
               "seq_len": int(seq_len), "val_fraction": float(val_fraction),
               "seed": int(seed), "writer": WRITER_OPTIONS}
+    if val_only:  # only then, so the keys of fully prepared domains stay as they were
+        record["val_only"] = True
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()
                           ).hexdigest()
 
 
 def prepare_domain(domain: Any, tokenizer: Tokenizer, data_dir: str, seq_len: int,
                    val_fraction: float = 0.01, seed: int = 0, progress: bool = True,
-                   verify_sha256: bool = False) -> dict[str, PackedRows]:
+                   verify_sha256: bool = False, val_only: bool = False
+                   ) -> dict[str, PackedRows]:
     """Prepares one domain (or reuses it) and returns {"train": PackedRows, "val": ...}.
+
+    ``val_only``: a domain that is only evaluated (held out): its training documents are
+    split off as usual but neither tokenized nor written, so its train split has 0 rows
+    (its own folder: the key records it).
 
     A reused folder is checked against its meta.json (files present, sizes; with
     ``verify_sha256`` also their hashes, a full read); a damaged one raises
@@ -300,7 +307,7 @@ def prepare_domain(domain: Any, tokenizer: Tokenizer, data_dir: str, seq_len: in
     if not 0.0 <= float(val_fraction) < 1.0:
         raise PrepareError(f"Domain {d['name']!r}: val_fraction must be in [0, 1), got "
                            f"{val_fraction}.")
-    key = dataset_key(d, tokenizer, seq_len, val_fraction, seed)
+    key = dataset_key(d, tokenizer, seq_len, val_fraction, seed, val_only)
     final = os.path.join(os.path.expanduser(data_dir), f"{d['name']}-{key[:12]}")
     if not _is_complete(final, key):
         if os.path.exists(final):
@@ -308,7 +315,7 @@ def prepare_domain(domain: Any, tokenizer: Tokenizer, data_dir: str, seq_len: in
                                f"prepared dataset for these inputs (no or another "
                                f"meta.json); delete that folder and run again.")
         _build(d, tokenizer, final, key, int(seq_len), float(val_fraction), int(seed),
-               progress)
+               progress, val_only)
         verify_sha256 = False  # its files were hashed a moment ago, in _build
     return {split: PackedRows(os.path.join(final, f"{split}.array_record"), verify_sha256)
             for split in SPLITS}
@@ -316,11 +323,12 @@ def prepare_domain(domain: Any, tokenizer: Tokenizer, data_dir: str, seq_len: in
 
 def prepare_domains(domains: Sequence[Any], tokenizer: Tokenizer, data_dir: str,
                     seq_len: int, val_fraction: float = 0.01, seed: int = 0,
-                    progress: bool = True, verify_sha256: bool = False
-                    ) -> dict[str, dict[str, PackedRows]]:
+                    progress: bool = True, verify_sha256: bool = False,
+                    val_only: Sequence[str] = ()) -> dict[str, dict[str, PackedRows]]:
     """Prepares every domain; returns {name: {"train": PackedRows, "val": PackedRows}}.
 
-    ``verify_sha256``: re-hash reused folders' files (see ``prepare_domain``).
+    ``verify_sha256``: re-hash reused folders' files (see ``prepare_domain``);
+    ``val_only``: names of domains that only need their validation rows (held out).
     """
     specs = [sources.normalize_domain(d) for d in domains]
     names = [d["name"] for d in specs]
@@ -329,7 +337,7 @@ def prepare_domains(domains: Sequence[Any], tokenizer: Tokenizer, data_dir: str,
         raise PrepareError(f"Domain names must be unique, {dupes} appear twice; give each "
                            f"domain its own \"name\".")
     return {d["name"]: prepare_domain(d, tokenizer, data_dir, seq_len, val_fraction, seed,
-                                      progress, verify_sha256)
+                                      progress, verify_sha256, d["name"] in val_only)
             for d in specs}
 
 
@@ -390,13 +398,14 @@ class _SplitWriter:
 
 
 def _build(d: dict, tok: Tokenizer, final: str, key: str, seq_len: int,
-           val_fraction: float, seed: int, progress: bool) -> None:
+           val_fraction: float, seed: int, progress: bool, val_only: bool = False) -> None:
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        meta = _write_splits(d, tok, tmp, seq_len, val_fraction, seed, progress, None)
+        meta = _write_splits(d, tok, tmp, seq_len, val_fraction, seed, progress, None,
+                             val_only=val_only)
         one_doc = meta["n_documents"] == 1
         if val_fraction > 0 and (meta["splits"]["val"]["docs"] == 0 or one_doc):
             # Rare (tiny domains): redo with the lowest-scoring document forced to val, or
@@ -404,8 +413,9 @@ def _build(d: dict, tok: Tokenizer, final: str, key: str, seq_len: int,
             shutil.rmtree(tmp)
             os.makedirs(tmp)
             meta = _write_splits(d, tok, tmp, seq_len, val_fraction, seed, progress,
-                                 meta["min_score_doc"], tail_split=one_doc)
-        if meta["splits"]["train"]["rows"] == 0:
+                                 meta["min_score_doc"], tail_split=one_doc,
+                                 val_only=val_only)
+        if meta["splits"]["train"]["rows"] == 0 and not val_only:
             raise PrepareError(f"Domain {d['name']!r}: no training rows (all "
                                f"{meta['n_documents']} documents went to validation); lower "
                                f"val_fraction={val_fraction}.")
@@ -428,7 +438,7 @@ def _build(d: dict, tok: Tokenizer, final: str, key: str, seq_len: int,
 
 def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fraction: float,
                   seed: int, progress: bool, force_val: int | None,
-                  tail_split: bool = False) -> dict:
+                  tail_split: bool = False, val_only: bool = False) -> dict:
     pad_id = tok.pad_id if tok.pad_id >= 0 else 0
     writers = {s: _SplitWriter(os.path.join(folder, f"{s}.array_record"), seq_len + 1, pad_id)
                for s in SPLITS}
@@ -437,17 +447,30 @@ def _write_splits(d: dict, tok: Tokenizer, folder: str, seq_len: int, val_fracti
     min_score, min_doc = 2.0, None
     bar = tqdm(desc=f"prepare {d['name']}", unit=" doc", disable=not progress,
                mininterval=1.0)
+    cap = d.get("max_tokens") or 0  # stop once the splits hold this many tokens
     try:
         for batch in _batched(sources.iter_documents(d)):
+            if cap and sum(w.stats["tokens"] for w in writers.values()) >= cap:
+                break
             kept = [doc for doc in batch if doc]
             n_empty += len(batch) - len(kept)
-            for doc, ids in zip(kept, tok.encode_batch(kept)):
+            scores = [split_score(doc, seed) for doc in kept]
+            is_vals = [score < val_fraction or n_docs + i == force_val
+                       for i, score in enumerate(scores)]
+            skip = val_only and not tail_split  # a held-out domain's train docs: not encoded
+            wanted = [doc for doc, v in zip(kept, is_vals) if v or not skip]
+            encoded = iter(tok.encode_batch(wanted) if wanted else ())
+            for doc, score, is_val in zip(kept, scores, is_vals):
+                if cap and sum(w.stats["tokens"] for w in writers.values()) >= cap:
+                    break
+                ids = next(encoded) if is_val or not skip else None
                 content.update(len(doc.encode("utf-8", "replace")).to_bytes(8, "little"))
                 content.update(doc.encode("utf-8", "replace"))
-                score = split_score(doc, seed)
-                is_val = score < val_fraction or n_docs == force_val
                 if not is_val and score < min_score:
                     min_score, min_doc = score, n_docs
+                if ids is None:
+                    n_docs += 1
+                    continue
                 if tail_split:  # one document: its last val_fraction of tokens validate
                     cut = len(ids) - max(1, int(len(ids) * val_fraction))
                     writers["train"].add([tok.bos_id, *ids[:cut]], len(doc))

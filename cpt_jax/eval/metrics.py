@@ -190,13 +190,109 @@ def summary(R, b: Sequence[float] | None = None, start: Sequence[float] | None =
     })
 
 
+def recipe_metrics(R, columns: Sequence[str], tasks: Sequence[dict],
+                   sources: Sequence[str] = (), start: Sequence[float] | None = None,
+                   b: Sequence[float] | None = None) -> dict:
+    """The metrics of ``summary`` for a run whose loss matrix has a column per domain:
+    task domains (a mixture task's components each a column), replay sources and held-out
+    domains (DESIGN.md, "Domains that are not a task's").
+
+    Args:
+      R: [rows, D] losses after each finished task (rows <= len(tasks)), columns in
+        ``columns`` order.
+      tasks: per task {domain: weight}, weights summing to 1.
+      sources: replay sources: trained "before task 0", so ``start`` (the losses of the
+        model the run starts from, [D]) is their own row and their best-so-far candidate.
+      b: [D] losses of a randomly initialised model (FWT), or None.
+
+    With T finished tasks, the EARLIER domains are the sources and the components of tasks
+    < T-1. A task's own loss is the weighted mean of its components: learned loss is its
+    mean over tasks, FWT uses it too. Retained loss, forgetting (Chaudhry et al. 2018: the
+    final loss minus the best loss from the row where the domain was trained on, the start
+    row for a source) and BWT are means over the earlier domains, one term per column.
+    ``final_loss_all`` and the start means are over task and source columns; held-out
+    domains get ``heldout_change`` instead: final minus start, per domain and its mean.
+    """
+    R = np.asarray(R, dtype=np.float64)
+    col = {c: i for i, c in enumerate(columns)}
+    T = R.shape[0]
+    if R.ndim != 2 or R.shape[1] != len(columns) or not 1 <= T <= len(tasks):
+        raise ValueError(f"loss matrix of shape {R.shape} does not fit {len(columns)} columns "
+                         f"and {len(tasks)} tasks")
+    start = None if start is None else np.asarray(start, np.float64)
+    last = R[-1]
+
+    def own(i, row):  # task i's weighted loss in ``row``
+        return sum(w * row[col[c]] for c, w in tasks[i].items())
+
+    trained_at = {c: -1 for c in sources}  # row where each earlier domain was trained
+    for i in range(T - 1):
+        trained_at.update({c: i for c in tasks[i]})
+    forget, back = [], []
+    for c, i in trained_at.items():
+        j = col[c]
+        rows = list(R[max(i, 0):T - 1, j])
+        if i < 0 and start is not None:
+            rows.append(start[j])
+        if rows:
+            forget.append(last[j] - min(rows))
+        if i >= 0:
+            back.append(R[i, j] - last[j])
+        elif start is not None:
+            back.append(start[j] - last[j])
+    scored = [col[c] for c in columns if c in sources or any(c in t for t in tasks[:T])]
+    heldout = [c for c in columns if c not in sources and not any(c in t for t in tasks)]
+    out = {
+        "learned_loss": float(np.mean([own(i, R[i]) for i in range(T)])),
+        "retained_loss": float(np.mean([last[col[c]] for c in trained_at]))
+        if trained_at else None,
+        "final_loss_all": float(np.mean(last[scored])),
+        "forgetting": float(np.mean(forget)) if forget else None,
+        "forgetting_last": -float(np.mean(back)) if back else None,
+        "bwt": float(np.mean(back)) if back else None,
+        "fwt": None if b is None or T < 2 else float(np.mean(
+            [own(i, np.asarray(b, np.float64)) - own(i, R[i - 1]) for i in range(1, T)])),
+        "init_loss_random": None if b is None else float(np.mean(np.asarray(b)[scored])),
+        "init_loss_start": None if start is None else float(np.mean(start[scored])),
+    }
+    out = _with_ppl(out)
+    if heldout and start is not None:
+        change = {c: float(last[col[c]] - start[col[c]]) for c in heldout}
+        out["heldout_change"] = {"mean": float(np.mean(list(change.values()))),
+                                 "per_domain": change}
+    return out
+
+
+def _recipe(results: dict):
+    """The run's data recipe when its loss matrix has a column per domain (``columns``) and
+    it trained a task sequence (not joint), else None (the square-matrix metrics apply)."""
+    config = results.get("config") or {}
+    if not results.get("columns") or config.get("joint") or not config.get("tasks"):
+        return None
+    from cpt_jax.data.recipe import Recipe  # pylint: disable=import-outside-toplevel
+    return Recipe.of_config(config)
+
+
 def loss_matrix_columns(results: dict) -> list[str]:
-    """The domain of each loss-matrix column: the configured tasks' domains in order (a
-    joint run trains one "joint" task but is still evaluated per domain), else ``tasks``."""
+    """The domain of each loss-matrix column: ``columns`` (every domain, in data.domains
+    order) when present; before that key, the configured tasks' domains in order (a joint
+    run trains one "joint" task but is still evaluated per domain), else ``tasks``."""
+    if results.get("columns"):
+        return list(results["columns"])
     tasks = (results.get("config") or {}).get("tasks")
     if tasks and all(isinstance(t, dict) and "domain" in t for t in tasks):
         return [t["domain"] for t in tasks]
     return list(results["tasks"])
+
+
+COLUMN_MARKS = {"task": "", "replay_source": " (replay source)", "heldout": " (held out)"}
+
+
+def column_labels(results: dict) -> list[str]:
+    """The loss-matrix columns with their kind marked: task domains plain, replay sources
+    "(replay source)", held-out domains "(held out)" (results.json ``column_kinds``)."""
+    kinds = results.get("column_kinds") or {}
+    return [c + COLUMN_MARKS.get(kinds.get(c, "task"), "") for c in loss_matrix_columns(results)]
 
 
 def random_init_losses(results: dict) -> dict | None:
@@ -232,7 +328,10 @@ def metrics_from_results(results: dict) -> dict:
         return [losses[c] for c in cols] if losses and all(c in losses for c in cols) else None
 
     b, start = per_column(random_init_losses(results)), per_column(results.get("init_losses"))
-    if n == R.shape[1] or list(results["tasks"])[:n] == cols[:n]:
+    recipe = _recipe(results)
+    if recipe is not None:
+        out = recipe_metrics(R, cols, recipe.tasks, recipe.sources, start, b)
+    elif n == R.shape[1] or list(results["tasks"])[:n] == cols[:n]:
         out = summary(R[:, :n], None if b is None else b[:n],
                       None if start is None else start[:n])
     else:

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cpt_jax.eval.metrics import loss_matrix_columns
+from cpt_jax.eval.metrics import COLUMN_MARKS, column_labels
 
 
 def save_figure(fig, path: str, dpi: int = 120) -> str:
@@ -44,12 +44,15 @@ def _domain_points(curve: Sequence[dict], domain: str):
 
 
 def plot_loss_curves(results: dict, path: str) -> None:
-    """Every domain's validation loss over training steps, task boundaries marked."""
+    """Every domain's validation loss over training steps, task boundaries marked; replay
+    sources and held-out domains dotted and so labelled."""
     fig = _figure((7, 4))
     ax = fig.add_subplot()
+    kinds = results.get("column_kinds") or {}
     for domain in results["domains"]:
         xs, ys = _domain_points(results["eval_curve"], domain)
-        ax.plot(xs, ys, marker=".", label=domain)
+        ax.plot(xs, ys, marker=".", label=domain + COLUMN_MARKS.get(kinds.get(domain), ""),
+                linestyle="-" if kinds.get(domain, "task") == "task" else ":")
     for b in results.get("task_boundaries", []):
         ax.axvline(b["end_step"], color="grey", linestyle="--", linewidth=0.8)
         ax.text(b["end_step"], ax.get_ylim()[1], f" end of {b['task']}", rotation=90,
@@ -87,7 +90,9 @@ def plot_runs_loss_curves(runs: Mapping[str, dict], path: str) -> None:
             for b in res.get("task_boundaries", [])[:-1]:
                 ax.axvline(b["end_step"], color=color, linestyle="--", linewidth=0.7,
                            alpha=0.35)
-        ax.set_title(f"domain: {domain}")
+        kind = next((r.get("column_kinds", {}).get(domain) for r in runs.values()
+                     if r.get("column_kinds", {}).get(domain)), None)
+        ax.set_title(f"domain: {domain}{COLUMN_MARKS.get(kind, '')}")
         ax.set_xlabel("training step")
         ax.set_ylabel("validation loss")
     for ax in axes[len(domains):]:
@@ -100,8 +105,9 @@ def plot_runs_loss_curves(runs: Mapping[str, dict], path: str) -> None:
 def plot_loss_matrices(runs: Mapping[str, dict], path: str) -> None:
     """The loss matrix R[i][j] of each run as an annotated heatmap, one panel per run.
 
-    Rows: the model after task i; columns: the domain of task j. All panels share one colour
-    scale so that colours compare across runs.
+    Rows: the model after task i; columns: every evaluated domain, replay sources and
+    held-out domains marked as such. All panels share one colour scale so that colours
+    compare across runs.
     """
     mats = {label: res["loss_matrix"] for label, res in runs.items() if res["loss_matrix"]}
     values = [x for m in mats.values() for row in m for x in row]
@@ -113,7 +119,7 @@ def plot_loss_matrices(runs: Mapping[str, dict], path: str) -> None:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     image = None
     for ax, (label, m) in zip(axes, mats.items()):
-        rows_of, cols_of = runs[label]["tasks"], loss_matrix_columns(runs[label])
+        rows_of, cols_of = runs[label]["tasks"], column_labels(runs[label])
         image = ax.imshow(m, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
         mid = (vmin + vmax) / 2
         for i, row in enumerate(m):

@@ -61,7 +61,11 @@ DEFINITIONS = (
     "mean_{i >= 1} (b[i] - R[i-1][i]), b[i] the loss of a randomly initialised model, also "
     "for runs from a pre-trained checkpoint (> 0 = better than random before training on "
     "the domain). mean loss over run: area under each domain's loss curve / steps, averaged "
-    "over domains. – = undefined (one task, a joint run, or b unknown).")
+    "over domains. – = undefined (one task, a joint run, or b unknown). A mixture task's "
+    "own loss is the weighted mean of its components, each an earlier domain afterwards; "
+    "replay sources count as trained before task 0 (the start row is their own row and a "
+    "best-so-far candidate); held-out domains enter no metric but the held-out change, "
+    "final minus start.")
 
 
 def load_results(run_dir: str) -> dict:
@@ -187,6 +191,27 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def loss_matrix_markdown(results: dict, label: str) -> str | None:
+    """The run's loss matrix as a Markdown table when it has replay-source or held-out
+    columns (marked in the header), with the start model's row first: the row before
+    task 0 that those columns are measured from. None for a run with task columns only."""
+    kinds = results.get("column_kinds") or {}
+    if all(k == "task" for k in kinds.values()):
+        return None
+    cols, start = metrics_lib.loss_matrix_columns(results), results.get("init_losses") or {}
+    lines = [f"Loss matrix of {label}:", "",
+             "| after | " + " | ".join(metrics_lib.column_labels(results)) + " |",
+             "| --- |" + " --- |" * len(cols),
+             "| start | " + " | ".join(_fmt("loss", start.get(c)) for c in cols) + " |"]
+    for task, row in zip(results["tasks"], results["loss_matrix"]):
+        lines.append(f"| {task} | " + " | ".join(_fmt("loss", float(x)) for x in row) + " |")
+    change = metrics_lib.metrics_from_results(results).get("heldout_change")
+    if change:
+        lines += ["", "held-out change (final minus start): " + ", ".join(
+            f"{d} {v:+.3f}" for d, v in change["per_domain"].items())]
+    return "\n".join(lines)
+
+
 def run_labels(run_dirs: Sequence[str]) -> list[str]:
     """Short unique labels: each directory's name, with a #k suffix on repeats."""
     labels, seen = [], {}
@@ -232,8 +257,12 @@ def write_report(run_dirs: Sequence[str], out_dir: str) -> dict:
 
     md = ["# Continual pre-training runs", "", DEFINITIONS, "", table, "",
           "![loss curves](loss_curves.png)", "",
-          "![loss matrices](loss_matrices.png)", "",
-          "![retained loss vs training FLOPs](retained_vs_flops.png)", "",
+          "![loss matrices](loss_matrices.png)", ""]
+    for label, res in runs.items():
+        section = loss_matrix_markdown(res, label)
+        if section:
+            md += [section, ""]
+    md += ["![retained loss vs training FLOPs](retained_vs_flops.png)", "",
           "![retained loss vs learned loss](retained_vs_learned.png)"]
     if _with_policies(rows):
         files["retained_vs_buffer.png"] = os.path.join(out_dir, "retained_vs_buffer.png")

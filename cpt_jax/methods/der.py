@@ -234,13 +234,17 @@ class DERRecorder:
         return added
 
     def record(self, params, task: int, idx) -> int:
-        """Store top-k logits of this batch's current-task rows that the store wants."""
+        """Store top-k logits of this batch's current-task rows that the store wants (per
+        domain the rows come from: a mixture task has several, ``task`` unused)."""
+        del task
         if self.on_buffer:
             return 0
-        cur = ~idx.is_replay
-        rows = idx.row[cur]
-        want = self.store.wants(task, rows, len(self.sources[task]))
-        return self._store_rows(params, task, np.unique(rows[want]))
+        cur, added = ~idx.is_replay, 0
+        for d in np.unique(idx.domain[cur]).tolist():
+            rows = idx.row[cur & (idx.domain == d)]
+            want = self.store.wants(d, rows, len(self.sources[d]))
+            added += self._store_rows(params, d, np.unique(rows[want]))
+        return added
 
     def keep_buffer(self, params, pool, starts) -> None:
         """The store holds exactly the rows of ``pool`` (a bounded policy's buffer): rows

@@ -1,6 +1,6 @@
 """What may be replayed: a ``ReplayPool`` of earlier rows, chosen by a ``ReplayPolicy``.
 
-At the start of every task k >= 1 the loop asks the run's policy (``cpt_jax.replay.
+At the start of every task k >= 1 (and of task 0 when replay sources exist) the loop asks the run's policy (``cpt_jax.replay.
 policies``) for task k's pool: the rows of tasks < k that may be replayed, in groups, each
 group with its share of every step's replay rows. A pool is small (row ids, shares,
 weights), checkpointed with the run, so a batch stays a pure function of (seed, task,
@@ -38,7 +38,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cpt_jax.replay.permutation import stream_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +211,11 @@ FeatureRows = Callable[..., np.ndarray]  # (ids [N], init: int | None) -> [N, d]
 
 @dataclasses.dataclass
 class Boundary:
-    """What a policy sees at the start of task ``task`` (>= 1)."""
+    """What a policy sees at the start of task ``task`` (>= 1, or 0 when the run has replay
+    sources). Domains are the sampler's slots (``cpt_jax.data.recipe``): ``earlier`` is the
+    number of slots before the task (replay sources, then earlier tasks' components; equal
+    to ``task`` in a run without sources or mixtures), ``finished`` the slots that joined
+    them since the previous boundary."""
 
     task: int
     sampler: object  # cpt_jax.replay.sampler.ReplaySampler
@@ -225,17 +228,25 @@ class Boundary:
     def starts(self) -> np.ndarray:
         return self.sampler.starts
 
+    @property
+    def earlier(self) -> int:
+        return self.sampler.first_slot[self.task]
+
+    @property
+    def finished(self) -> range:
+        lo = self.sampler.first_slot[self.task - 1] if self.task else 0
+        return range(lo, self.earlier)
+
     def domain_rows(self, d: int) -> int:
         return self.sampler.train_rows[d]
 
     def trained_count(self, j: int) -> int:
-        """New rows task j trained on."""
-        return self.sampler.new_rows_before(j, self.steps[j])
+        """Rows of slot j trained on (a replay source: all of its rows, once)."""
+        return self.sampler.slot_trained_count(j, self.steps)
 
     def trained_items(self, j: int, positions) -> np.ndarray:
-        """Global ids of task j's new rows at stream ``positions``, in training order."""
-        s = self.sampler
-        return s.starts[j] + stream_items(s.seed, "new", j, positions, s.train_rows[j])
+        """Global ids of slot j's rows at stream ``positions``, in training order."""
+        return self.sampler.slot_trained_items(j, positions)
 
 
 class ReplayPolicy(abc.ABC):

@@ -1,7 +1,8 @@
 """Replay policies: which earlier rows a task may replay, and in what proportions.
 
-Each policy turns the finished tasks into task k's ``ReplayPool`` (``cpt_jax.replay.
-buffer``) at the start of task k >= 1, from what it is given in a ``Boundary``: the
+Each policy turns the finished domains into task k's ``ReplayPool`` (``cpt_jax.replay.
+buffer``) at the start of task k >= 1 (and of task 0 when ``replay.sources`` lists
+domains replayable from the start, which every policy treats as earlier domains), from what it is given in a ``Boundary``: the
 sampler (row counts, seed, the stream of rows each task trained on), the previous task's
 pool and, for the policies that need the model, ``score_rows`` (mean token loss under the
 current weights) and ``feature_rows`` (projected last-layer gradient features,
@@ -83,12 +84,12 @@ class ReservoirPolicy(ReplayPolicy):
     name = "reservoir"
 
     def pool(self, b):
-        j = b.task - 1  # the task just finished: its rows enter the stream
-        buffer = b.previous.groups[0].rows if b.previous is not None else np.zeros(0, np.int64)
-        seen = sum(b.trained_count(i) for i in range(j))
-        rng = np.random.default_rng([self.seed, j, 0x5E5E])
-        rows = reservoir_update(buffer, self.buffer_rows, seen, b.trained_count(j),
-                                lambda pos: b.trained_items(j, pos), rng)
+        rows = b.previous.groups[0].rows if b.previous is not None else np.zeros(0, np.int64)
+        for j in b.finished:  # the domains just finished: their rows enter the stream
+            seen = sum(b.trained_count(i) for i in range(j))
+            rng = np.random.default_rng([self.seed, j, 0x5E5E])
+            rows = reservoir_update(rows, self.buffer_rows, seen, b.trained_count(j),
+                                    lambda pos, j=j: b.trained_items(j, pos), rng)
         return ReplayPool.of_rows(rows)
 
 
@@ -113,9 +114,9 @@ class DomainsPolicy(ReplayPolicy):
 
     def pool(self, b):
         c = self.config.replay.domains
-        p = domain_shares(b.task, b.sampler.train_rows, c.tau, c.recency)
+        p = domain_shares(b.earlier, b.sampler.train_rows, c.tau, c.recency)
         if not self.buffer_rows:
-            groups = [PoolGroup(span=(b.starts[d], b.starts[d + 1])) for d in range(b.task)]
+            groups = [PoolGroup(span=(b.starts[d], b.starts[d + 1])) for d in range(b.earlier)]
             return ReplayPool(tuple(groups), p)
         quotas = largest_remainder(self.buffer_rows, p)
         keep = np.flatnonzero(quotas)
@@ -127,7 +128,7 @@ class ResamplePolicy(ReplayPolicy):
     name = "resample"
 
     def pool(self, b):
-        return ReplayPool((PoolGroup(span=(0, b.starts[b.task]),
+        return ReplayPool((PoolGroup(span=(0, b.starts[b.earlier]),
                                      resample_every=self.config.replay.resample.every,
                                      resample_rows=self.buffer_rows),))
 
@@ -136,7 +137,7 @@ class CurriculumPolicy(ReplayPolicy):
     name = "curriculum"
 
     def pool(self, b):
-        sizes = np.asarray(b.sampler.train_rows[:b.task], np.float64)
+        sizes = np.asarray(b.sampler.train_rows[:b.earlier], np.float64)
         rows = np.concatenate(domain_sample(self.seed, b,
                                             largest_remainder(self.buffer_rows, sizes)))
         loss = b.score_rows(rows)
@@ -152,21 +153,21 @@ class CoresetPolicy(ReplayPolicy):
 
     def pool(self, b):
         c = self.config.replay.coreset
-        quotas = largest_remainder(self.buffer_rows, np.ones(b.task))
+        quotas = largest_remainder(self.buffer_rows, np.ones(b.earlier))
         previous = [] if b.previous is None else b.previous.groups
         groups = [dataclasses.replace(g, rows=g.rows[:q], weights=g.weights[:q])
                   for g, q in zip(previous, quotas) if q]  # greedy prefixes
-        j = b.task - 1
-        cand = b.starts[j] + draw_rows(self.seed, "candidates", j, c.candidates,
-                                       b.domain_rows(j))
-        k = min(int(quotas[j]), cand.size)
-        if k:
-            features = [b.feature_rows(cand)] + [b.feature_rows(cand, init=i)
-                                                 for i in range(c.random_inits)]
-            picked, weights = type(self).select(trajectory_features(features), k)
-            picked, weights = np.asarray(picked), np.asarray(weights, np.float64)
-            keep = weights > 0  # a row of weight 0 would be replayed for nothing
-            groups.append(PoolGroup(rows=cand[picked[keep]], weights=weights[keep]))
+        for j in b.finished:
+            cand = b.starts[j] + draw_rows(self.seed, "candidates", j, c.candidates,
+                                           b.domain_rows(j))
+            k = min(int(quotas[j]), cand.size)
+            if k:
+                features = [b.feature_rows(cand)] + [b.feature_rows(cand, init=i)
+                                                     for i in range(c.random_inits)]
+                picked, weights = type(self).select(trajectory_features(features), k)
+                picked, weights = np.asarray(picked), np.asarray(weights, np.float64)
+                keep = weights > 0  # a row of weight 0 would be replayed for nothing
+                groups.append(PoolGroup(rows=cand[picked[keep]], weights=weights[keep]))
         return ReplayPool(tuple(groups), [g.size for g in groups])
 
 
@@ -195,7 +196,7 @@ class HybridPolicy(ReplayPolicy):
                                       else b.previous.part(i))
             pool = policy.pool(sub)
             pools.append(pool if pool is not None else
-                         ReplayPool((PoolGroup(span=(0, b.starts[b.task])),)))
+                         ReplayPool((PoolGroup(span=(0, b.starts[b.earlier])),)))
         return ReplayPool.combine(pools, self.shares)
 
 
@@ -216,6 +217,13 @@ def policy_names(config) -> list[str]:
     return [r.policy] + (list(r.hybrid.policies) if r.policy == "hybrid" else [])
 
 
+def _earlier_domains(config) -> int:
+    """Domains before the last task: replay sources and every earlier task's components."""
+    tasks = list(config.tasks)[:-1]
+    return len(config.replay.get("sources") or []) + sum(
+        len(dict(t).get("domains") or [None]) for t in tasks)
+
+
 def check(config) -> None:
     """Refuse replay-policy settings that cannot run or would be ignored, naming the fix."""
     r = config.replay
@@ -229,7 +237,7 @@ def check(config) -> None:
          f"replay.buffer_rows={r.buffer_rows!r} must be an integer >= 0")
     policy = POLICIES[r.policy]
     if policy.bounded:
-        earlier = max(len(config.tasks) - 1, 1)
+        earlier = max(_earlier_domains(config), 1)
         need(r.buffer_rows >= earlier, f"replay.policy={r.policy!r} keeps a buffer: set "
              f"replay.buffer_rows to its size in rows, at least one per earlier domain "
              f"(>= {earlier})")

@@ -3,7 +3,8 @@
 The replay rate of a task is a fraction of each global batch of ``B`` rows: a constant, or
 a schedule ``step -> fraction`` (``replay_rate_schedule``; the loop spans the decay over
 the whole run, ``replay_rates``). Step ``t`` of task ``k`` replays ``round(rate(t) * B)``
-rows (halves up); task 0 has no earlier data and never replays.
+rows (halves up); a task with no earlier data never replays: task 0, unless the run has
+replay sources (``replay.sources``, replayable from task 0 on; ``replay_history``).
 
 Accounting (``ReplayCounts.steps_in_task``):
 
@@ -93,6 +94,14 @@ def nominal_steps(config, task: dict) -> int:
     return -(-int(task["tokens"]) // (config.global_batch * config.seq_len))
 
 
+def replay_history(config, num_tasks: int) -> list[bool]:
+    """Per task, whether it has earlier data to replay: every task but the first, and the
+    first too when ``replay.sources`` lists domains replayable from task 0 (not in a joint
+    run, which never replays)."""
+    sources = bool(config.replay.get("sources")) and not config.joint
+    return [sources or k > 0 for k in range(num_tasks)]
+
+
 def replay_rates(config, tasks):
     """The sampler's replay rate: a constant, or one schedule per task that decays over the
     whole run (mix-review, He et al. 2021): from ``replay.rate`` at the start of the first
@@ -104,11 +113,12 @@ def replay_rates(config, tasks):
     if r.schedule == "constant":
         return r.rate
     nominal = [nominal_steps(config, t) for t in tasks]
-    starts = np.concatenate([[0], np.cumsum(nominal[1:])]).astype(int)  # task k >= 1
+    first = 0 if replay_history(config, len(tasks))[0] else 1  # the first task replaying
+    starts = np.concatenate([[0], np.cumsum(nominal[first:])]).astype(int)  # k >= first
     decay = replay_rate_schedule(r.schedule, r.rate, max(int(starts[-1]), 1), r.end_rate)
 
     def task_rate(k):
-        offset = int(starts[k - 1]) if k else 0
+        offset = int(starts[k - first]) if k >= first else 0
         return lambda step: decay(offset + int(step))
 
     return [task_rate(k) for k in range(len(tasks))]
@@ -124,10 +134,13 @@ class ReplayCounts:
         or a list with one of those per task.
       accounting: "additive" or "compute_equivalent" (see the module docstring).
       names: optional task names, used in error messages.
+      history: per task, whether it has earlier data to replay (default: every task but
+        task 0; with replay sources, task 0 too). A task without history never replays.
     """
 
     def __init__(self, num_tasks: int, global_batch: int, rate: Rate = 0.0,
-                 accounting: str = "additive", names: Sequence[str] | None = None):
+                 accounting: str = "additive", names: Sequence[str] | None = None,
+                 history: Sequence[bool] | None = None):
         self._labels = [f"task {k} ({name!r})" for k, name in enumerate(names)] if names \
             else [f"task {k}" for k in range(num_tasks)]
         if len(self._labels) != num_tasks:
@@ -141,6 +154,8 @@ class ReplayCounts:
                              "rate (or schedule) per task.")
         self.num_tasks, self.global_batch = int(num_tasks), int(global_batch)
         self.rate, self.accounting = rate, accounting
+        self.history = ([k > 0 for k in range(self.num_tasks)] if history is None
+                        else [bool(h) for h in history])
         for k in range(self.num_tasks):
             if not callable(self._rate_of(k)):
                 self._check_rate(self._rate_of(k), None)
@@ -171,9 +186,10 @@ class ReplayCounts:
             raise ValueError(f"step must be >= 0, got {step}.")
 
     def n_replay(self, task: int, step: int) -> int:
-        """Replay rows in the batch of (task, step): round(rate(step) * B), 0 for task 0."""
+        """Replay rows in the batch of (task, step): round(rate(step) * B), 0 for a task
+        with nothing earlier (task 0 unless the run has replay sources)."""
         self._check(task, step)
-        return 0 if task == 0 else self._scheduled_count(int(task), int(step))
+        return self._scheduled_count(int(task), int(step)) if self.history[task] else 0
 
     def _scheduled_count(self, task: int, step: int) -> int:
         rate = self._rate_of(task)
@@ -183,7 +199,7 @@ class ReplayCounts:
     def replay_rows_before(self, task: int, step: int) -> int:
         """Replay rows used by steps [0, step) of ``task``."""
         self._check(task, step)
-        if task == 0 or step == 0:
+        if not self.history[task] or step == 0:
             return 0
         rate = self._rate_of(task)
         if not callable(rate):
@@ -225,7 +241,7 @@ class ReplayCounts:
                 raise ValueError(f"{self._labels[task]}: budget_steps must be positive, got "
                                  f"{budget_steps}.")
             rows = int(math.ceil(budget_steps)) * size
-        if self.accounting == "compute_equivalent" or task == 0:
+        if self.accounting == "compute_equivalent" or not self.history[task]:
             return math.ceil(rows / size)
         if not callable(self._rate_of(task)):
             n_new = size - self._count(self._rate_of(task))
@@ -255,8 +271,11 @@ class ReplayCounts:
 def task_steps(config, tasks) -> list[int]:
     """Optimizer steps of each task of ``tasks`` as a run takes them: its budget under
     ``replay.accounting`` at the run's replay rates (needs no data)."""
+    from cpt_jax.data.recipe import task_name  # pylint: disable=import-outside-toplevel
     counts = ReplayCounts(len(tasks), config.global_batch, replay_rates(config, tasks),
-                          config.replay.accounting, [t.get("domain", "joint") for t in tasks])
+                          config.replay.accounting,
+                          [task_name(t) if ("domain" in t or "domains" in t) else "joint"
+                           for t in tasks], history=replay_history(config, len(tasks)))
     return [counts.steps_in_task(k, budget_tokens=t.get("tokens"),
                                  budget_steps=t.get("steps"), seq_len=config.seq_len)
             for k, t in enumerate(tasks)]

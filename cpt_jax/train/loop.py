@@ -42,11 +42,21 @@ from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.train.resume import (PreemptionWatch, Preempted, TrainingDiverged,
                                   check_resume_config, check_same_data, check_workdir,
                                   data_fingerprints)
-from cpt_jax.train.results import Progress, make_results
+from cpt_jax.train.results import Progress, make_results, tokens_by_domain
 from cpt_jax.train.setup import (CHECKPOINT_DIR, RunParts, check_position, check_val_rows,
                                  prepare_run, random_init_params, readable_checkpoints,
                                  run_start, starts_pretrained, warn_replay_without_history)
 from cpt_jax.train.step import make_eval_step, make_row_loss_step, make_train_step
+
+
+def rows_by_task(parts: RunParts) -> list:
+    """Each task's training rows, a mixture's components concatenated (the sampler's slots
+    regrouped by task): what the methods' task-boundary actions read."""
+    out = []
+    for slots, _ in parts.sampler.task_slots:
+        rows = [parts.train_sources[int(s)] for s in slots]
+        out.append(rows[0] if len(rows) == 1 else ConcatRows(rows))
+    return out
 
 
 def check_divergence(metrics: dict, max_bad_steps: int, step: int, ckpt) -> None:
@@ -173,7 +183,7 @@ class Trainer:
                                           config.microbatches, parts.schedule,
                                           loss_fn=methods.make_loss_fn(config, mcfg))
         self.boundary = methods.TaskBoundary(config, mcfg, mesh, rules, shardings,
-                                             parts.train_sources)
+                                             rows_by_task(parts))
         self.eval_step = make_eval_step(mcfg, mesh, shardings, rules)
         self.row_loss_step = make_row_loss_step(mcfg, mesh, shardings, rules)
         self.der = methods.memory(config, mcfg, mesh, rules, shardings, parts.train_sources)
@@ -247,10 +257,13 @@ class Trainer:
         """Task k's boundary: the methods' actions and the replay pool (unless resumed
         inside the task, whose pool came with the checkpoint)."""
         self.task_start = time.perf_counter()
-        if k == 0 or self.progress.step:
+        if self.progress.step:
             return
-        self.state = self.boundary(self.state, k)
+        if k:
+            self.state = self.boundary(self.state, k)
         sampler = self.parts.sampler
+        if not sampler.first_slot[k]:  # nothing earlier (task 0 without replay sources)
+            return
         t0 = time.perf_counter()
         sampler.pools[k] = pool = self.policy.pool(Boundary(
             k, sampler, self.parts.steps, previous=sampler.pools.get(k - 1),
@@ -291,7 +304,10 @@ class Trainer:
         p.task_stats.append({
             "task": info.name, "steps": n,
             "new_tokens": sampler.new_rows_before(k, n) * self.config.seq_len,
-            "replay_tokens": sampler.replay_rows_before(k, n) * self.config.seq_len})
+            "replay_tokens": sampler.replay_rows_before(k, n) * self.config.seq_len,
+            **tokens_by_domain(sampler, k, n, self.parts.slot_names, self.config.seq_len,
+                               joint=(self.parts.train_sources[0], self.parts.recipe.trained)
+                               if self.config.joint else None)})
         self.logger.log(info.global_step, {"task": info.name,
                                            "task_wall_s": time.perf_counter() - self.task_start})
         p.task, p.step = k + 1, 0

@@ -74,7 +74,12 @@ def config_diff(stored: dict, current: dict) -> list[str]:
     def free(key):
         return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
 
-    return sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
+    def same(k):  # a key added since (absent from one side) with an empty value is no change
+        if k not in a or k not in b:
+            return (a.get(k, b.get(k)) in ([], {}, None, ""))
+        return a[k] == b[k]
+
+    return sorted(k for k in set(a) | set(b) if not free(k) and not same(k))
 
 
 def check_resume_config(stored: dict, current: dict, where: str, allow: bool) -> list[str]:

@@ -18,6 +18,7 @@ from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data import prepare as prepare_lib
 from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.data.recipe import Recipe
 from cpt_jax.data.rows import ConcatRows
 from cpt_jax.optim import transforms
 from cpt_jax.optim.builder import make_optimizer, make_schedule
@@ -101,6 +102,8 @@ class RunParts:
     tx: object
     schedule: object
     shardings: object
+    recipe: Recipe | None = None  # what each domain is for (cpt_jax.data.recipe)
+    slot_names: list | None = None  # the sampler's training-row sets, in order
 
 
 def build_model(config, task_steps):
@@ -121,6 +124,7 @@ def prepare_run(config, workdir: str) -> RunParts:
     is_main = jax.process_index() == 0
     domains = [dict(d) for d in config.data.domains]
     names = [d["name"] for d in domains]
+    recipe = Recipe.of_config(config)
     data_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
     os.makedirs(data_dir, exist_ok=True)
 
@@ -130,7 +134,7 @@ def prepare_run(config, workdir: str) -> RunParts:
             tokenizer_lib.save_run_tokenizer(tok, workdir, config.model.max_seq_len)
         return prepare_lib.prepare_domains(domains, tok, data_dir, config.seq_len,
                                            config.data.val_fraction, config.data.split_seed,
-                                           progress=is_main)
+                                           progress=is_main, val_only=recipe.heldout)
 
     if is_main:
         prepared = prepare()
@@ -138,22 +142,25 @@ def prepare_run(config, workdir: str) -> RunParts:
     if not is_main:  # a cache hit now: never two writers on one cache
         prepared = prepare()
     tasks = [dict(t) for t in config.tasks]
-    task_names = [t["domain"] for t in tasks]
-    train_sources = [prepared[n]["train"] for n in task_names]
+    task_names, slot_names = list(recipe.task_names), list(recipe.slots)
+    train_sources = [prepared[n]["train"] for n in slot_names]
+    task_slots = recipe.task_slots
     if config.joint:  # one task over the union of every task's rows and budget
-        train_sources = [ConcatRows(train_sources)]
+        train_sources = [ConcatRows([prepared[n]["train"] for n in recipe.trained])]
         tasks = [{"steps": sum(nominal_steps(config, t) for t in tasks)}]
-        task_names = ["joint"]
+        task_names, slot_names, task_slots = ["joint"], ["joint"], None
     sampler = ReplaySampler([len(s) for s in train_sources], config.global_batch,
                             rate=replay_rates(config, tasks),
                             accounting=config.replay.accounting, seed=config.seed,
-                            names=task_names)
+                            names=task_names, task_slots=task_slots,
+                            slot_names=None if config.joint else slot_names)
     steps = task_steps(config, tasks)
     mcfg, mesh, rules, schedule, tx, shardings = build_model(config, steps)
-    return RunParts(names=names, eval_order=[t["domain"] for t in config.tasks],
+    return RunParts(names=names, eval_order=list(recipe.columns),
                     task_names=task_names, steps=steps, train_sources=train_sources,
                     prepared=prepared, sampler=sampler, mcfg=mcfg, mesh=mesh, rules=rules,
-                    tx=tx, schedule=schedule, shardings=shardings)
+                    tx=tx, schedule=schedule, shardings=shardings, recipe=recipe,
+                    slot_names=slot_names)
 
 
 def check_val_rows(config, parts) -> None:
@@ -173,8 +180,9 @@ def check_val_rows(config, parts) -> None:
 
 def warn_replay_without_history(config, parts: RunParts) -> None:
     """replay.rate > 0 replays nothing when no task has an earlier one (a one-task or joint
-    run): say so once; results.json's compute.replay_tokens records the replay done."""
-    if config.replay.rate > 0 and len(parts.steps) == 1:
+    run without replay sources): say so once; results.json's compute.replay_tokens records
+    the replay done."""
+    if config.replay.rate > 0 and len(parts.steps) == 1 and not parts.sampler.first_slot[0]:
         print(f"warning: replay.rate={config.replay.rate} has no effect: this run has one "
               f"task ({parts.task_names[0]}) and so no earlier task to replay; results.json "
               "records replay_tokens=0", file=sys.stderr)
