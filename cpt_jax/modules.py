@@ -18,30 +18,40 @@ attention and MLP kernels, and ``lm_head`` when untied); embeddings and norm sca
 request. A domain's mask has its parameter's shape; stacked layers keep their leading layer
 axis, so per-layer densities are a reduction over the other axes.
 
-**Binarisation: straight-through estimator** (``binarize``). The forward pass uses the hard
-mask ``m = 1[s > 0]`` (``sigmoid(s) > 0.5``) of the logits s; the backward pass uses the
-sigmoid's derivative, ``dm/ds := sigmoid(s) (1 - sigmoid(s))``, as in supermask training.
-Chosen over the hard-concrete / Gumbel-sigmoid relaxation (Louizos et al. 2018; Csordás et
-al. 2021 sample Gumbel noise and also pass the gradient straight through) because it is
-deterministic: the mask that is trained is exactly the mask that is evaluated and exported
-(no sampling noise on the small batches a CPU affords, no temperature or stretch to tune),
-and its gradient can be checked by hand.
+**Binarisation: Gumbel-sigmoid with a straight-through estimator** (``sample_masks``,
+as Csordás et al. 2021). During training module k's mask is sampled,
+``m = 1[s + l > 0]`` with logistic noise l (each weight kept with probability
+``p = sigmoid(s)``), and the backward pass goes straight through the sigmoid:
+``dm/ds := sigmoid(s + l) (1 - sigmoid(s + l))`` (``binarize``). Evaluation, export and
+every reported number use the mode, ``1[s > 0]``. Why sampled rather than the deterministic
+STE (noise 0) or a hard-concrete relaxation: with frozen, well-fitted weights the loss
+gradient at the full model is near zero, so a deterministic STE lets the size term push
+every logit down at the same rate until whole paths cross zero together, where the
+gradient through a product of removed weights vanishes (``d/dw_gate`` of an MLP whose
+``up`` weights are gone is 0): the planted test's first module collapsed to density 0 that
+way. Sampling removes a random ~1 - sigmoid(s) of the weights at every step, so the loss
+feels each removal before it is made and important weights get their gradient back. The
+forward pass stays binary (the module trained is a 0/1 mask of the weights, like the one
+evaluated), which a continuous hard-concrete mask is not without a stretch and a
+threshold to tune.
 
-**Objective** (``objective``), for K domains with masks m_k and frozen weights w:
+**Objective** (``objective``), for K domains with keep-probabilities p_k = sigmoid(s_k),
+sampled masks m_k and frozen weights w:
 
-    mean_k LM_k(w * m_k)  +  size_weight * mean_k density(m_k)  +  share_weight * density(U)
+    mean_k LM_k(w * m_k)  +  size_weight * mean_k E|m_k|/N  +  share_weight * E|U|/N
 
-where LM_k is the token-mean next-token loss of the masked model on a batch of domain k and
-``U = 1 - prod_k (1 - m_k)`` is the union of all masks (the same expression on hard masks;
-the STE gives its gradient ``dU/dm_k = prod_{j != k} (1 - m_j)``). density(U) is the size
-of the recomposition of all the domains, an upper bound on the size of any recomposition.
-This is the paper's reasoning for its sharing term: modules are later recomposed by union,
-so what should be small is the union, and a weight costs nothing extra once another module
-holds it. The gradient says exactly that: the sharing term pushes down a weight only where
-its module is the *only* one holding it, so for the same loss the modules drift onto common
-weights instead of private copies. (The paper states its term as maximising the weights
-shared between modules; penalising the union at a fixed size term is the same pressure,
-since |U| = sum_k |m_k| - (weights held more than once, counted with multiplicity).)
+where LM_k is the token-mean next-token loss of the masked model on a batch of domain k,
+N the number of maskable weights, ``E|m_k| = sum p_k`` and ``U = 1 - prod_k (1 - m_k)``
+the union of all masks, ``E|U| = sum 1 - prod_k (1 - p_k)`` (the masks are sampled
+independently). |U| is the size of the recomposition of all the domains, an upper bound
+on the size of any recomposition. This is the paper's reasoning for its sharing term:
+modules are later recomposed by union, so what should be small is the union, and a weight
+costs nothing extra once another module holds it. The gradient says exactly that:
+``dE|U|/dp_k = prod_{j != k} (1 - p_j)``, large only where module k is the sole holder of
+the weight, so for the same loss the modules drift onto common weights instead of private
+copies. (The paper states its term as maximising the weights shared between modules; with
+the size term fixed, penalising the union is the same pressure, since |U| = sum_k |m_k| -
+(the weights held more than once, counted with multiplicity).)
 
 All functions are pure over the params pytree; ``make_mask_step`` is the jitted, sharded
 step (the mask logits sharded like their parameters, batches over the batch axes, the
@@ -129,10 +139,19 @@ def init_logits(params, names, n_domains: int, init: float = 2.0) -> dict:
     return {n: jnp.full((n_domains, *leaves[n].shape), init, jnp.float32) for n in names}
 
 
-def masks_of(logits: dict, k: int | None = None) -> dict:
-    """Hard masks (with STE gradients) of domain k ({name: [*shape]}), or of all domains
-    ({name: [K, *shape]}) when k is None."""
-    return {n: binarize(s if k is None else s[k]) for n, s in logits.items()}
+def sample_masks(logits: dict, key=None) -> dict:
+    """{name: [K, *shape]} binary masks with straight-through gradients: sampled with
+    logistic noise (Gumbel-sigmoid, keep probability sigmoid(s)) when ``key`` is given,
+    else the mode ``1[s > 0]``."""
+    if key is None:
+        return {n: binarize(s) for n, s in logits.items()}
+    keys = jax.random.split(key, len(logits))
+    return {n: binarize(s + jax.random.logistic(k, s.shape, s.dtype))
+            for k, (n, s) in zip(keys, sorted(logits.items()))}
+
+
+def keep_probabilities(logits: dict) -> dict:
+    return {n: jax.nn.sigmoid(s) for n, s in logits.items()}
 
 
 def apply_mask(params, mask: Mask):
@@ -235,23 +254,31 @@ def hard_masks(logits: dict, domains) -> dict:
 
 
 def objective(config, params, logits: dict, batches: dict, size_weight: float,
-              share_weight: float):
+              share_weight: float, key=None):
     """(total loss, metrics) of the masks ``logits`` ({name: [K, ...]}) for domains in the
-    order of ``batches`` ({domain: batch}; module k is scored on batch k). See the module
-    docstring for the form and the reasoning of each term."""
+    order of ``batches`` ({domain: batch}; module k is scored on batch k), masks sampled
+    with ``key`` (None: the mode). See the module docstring for the form and the reasoning
+    of each term."""
     params = jax.lax.stop_gradient(params)  # the weights are frozen
-    masks = [masks_of(logits, k) for k in range(len(batches))]
+    sampled = sample_masks(logits, key)
+    probs = keep_probabilities(logits)
     metrics, lm = {}, []
     for k, (name, batch) in enumerate(batches.items()):
-        total, aux = ce_loss_sum(config, apply_mask(params, masks[k]), batch)
+        mask_k = {n: m[k] for n, m in sampled.items()}
+        total, aux = ce_loss_sum(config, apply_mask(params, mask_k), batch)
         lm.append(total / jnp.maximum(aux["tokens"], 1.0))
         metrics[f"loss/{name}"] = lm[-1]
-        metrics[f"density/{name}"] = density(masks[k])
-    mean_lm = sum(lm) / len(lm)
-    mean_density = sum(density(m) for m in masks) / len(masks)
-    union_density = density(union(masks))
-    metrics.update(lm=mean_lm, mean_density=mean_density, union_density=union_density)
-    total = mean_lm + size_weight * mean_density + share_weight * union_density
+        metrics[f"density/{name}"] = density({n: (s[k] > 0) for n, s in logits.items()})
+    K = len(lm)
+    mean_lm = sum(lm) / K
+    expected_size = sum(density({n: p[k] for n, p in probs.items()}) for k in range(K)) / K
+    expected_union = density(union({n: p[k] for n, p in probs.items()} for k in range(K)))
+    metrics.update(lm=mean_lm, expected_density=expected_size, expected_union=expected_union,
+                   union_density=density(union(
+                       {n: (s[k] > 0).astype(jnp.float32) for n, s in logits.items()}
+                       for k in range(K))))
+    metrics["mean_density"] = sum(metrics[f"density/{n}"] for n in batches) / K
+    total = mean_lm + size_weight * expected_size + share_weight * expected_union
     metrics["objective"] = total
     return total, metrics
 
@@ -285,24 +312,28 @@ def mask_state_shardings(logits: dict, tx, param_shardings, mesh) -> MaskState:
     return MaskState(step=rep, logits=l_shard, opt_state=opt_shard)
 
 
-def mask_step(config, tx, size_weight, share_weight, params, state: MaskState, batches):
-    """One optimizer step on the mask logits; the weights stay frozen."""
+def mask_step(config, tx, size_weight, share_weight, seed, params, state: MaskState,
+              batches):
+    """One optimizer step on the mask logits (masks sampled with a key of (seed, step));
+    the weights stay frozen."""
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
     grad_fn = jax.grad(functools.partial(objective, config, params), has_aux=True)
-    grads, metrics = grad_fn(state.logits, batches, size_weight, share_weight)
+    grads, metrics = grad_fn(state.logits, batches, size_weight, share_weight, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.logits)
     logits = optax.apply_updates(state.logits, updates)
     return state.replace(step=state.step + 1, logits=logits, opt_state=opt_state), metrics
 
 
 def make_mask_step(config, tx, mesh, rules, param_shardings, state_shardings: MaskState,
-                   domains, size_weight: float, share_weight: float):
+                   domains, size_weight: float, share_weight: float, seed: int = 0):
     """``step(params, state, batches) -> (state, metrics)``: jitted with explicit shardings
     (params as in training, logits like their params, every batch over the batch axes),
     the mask state donated."""
     batch_shard = {d: {k: sharding_lib.batch_sharding(mesh, 2)
                        for k in ("tokens", "segment_ids")} for d in domains}
     jitted = jax.jit(
-        functools.partial(mask_step, config, tx, float(size_weight), float(share_weight)),
+        functools.partial(mask_step, config, tx, float(size_weight), float(share_weight),
+                          int(seed)),
         in_shardings=(param_shardings, state_shardings, batch_shard),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=1)
 
@@ -318,12 +349,12 @@ def make_mask_step(config, tx, mesh, rules, param_shardings, state_shardings: Ma
 
 def train_masks(config, params, sample, domains, *, names, mesh, rules, param_shardings,
                 steps: int, lr: float = 0.1, init: float = 2.0, size_weight: float = 0.5,
-                share_weight: float = 0.5, log_every: int = 0, log=print):
+                share_weight: float = 0.5, seed: int = 0, log_every: int = 0, log=print):
     """Learn one mask per domain, jointly, with ``params`` frozen.
 
     ``sample(step) -> {domain: batch}`` gives each step's training batches (global arrays,
     ``tokens``/``segment_ids`` [B, L+1]). Adam on the logits, which start at ``init`` (every
-    module = the full model). Returns ({domain: Mask} of host 0/1 arrays, the metrics of the
+    module = the full model); the masks' noise is drawn from ``seed``. Returns ({domain: Mask} of host 0/1 arrays, the metrics of the
     last step as floats)."""
     domains = list(domains)
     tx = optax.adam(lr)
@@ -331,7 +362,7 @@ def train_masks(config, params, sample, domains, *, names, mesh, rules, param_sh
     shard = mask_state_shardings(logits, tx, param_shardings, mesh)
     state = init_mask_state(logits, tx, shard)
     step = make_mask_step(config, tx, mesh, rules, param_shardings, shard, domains,
-                          size_weight, share_weight)
+                          size_weight, share_weight, seed)
     metrics = {}
     for t in range(steps):
         state, metrics = step(params, state, sample(t))

@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--norms", action="store_true", help="also mask the norm scales")
     ap.add_argument("--eval_rows", type=int, default=None,
                     help="validation rows per domain (default: the run's eval.max_rows)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the training batches")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training batches and mask noise")
     args = ap.parse_args(argv)
     for key in ("steps", "batch"):
         if getattr(args, key) < 1:
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         mcfg, params, batch_sampler(prepared, domains, args.batch, mesh, args.seed), domains,
         names=names, mesh=mesh, rules=rules, param_shardings=p_shard, steps=args.steps,
         lr=args.lr, init=args.init, size_weight=args.size_weight,
-        share_weight=args.share_weight, log_every=max(args.steps // 10, 1))
+        share_weight=args.share_weight, seed=args.seed, log_every=max(args.steps // 10, 1))
     full = modules.domain_losses(eval_step, params, None, eval_sets)
     result = {"ckpt": ckpt, "tokenizer": tok.path, "domains": domains,
               "settings": {k: getattr(args, k) for k in (
