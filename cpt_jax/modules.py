@@ -253,19 +253,19 @@ def hard_masks(logits: dict, domains) -> dict:
 # -------------------------------------------------------------------------- objective
 
 
-def objective(config, params, logits: dict, batches: dict, size_weight: float,
+def objective(config, params, logits: dict, batches: dict, domains, size_weight: float,
               share_weight: float, key=None):
-    """(total loss, metrics) of the masks ``logits`` ({name: [K, ...]}) for domains in the
-    order of ``batches`` ({domain: batch}; module k is scored on batch k), masks sampled
-    with ``key`` (None: the mode). See the module docstring for the form and the reasoning
-    of each term."""
+    """(total loss, metrics) of the masks ``logits`` ({name: [K, ...]}): module k is scored
+    on ``batches[domains[k]]``, masks sampled with ``key`` (None: the mode). The order is
+    ``domains``, never the dict's: jit hands dicts back with their keys sorted. See the
+    module docstring for the form and the reasoning of each term."""
     params = jax.lax.stop_gradient(params)  # the weights are frozen
     sampled = sample_masks(logits, key)
     probs = keep_probabilities(logits)
     metrics, lm = {}, []
-    for k, (name, batch) in enumerate(batches.items()):
+    for k, name in enumerate(domains):
         mask_k = {n: m[k] for n, m in sampled.items()}
-        total, aux = ce_loss_sum(config, apply_mask(params, mask_k), batch)
+        total, aux = ce_loss_sum(config, apply_mask(params, mask_k), batches[name])
         lm.append(total / jnp.maximum(aux["tokens"], 1.0))
         metrics[f"loss/{name}"] = lm[-1]
         metrics[f"density/{name}"] = density({n: (s[k] > 0) for n, s in logits.items()})
@@ -277,7 +277,7 @@ def objective(config, params, logits: dict, batches: dict, size_weight: float,
                    union_density=density(union(
                        {n: (s[k] > 0).astype(jnp.float32) for n, s in logits.items()}
                        for k in range(K))))
-    metrics["mean_density"] = sum(metrics[f"density/{n}"] for n in batches) / K
+    metrics["mean_density"] = sum(metrics[f"density/{n}"] for n in domains) / K
     total = mean_lm + size_weight * expected_size + share_weight * expected_union
     metrics["objective"] = total
     return total, metrics
@@ -312,13 +312,13 @@ def mask_state_shardings(logits: dict, tx, param_shardings, mesh) -> MaskState:
     return MaskState(step=rep, logits=l_shard, opt_state=opt_shard)
 
 
-def mask_step(config, tx, size_weight, share_weight, seed, params, state: MaskState,
-              batches):
+def mask_step(config, tx, domains, size_weight, share_weight, seed, params,
+              state: MaskState, batches):
     """One optimizer step on the mask logits (masks sampled with a key of (seed, step));
     the weights stay frozen."""
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     grad_fn = jax.grad(functools.partial(objective, config, params), has_aux=True)
-    grads, metrics = grad_fn(state.logits, batches, size_weight, share_weight, key)
+    grads, metrics = grad_fn(state.logits, batches, domains, size_weight, share_weight, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.logits)
     logits = optax.apply_updates(state.logits, updates)
     return state.replace(step=state.step + 1, logits=logits, opt_state=opt_state), metrics
@@ -332,8 +332,8 @@ def make_mask_step(config, tx, mesh, rules, param_shardings, state_shardings: Ma
     batch_shard = {d: {k: sharding_lib.batch_sharding(mesh, 2)
                        for k in ("tokens", "segment_ids")} for d in domains}
     jitted = jax.jit(
-        functools.partial(mask_step, config, tx, float(size_weight), float(share_weight),
-                          int(seed)),
+        functools.partial(mask_step, config, tx, tuple(domains), float(size_weight),
+                          float(share_weight), int(seed)),
         in_shardings=(param_shardings, state_shardings, batch_shard),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=1)
 
