@@ -18,7 +18,9 @@ Writes into --out (all at once; an interrupted run leaves nothing):
   modules.json     per domain: density, loss and full_loss on its own domain, losses on
                    every domain, densities per layer and per matrix kind; overlap (Jaccard)
                    between domains; per recomposition: density and losses on every domain;
-                   the full model's losses and the settings
+                   the full model's losses and the settings; per earlier task, the
+                   forgetting the run measured beside its module's overlap with the
+                   later tasks' modules
   modules.png      densities per layer of each module, and the overlap heat map
   masks.npz        the 0/1 masks (key DOMAIN/PARAM_PATH)
   module_D/, recompose_A+B/   masked params checkpoints (removed weights set to 0), which
@@ -117,6 +119,26 @@ def batch_sampler(prepared, domains, batch: int, mesh, seed: int):
         return out
 
     return sample
+
+
+def forgetting_vs_overlap(results: dict, domains: list[str], overlap) -> list[dict]:
+    """Per earlier task domain j (trained, then followed by other tasks): its forgetting
+    f_j = R[T-1][j] - min_{j <= l < T-1} R[l][j] (Chaudhry et al. 2018, loss terms; the
+    definition of cpt_jax.eval.metrics) beside the mean Jaccard overlap of its module with
+    the modules of the domains trained after it: do domains that share more weights with
+    what came later forget less, or more? Only domains given to --domains count."""
+    R, tasks, cols = results["loss_matrix"], results["tasks"], results["domains"]
+    out = []
+    for i, d in enumerate(tasks[:-1]):
+        later = [t for t in tasks[i + 1:] if t in domains and t != d]
+        if d not in domains or d not in cols or not later or len(R) != len(tasks):
+            continue
+        j = cols.index(d)
+        best = min(R[l][j] for l in range(i, len(tasks) - 1))
+        out.append({"domain": d, "forgetting": R[-1][j] - best, "later": later,
+                    "overlap_with_later": float(np.mean(
+                        [overlap[domains.index(d)][domains.index(t)] for t in later]))})
+    return out
 
 
 def plot(result: dict, path: str) -> None:
@@ -250,6 +272,9 @@ def main(argv=None) -> int:
         result["recompositions"][name] = {
             "domains": parts, "density": float(modules.density(rec_masks[name])),
             "losses": modules.domain_losses(eval_step, params, rec_masks[name], eval_sets)}
+    with open(os.path.join(workdir, "results.json")) as f:
+        result["forgetting_vs_overlap"] = forgetting_vs_overlap(json.load(f), domains,
+                                                                result["overlap"]["matrix"])
     result["seconds"] = round(time.perf_counter() - t0, 1)
 
     tmp = out.rstrip("/") + ".tmp"
@@ -272,6 +297,9 @@ def main(argv=None) -> int:
         raise
     print(table(result))
     print(f"union of all modules: density {result['union_density']:.3f}")
+    for row in result["forgetting_vs_overlap"]:
+        print(f"{row['domain']}: forgetting {row['forgetting']:+.3f}, mean overlap with the "
+              f"later {'+'.join(row['later'])} modules {row['overlap_with_later']:.3f}")
     print(f"wrote {out}/modules.json, modules.png, masks.npz and masked params "
           f"({', '.join(f'module_{d}' for d in domains)}"
           + "".join(f", recompose_{n}" for n in rec_masks) + f") in {result['seconds']} s")
