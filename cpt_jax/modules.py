@@ -354,8 +354,9 @@ def train_masks(config, params, sample, domains, *, names, mesh, rules, param_sh
 
     ``sample(step) -> {domain: batch}`` gives each step's training batches (global arrays,
     ``tokens``/``segment_ids`` [B, L+1]). Adam on the logits, which start at ``init`` (every
-    module = the full model); the masks' noise is drawn from ``seed``. Returns ({domain: Mask} of host 0/1 arrays, the metrics of the
-    last step as floats)."""
+    module = the full model); the masks' noise is drawn from ``seed``. Memory: the logits
+    and Adam's two moments are 3 K float32 copies of the masked weights, sharded like them.
+    Returns ({domain: Mask} of host 0/1 arrays, the last step's metrics as floats)."""
     domains = list(domains)
     tx = optax.adam(lr)
     logits = init_logits(params, names, len(domains), init)

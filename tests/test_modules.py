@@ -61,6 +61,21 @@ def test_straight_through_gradient_2x2_by_hand():
         rtol=1e-6)
 
 
+def test_sampled_masks_keep_with_probability_sigmoid():
+    """Training masks are Gumbel-sigmoid samples: weight i kept with probability
+    sigmoid(s_i); their gradient is the straight-through one at the noisy logit, which has
+    the sign of the loss gradient times w (never flips it)."""
+    s = np.array([-1.0, 0.0, 1.5], np.float32)
+    logits = {"w": jnp.asarray(np.tile(s, (1, 20000)))}  # [K=1, 60000]
+    kept = np.asarray(modules.sample_masks(logits, jax.random.key(0))["w"]).reshape(20000, 3)
+    np.testing.assert_allclose(kept.mean(0), [_sigmoid(x) for x in s], atol=0.01)
+    # the mode (no key) is the hard threshold
+    np.testing.assert_array_equal(np.asarray(modules.sample_masks(logits)["w"][0, :3]), [0, 0, 1])
+    g = jax.grad(lambda l: jnp.sum(modules.sample_masks({"w": l}, jax.random.key(1))["w"]))(
+        logits["w"])
+    assert np.all(np.asarray(g) > 0) and np.all(np.asarray(g) <= 0.25)  # sigmoid' <= 1/4
+
+
 def test_union_recompose_jaccard_by_hand():
     a = {"x": np.array([[1, 1], [0, 0]], np.float32), "y": np.array([1, 0], np.float32)}
     b = {"x": np.array([[0, 1], [1, 0]], np.float32), "y": np.array([1, 1], np.float32)}
