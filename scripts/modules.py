@@ -205,7 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--norms", action="store_true", help="also mask the norm scales")
     ap.add_argument("--eval_rows", type=int, default=None,
                     help="validation rows per domain (default: the run's eval.max_rows)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the training batches and mask noise")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the training batches and the mask noise")
     args = ap.parse_args(argv)
     for key in ("steps", "batch"):
         if getattr(args, key) < 1:
@@ -224,7 +225,6 @@ def main(argv=None) -> int:
 
     from cpt_jax import modules, sharding as sharding_lib
     from cpt_jax.data.loader import eval_batches
-    from cpt_jax.model import LlamaConfig
     from cpt_jax.train.checkpoint import load_config, load_params, save_params
     from cpt_jax.train.state import param_shardings
     from cpt_jax.train.step import make_eval_step
