@@ -245,8 +245,9 @@ def kind_densities(mask: Mask) -> dict:
 
 
 def hard_masks(logits: dict, domains) -> dict:
-    """{domain: Mask} of 0/1 float32 host arrays from trained logits [K, ...]."""
-    return {d: {n: (np.asarray(s[k]) > 0).astype(np.float32) for n, s in logits.items()}
+    """{domain: Mask} of boolean host arrays (the mode, ``1[s > 0]``) from trained logits
+    [K, ...]; one byte per weight and domain."""
+    return {d: {n: np.asarray(s[k]) > 0 for n, s in logits.items()}
             for k, d in enumerate(domains)}
 
 
@@ -356,7 +357,7 @@ def train_masks(config, params, sample, domains, *, names, mesh, rules, param_sh
     ``tokens``/``segment_ids`` [B, L+1]). Adam on the logits, which start at ``init`` (every
     module = the full model); the masks' noise is drawn from ``seed``. Memory: the logits
     and Adam's two moments are 3 K float32 copies of the masked weights, sharded like them.
-    Returns ({domain: Mask} of host 0/1 arrays, the last step's metrics as floats)."""
+    Returns ({domain: Mask} of boolean host arrays, the last step's metrics as floats)."""
     domains = list(domains)
     tx = optax.adam(lr)
     logits = init_logits(params, names, len(domains), init)

@@ -221,8 +221,6 @@ def main(argv=None) -> int:
         run_domains = [d["name"] for d in json.load(f)["config"]["data"]["domains"]]
     domains, recs = parse_lists(args, run_domains)
 
-    import jax
-
     from cpt_jax import modules, sharding as sharding_lib
     from cpt_jax.data.loader import eval_batches
     from cpt_jax.train.checkpoint import load_config, load_params, save_params
@@ -283,8 +281,7 @@ def main(argv=None) -> int:
     try:
         for name, mask in [*((f"module_{d}", masks[d]) for d in domains),
                            *((f"recompose_{n}", m) for n, m in rec_masks.items())]:
-            save_params(os.path.join(tmp, name), mcfg,
-                        jax.device_get(modules.apply_mask(params, mask)))
+            save_params(os.path.join(tmp, name), mcfg, modules.apply_mask(params, mask))
         np.savez_compressed(os.path.join(tmp, "masks.npz"), **{
             f"{d}/{n}": np.asarray(m, np.uint8) for d in domains for n, m in masks[d].items()})
         plot(result, os.path.join(tmp, "modules.png"))
