@@ -28,8 +28,9 @@ STE (noise 0) or a hard-concrete relaxation: with frozen, well-fitted weights th
 gradient at the full model is near zero, so a deterministic STE lets the size term push
 every logit down at the same rate until whole paths cross zero together, where the
 gradient through a product of removed weights vanishes (``d/dw_gate`` of an MLP whose
-``up`` weights are gone is 0): the planted test's first module collapsed to density 0 that
-way. Sampling removes a random ~1 - sigmoid(s) of the weights at every step, so the loss
+``up`` weights are gone is 0). In the planted case of ``tests/test_modules.py`` (a module
+whose domain the model fits to a loss of 1e-5) the deterministic STE ended at density 0
+and loss 12.7 nats that way. Sampling removes a random ~1 - sigmoid(s) of the weights at every step, so the loss
 feels each removal before it is made and important weights get their gradient back. The
 forward pass stays binary (the module trained is a 0/1 mask of the weights, like the one
 evaluated), which a continuous hard-concrete mask is not without a stretch and a
