@@ -89,13 +89,16 @@ def load_run(workdir: str):
     import ml_collections
 
     from cpt_jax.data import prepare as prepare_lib
+    from cpt_jax.data import tokenizer as tokenizer_lib
     from cpt_jax.train.setup import load_tokenizer
 
     with open(os.path.join(workdir, "results.json")) as f:
         config = ml_collections.ConfigDict(json.load(f)["config"])
     domains = [dict(d) for d in config.data.domains]
     data_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
-    tok = load_tokenizer(config, domains, data_dir)
+    own = os.path.join(workdir, tokenizer_lib.RUN_TOKENIZER_DIR)  # the run's copy
+    tok = (tokenizer_lib.load_tokenizer(own) if os.path.isdir(own)
+           else load_tokenizer(config, domains, data_dir))
     prepared = prepare_lib.prepare_domains(domains, tok, data_dir, config.seq_len,
                                            config.data.val_fraction, config.data.split_seed,
                                            progress=False)
