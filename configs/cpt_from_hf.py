@@ -2,9 +2,14 @@
 a new corpus.
 
     python scripts/train.py --config configs/cpt_from_hf.py --workdir runs/cpt \
-        --config.init.hf=/models/Llama-3.2-1B \
-        --config.data.domains='[{"name": "de_web", "kind": "jsonl", "pattern": "/data/de/*.jsonl.gz"}]' \
-        --config.tasks='[{"domain": "de_web", "tokens": 1000000000}]'
+        --config.init.hf=/models/Llama-3.2-1B
+
+The recipe (Ibrahim et al. 2024; Abbes et al. 2025): train on a weighted mixture of the new
+language's corpora while replaying a little of a proxy of the original pre-training data
+(``replay.sources``: never trained, replayed from the first step, its forgetting measured
+against the start model), with a held-out domain that is only evaluated. Point the domains
+at your files (``--config.data.domains='[...]'`` or edit this file); the kinds are listed in
+the README's "Bring your own corpus".
 
 No model keys and no tokenizer path: the model (shape, RoPE, norms, embedding rows) comes
 from the checkpoint's config.json and the tokenizer is the checkpoint's own
@@ -23,9 +28,19 @@ def get_config():
     c = default_config()
     c.init.hf = ""  # the checkpoint directory: --config.init.hf=/models/Llama-3.2-1B
     c.data.domains = [
-        {"name": "new", "kind": "jsonl", "pattern": "/data/new/*.jsonl.gz", "field": "text"},
+        # a proxy of the original data (e.g. a FineWeb sample for Llama-3): replayed only;
+        # capped to what 10% replay of the run can reach (2.5B new tokens -> 0.25B replayed)
+        {"name": "en_orig", "kind": "parquet", "pattern": "/data/fineweb/*.parquet",
+         "max_tokens": 300_000_000},
+        {"name": "de_web", "kind": "jsonl", "pattern": "/data/de_web/*.jsonl.zst"},
+        {"name": "de_wiki", "kind": "hf_dataset", "path": "/data/de_wiki", "split": "train"},
+        # evaluated only: what the run does to a language it neither trains nor replays
+        {"name": "fr_heldout", "kind": "jsonl", "pattern": "/data/fr/*.jsonl.gz",
+         "max_docs": 20_000},
     ]
-    c.tasks = [{"domain": "new", "tokens": 1_000_000_000}]
+    c.tasks = [{"domains": {"de_web": 0.8, "de_wiki": 0.2}, "tokens": 2_500_000_000}]
+    # 10% of every batch replayed from the original-data proxy (5-25% in Ibrahim et al. 2024)
+    c.replay.update(dict(rate=0.1, sources=["en_orig"]))
     c.seq_len = 2048
     c.global_batch = 256
     c.microbatches = 32
