@@ -44,6 +44,7 @@ USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FileExistsError,
                NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -56,7 +57,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(
         f"cpt_jax_config_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UserError(f"--config {path}: Python syntax error on line {e.lineno}: {e.msg}; "
+                        "fix the config file") from None
     if not hasattr(module, "get_config"):
         raise UserError(f"--config {path}: the file defines no get_config()")
     config = module.get_config(arg) if arg else module.get_config()
@@ -206,3 +211,8 @@ def run_main(main, argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted: stopped without saving", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -109,12 +109,14 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> LlamaConfig:
         if kind in (None, "default"):
             rope_scaling = None
         elif kind == "llama3":
-            rope_scaling = dict(
-                factor=float(scaling["factor"]),
-                low_freq_factor=float(scaling["low_freq_factor"]),
-                high_freq_factor=float(scaling["high_freq_factor"]),
-                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-            )
+            keys = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
+            missing = [k for k in keys if k not in scaling]
+            if missing:
+                raise ValueError(f"config.json's llama3 rope_scaling lacks {missing}; Llama-3 "
+                                 "RoPE scaling needs all of " + ", ".join(keys))
+            rope_scaling = {k: (int if k.startswith("original") else float)(scaling[k])
+                            for k in keys}
         else:
             raise ValueError(
                 f"config.json has RoPE scaling of type {kind!r}; only 'llama3' (or none) is "
@@ -225,8 +227,20 @@ class _TensorReader:
         index = directory / INDEX_FILE
         single = directory / SINGLE_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / fname for name, fname in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index} is not a valid safetensors index ({e}); copy the "
+                                 "checkpoint again") from None
+            root = directory.resolve()
+            self.files = {}
+            for name, fname in weight_map.items():
+                path = (directory / str(fname)).resolve()
+                if path.parent != root:  # "../x.safetensors", "/abs/x", a symlink out
+                    raise ValueError(
+                        f"{index} maps tensor {name} to {fname!r}, outside the model folder "
+                        f"{directory}; a checkpoint's shards must sit beside its index")
+                self.files[name] = path
         elif single.exists():
             with _safe_open(single) as f:
                 self.files = {name: single for name in f.keys()}
@@ -314,7 +328,11 @@ def load_hf_llama(path, param_dtype: str | None = "float32"):
     cfg_file = directory / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found; expected a HF model directory")
-    hf = json.loads(cfg_file.read_text())
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); copy it again from the "
+                         "checkpoint") from None
     reader = _TensorReader(directory)
     if param_dtype is not None and param_dtype not in _NP_DTYPES:
         raise ValueError(f"param_dtype={param_dtype!r}: choose one of {sorted(_NP_DTYPES)} or None")
@@ -324,9 +342,10 @@ def load_hf_llama(path, param_dtype: str | None = "float32"):
     present = set(reader.names())
     for name in expected:
         if name not in present:
-            raise KeyError(
+            raise ValueError(
                 f"tensor {name} is missing from the checkpoint in {directory} "
-                f"(config.json implies it; tie_word_embeddings={config.tie_embeddings})")
+                f"(config.json implies it; tie_word_embeddings={config.tie_embeddings}); "
+                "the download is incomplete or config.json belongs to another model")
     unexpected = sorted(
         n for n in present - set(expected)
         if not n.endswith(_IGNORED_SUFFIXES) and not (n == "lm_head.weight" and config.tie_embeddings))
@@ -436,8 +455,14 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to "
+                                  "replace it")
+        if not (target / "config.json").is_file():
+            raise FileExistsError(f"{target} is not a Hugging Face model folder (no "
+                                  "config.json); overwrite replaces only a model: give another "
+                                  "output path")
     if dtype is None:
         dtype = np.dtype(params["embed"]["embedding"].dtype).name
     if dtype not in _NP_DTYPES:

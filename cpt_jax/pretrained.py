@@ -54,6 +54,8 @@ def checkpoint_model(key: str, path: str) -> dict:
         except json.JSONDecodeError as e:
             raise ValueError(f"{file} is not valid JSON ({e}); restore it from the "
                              "checkpoint's original files") from None
+        except ValueError as e:
+            raise ValueError(f"{key}={path}: {e}") from None
     elif key == "init.orbax":
         model = checkpoint_lib.load_config(path).to_dict()
     else:

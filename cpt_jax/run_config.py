@@ -104,9 +104,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict(dict(hf="", orbax="", checkpoint="",
                                             continue_schedule=False))
     # Run checkpoints in <workdir>/checkpoints: every `every` steps (0: only at task ends),
-    # at every task end and on SIGTERM; the last `keep` plus every task end are kept.
+    # at every task end and on SIGTERM or Ctrl-C; the last `keep` are kept, plus the task
+    # ends: all of them (keep_task_ends=-1), or those of the last keep_task_ends tasks.
     # async_save: write in the background while training goes on.
-    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, keep_task_ends=-1,
+                                                  async_save=True))
     c.name = ""
     c.log_every = 10
     c.save_final_params = False
@@ -204,6 +206,9 @@ def check_config(c) -> None:
     _need(c.checkpoint.every >= 0 and c.checkpoint.keep >= 1,
           f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at task ends) and "
           f"checkpoint.keep={c.checkpoint.keep} >= 1")
+    _need(isinstance(c.checkpoint.keep_task_ends, int) and c.checkpoint.keep_task_ends >= -1,
+          f"checkpoint.keep_task_ends={c.checkpoint.keep_task_ends} must be -1 (every task "
+          "end) or the number of last task ends to keep (0: none beyond checkpoint.keep)")
 
 
 def _check_tasks(tasks, names) -> None:

@@ -29,7 +29,7 @@ from cpt_jax.data.tokenizer import (KINDS, TokenizerError, find_run_tokenizer, l
                                     save_run_tokenizer)
 from cpt_jax.hf import DEFAULT_MAX_SHARD_BYTES, load_hf_llama, save_hf_llama
 from cpt_jax.hf_tokenizer import TokenizerExportError
-from cpt_jax.train.checkpoint import load_params, save_params
+from cpt_jax.train.checkpoint import check_tokenizer, load_params, save_params
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -40,7 +40,8 @@ def hf_to_orbax(hf: str, out: str, param_dtype: str | None = "float32", overwrit
     has_tokenizer = any(os.path.isfile(os.path.join(hf, f)) for _, f in KINDS.values())
     tokenizer = load_tokenizer(hf) if has_tokenizer else None  # refused before any write
     config, params = load_hf_llama(hf, param_dtype=param_dtype)
-    save_params(out, config, params, overwrite=overwrite)
+    save_params(out, config, params, overwrite=overwrite,
+                tokenizer_sha256=tokenizer.sha256 if tokenizer is not None else None)
     if tokenizer is not None:
         save_run_tokenizer(tokenizer, out, config.max_seq_len)
     return config
@@ -51,6 +52,9 @@ def orbax_to_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool =
     """Export ``ckpt`` to ``out``; ``tokenizer`` (a .model, a tokenizer.json or a folder)
     defaults to the run's. Warns on stderr when no tokenizer is written."""
     tokenizer = tokenizer or find_run_tokenizer(ckpt)
+    if tokenizer is not None:
+        tokenizer = load_tokenizer(tokenizer)
+        check_tokenizer(ckpt, tokenizer)
     config, params = load_params(ckpt)
     save_hf_llama(config, params, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
                   overwrite=overwrite, tokenizer=tokenizer)

@@ -39,7 +39,7 @@ from cpt_jax.data.tokenizer import TokenizerError, find_run_tokenizer, load_toke
 from cpt_jax.eval import downstream, lm_eval_task
 from cpt_jax.hf import save_hf_llama
 from cpt_jax.hf_tokenizer import TokenizerExportError
-from cpt_jax.train.checkpoint import CONFIG_FILE, load_params
+from cpt_jax.train.checkpoint import CONFIG_FILE, check_tokenizer, load_params
 
 LM_EVAL_TASKS = "hellaswag,piqa,arc_easy,arc_challenge"
 
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     if tok_path:
         try:
             tok = load_tokenizer(tok_path)
-        except TokenizerError as e:
+            check_tokenizer(args.ckpt, tok)
+        except (TokenizerError, ValueError) as e:
             return fail(str(e))
     elif tasks:
         return fail("no tokenizer: pass --tokenizer PATH (the run's tokenizer); "

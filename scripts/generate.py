@@ -27,7 +27,7 @@ from cpt_jax import cli
 from cpt_jax.data.tokenizer import TokenizerError, find_run_tokenizer, load_tokenizer
 from cpt_jax.generate import generate
 from cpt_jax.hf import load_hf_llama
-from cpt_jax.train.checkpoint import CONFIG_FILE, load_params
+from cpt_jax.train.checkpoint import CONFIG_FILE, check_tokenizer, load_params
 
 
 def load_model(args):
@@ -50,6 +50,8 @@ def load_model(args):
                                  "--tokenizer PATH (the tokenizer the model was trained with)")
         config, params = load_params(ckpt)
     tokenizer = load_tokenizer(tok_path)
+    if args.ckpt:
+        check_tokenizer(ckpt, tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
         raise TokenizerError(f"the tokenizer {tok_path} has {tokenizer.vocab_size} tokens but "
                              f"the model only {config.vocab_size} embedding rows; pass the "

@@ -233,7 +233,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path):
 def test_unwritable_workdir_is_refused_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match=r"workdir .*a_file/run is not a writable directory"):
+    with pytest.raises(ValueError, match=r"workdir .*a_file/run is not a writable directory"):
         run(_config(tmp_path), str(blocker / "run"))
     assert blocker.read_text() == "not a directory"
 

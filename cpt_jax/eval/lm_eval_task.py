@@ -14,10 +14,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 from cpt_jax import atomic
 from cpt_jax.eval import downstream
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _YAML = """\
 # lm-evaluation-harness task for {source}
 # (written by scripts/evaluate.py --lm-eval-config; the native scorer's prompt:
@@ -50,13 +52,17 @@ def write_lm_eval_task(task_path: str, out_dir: str) -> str:
     """Writes ``out_dir/NAME.jsonl`` (the validated examples) and ``out_dir/NAME.yaml``;
     returns the task name (the file name without ``.jsonl``)."""
     name = downstream.task_name(task_path)
+    if not _PLAIN_NAME.fullmatch(name):  # it becomes YAML and a harness task name
+        raise downstream.TaskError(
+            f"task file {task_path!r}: its name {name!r} is not a plain task name (letters, "
+            "digits, '_', '-' and '.'); rename the file, e.g. my_task.jsonl")
     examples = downstream.load_task(task_path)
     data = os.path.abspath(os.path.join(out_dir, name + ".jsonl"))
     atomic.write_text(data, "".join(json.dumps(
         {k: ex[k] for k in ("context", "choices", "label")}, ensure_ascii=False) + "\n"
         for ex in examples))
     atomic.write_text(os.path.join(out_dir, name + ".yaml"), _YAML.format(
-        source=os.path.abspath(task_path), name=name, data=json.dumps(data)))
+        source=json.dumps(os.path.abspath(task_path)), name=name, data=json.dumps(data)))
     return name
 
 

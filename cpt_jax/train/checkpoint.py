@@ -16,6 +16,7 @@ There is no RNG state to store: the sampler and every other random choice are fu
 A **params checkpoint** is a directory::
 
     DIR/model_config.json   LlamaConfig.to_dict()
+    DIR/params_meta.json    sha256 of every array (verified on load), the tokenizer's hash
     DIR/params/             orbax PyTree checkpoint of the parameter tree
 
 It is the format a run starts from (``scripts/convert_hf.py hf-to-orbax`` makes one from a HF
@@ -26,6 +27,7 @@ so a large model never has to fit on one host device.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +40,7 @@ import orbax.checkpoint as ocp
 from cpt_jax.model import LlamaConfig, init_params
 
 CONFIG_FILE = "model_config.json"
+META_FILE = "params_meta.json"
 PARAMS_DIR = "params"
 
 
@@ -65,17 +68,30 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def save_params(path, config: LlamaConfig, params, *, overwrite: bool = False) -> Path:
+def save_params(path, config: LlamaConfig, params, *, overwrite: bool = False,
+                tokenizer_sha256: str | None = None) -> Path:
     """Write ``params`` (jax or numpy arrays) and ``config`` as a params checkpoint at ``path``.
 
     Atomic: everything is written to ``PATH.tmp`` beside the target and renamed at the end,
     so an interrupted save leaves no half-written ``path``. An existing non-empty ``path`` is
-    an error unless ``overwrite=True``. In a multi-process run every process must call this
-    with the same arguments (orbax writes each process's shards); process 0 does the renames.
+    an error unless ``overwrite=True``, and ``overwrite`` only ever replaces a params
+    checkpoint (never a file, nor a folder without ``model_config.json``). In a
+    multi-process run every process must call this with the same arguments (orbax writes
+    each process's shards); process 0 does the renames.
+
+    ``META_FILE`` records the sha256 of every array's bytes (verified by ``load_params``;
+    written when the arrays are addressable from this process) and ``tokenizer_sha256``,
+    the content hash of the tokenizer the model was trained with.
     """
     target = Path(path).absolute()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to "
+                                  "replace it")
+        if not (target / CONFIG_FILE).is_file():
+            raise FileExistsError(f"{target} exists and is not a params checkpoint (no "
+                                  f"{CONFIG_FILE}); overwrite replaces only a checkpoint: "
+                                  "give another output path")
     shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
     _check_shapes(_flat(shapes), {k: v.shape for k, v in _flat(params).items()},
                   "params", "config")
@@ -92,6 +108,8 @@ def save_params(path, config: LlamaConfig, params, *, overwrite: bool = False) -
             ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         if primary:
             (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            meta = {"digests": array_digests(params), "tokenizer_sha256": tokenizer_sha256}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             if target.exists():
                 old = target.parent / f"{target.name}.old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -106,6 +124,56 @@ def save_params(path, config: LlamaConfig, params, *, overwrite: bool = False) -
         raise
     sync_processes("cpt_jax_save_params_end")
     return target
+
+
+def array_digests(params) -> dict | None:
+    """{tensor name: sha256 of its bytes}, or None when an array is not wholly addressable
+    from this process (a multi-host sharded tree)."""
+    out = {}
+    for name, x in _flat(params).items():
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        out[name] = hashlib.sha256(np.ascontiguousarray(jax.device_get(x)).tobytes()).hexdigest()
+    return out
+
+
+def params_meta(path) -> dict:
+    """``META_FILE`` of a params checkpoint ({} for one written before it existed)."""
+    f = Path(path) / META_FILE
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is damaged: "
+                              "restore it or save it again") from None
+
+
+def check_tokenizer(path, tokenizer) -> None:
+    """ValueError when ``tokenizer`` is not the one the params checkpoint at ``path``
+    records (scores or an export with another tokenizer would be meaningless)."""
+    want = params_meta(path).get("tokenizer_sha256")
+    if want and tokenizer.sha256 != want:
+        raise ValueError(
+            f"the tokenizer {tokenizer.path} (sha256 {tokenizer.sha256[:12]}) is not the one "
+            f"params checkpoint {path} was trained with (sha256 {want[:12]}); leave "
+            "--tokenizer out to use the run's own, or pass that one")
+
+
+def _verify(path: Path, params) -> None:
+    """CheckpointError naming the first array whose bytes differ from the recorded digest."""
+    want = params_meta(path).get("digests")
+    if not want:
+        return
+    got = array_digests(params)
+    if got is None:
+        return
+    for name, digest in want.items():
+        if got.get(name) != digest:
+            raise CheckpointError(
+                f"params checkpoint {path}: tensor {name} does not match the digest recorded "
+                "when it was saved (bit rot or a damaged copy); copy the checkpoint again "
+                "or use another one")
 
 
 def _check_shapes(expected: dict, found: dict, found_name: str, expected_name: str):
@@ -137,7 +205,12 @@ def load_config(path) -> LlamaConfig:
     f = Path(path) / CONFIG_FILE
     if not f.exists():
         raise FileNotFoundError(f"{f} not found; is {path} a params checkpoint from save_params?")
-    return LlamaConfig.from_dict(json.loads(f.read_text()))
+    try:
+        return LlamaConfig.from_dict(json.loads(f.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{f} is not a valid model config ({' '.join(str(e).split())}); "
+                              "the checkpoint is damaged: copy it again or use another one"
+                              ) from None
 
 
 def load_params(path, shardings=None, *, expected_config: LlamaConfig | None = None):
@@ -156,7 +229,12 @@ def load_params(path, shardings=None, *, expected_config: LlamaConfig | None = N
     config = load_config(path)
     params_dir = path / PARAMS_DIR
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_dir)
+        try:
+            meta = ckptr.metadata(params_dir)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise CheckpointError(
+                f"params checkpoint {path} cannot be read ({' '.join(str(e).split())[:200]}); "
+                "it is damaged or truncated: copy it again or use another one") from None
         meta = getattr(meta, "item_metadata", meta)
         meta = getattr(meta, "tree", meta)
         stored = _flat(meta)  # {name: ArrayMetadata}
@@ -178,8 +256,14 @@ def load_params(path, shardings=None, *, expected_config: LlamaConfig | None = N
                 lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=tuple(m.shape),
                                                   dtype=m.dtype),
                 meta, shardings)
-        params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-            item=meta, restore_args=restore_args))
+        try:
+            params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+                item=meta, restore_args=restore_args))
+        except (ValueError, OSError, RuntimeError) as e:
+            raise CheckpointError(
+                f"params checkpoint {path} cannot be read ({' '.join(str(e).split())[:200]}); "
+                "it is damaged or truncated: copy it again or use another one") from None
+    _verify(path, params)
     return config, params
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from cpt_jax import atomic, methods
 from cpt_jax import sharding as sharding_lib
+from cpt_jax.data import tokenizer as tokenizer_lib
 from cpt_jax.data.loader import BatchLoader, eval_batches, process_row_range, to_global
 from cpt_jax.data.rows import ConcatRows
 from cpt_jax.eval.logging import MetricsLogger, scalars
@@ -43,6 +44,7 @@ from cpt_jax.train.resume import (PreemptionWatch, Preempted, TrainingDiverged,
                                   check_resume_config, check_same_data, check_workdir,
                                   data_fingerprints)
 from cpt_jax.train.results import Progress, make_results, tokens_by_domain
+from cpt_jax.train.workdir_lock import WorkdirLock
 from cpt_jax.train.setup import (CHECKPOINT_DIR, RunParts, check_position, check_val_rows,
                                  prepare_run, random_init_params, readable_checkpoints,
                                  run_start, starts_pretrained, warn_replay_without_history)
@@ -90,6 +92,12 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     sharding_lib.maybe_initialize_distributed(config)
     check_mesh(config, jax.device_count())
     workdir = check_workdir(workdir)
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0):  # one run per workdir
+        return _run(config, workdir, allow_config_change)
+
+
+def _run(config, workdir: str, allow_config_change: bool) -> dict:
+    """``run`` once the config is checked and the workdir is this process's."""
     config_json = json.loads(config.to_json_best_effort())
     fingerprints = data_fingerprints(config)
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
@@ -117,7 +125,8 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     progress.data_fingerprints = fingerprints
     ends = [int(e) for e in np.cumsum(parts.steps)]
     c = config.checkpoint
-    ckpt = checkpoint_lib.RunCheckpointer(ckpt_dir, keep=c.keep, keep_steps=ends,
+    kept_ends = ends if c.keep_task_ends < 0 else ends[len(ends) - c.keep_task_ends:]
+    ckpt = checkpoint_lib.RunCheckpointer(ckpt_dir, keep=c.keep, keep_steps=kept_ends,
                                           async_save=c.async_save)
     preempt = PreemptionWatch()
     try:
@@ -133,8 +142,11 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
         atomic.write_json(results_path, results)
         plot_loss_curves(results, os.path.join(workdir, "loss_curves.png"))
     if config.save_final_params:
+        own = tokenizer_lib.load_tokenizer(os.path.join(workdir,
+                                                        tokenizer_lib.RUN_TOKENIZER_DIR))
         checkpoint_lib.save_params(os.path.join(workdir, "final_params"), parts.mcfg,
-                                   state.params, overwrite=True)  # each process its shards
+                                   state.params, overwrite=True,
+                                   tokenizer_sha256=own.sha256)  # each process its shards
     return results
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import tempfile
 import threading
 
@@ -23,6 +24,10 @@ RESUME_FREE_KEYS = ("mesh", "sharding_rules", "distributed", "microbatches", "lo
                     "checkpoint", "data.cache_dir", "save_final_params", "init", "model.remat")
 
 
+class WorkdirError(ValueError):
+    """The workdir cannot be created or written (read-only, full, not a directory)."""
+
+
 class ConfigMismatch(ValueError):
     """The workdir holds a checkpoint written with a different config."""
 
@@ -33,7 +38,8 @@ class TrainingDiverged(FloatingPointError):
 
 
 class Preempted(Exception):
-    """The run got SIGTERM (or a multi-host preemption notice), saved and stopped."""
+    """The run got SIGTERM or Ctrl-C (or a multi-host preemption notice), saved and
+    stopped."""
 
     def __init__(self, step: int, workdir: str):
         self.step = step
@@ -50,9 +56,9 @@ def check_workdir(workdir: str) -> str:
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise OSError(e.errno, f"workdir {workdir} is not a writable directory "
-                      f"({e.strerror}: {e.filename}); pass --workdir a directory you can "
-                      "write to") from e
+        raise WorkdirError(f"workdir {workdir} is not a writable directory ({e.strerror}: "
+                           f"{e.filename}); nothing was written: free space or pass --workdir "
+                           "a directory you can write to") from e
     return workdir
 
 
@@ -109,13 +115,25 @@ class PreemptionWatch:
     def __init__(self):
         self.multihost = jax.process_count() > 1
         self.requested = False
-        self._previous = None
-        if not self.multihost and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            if not self.multihost:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigterm(self, signum, frame):
         del signum, frame
         self.requested = True
+
+    def _on_sigint(self, signum, frame):
+        """Ctrl-C saves like SIGTERM; a second Ctrl-C aborts at once."""
+        del frame
+        if self.requested or self.multihost:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("interrupted: saving a checkpoint at the next step, then stopping (Ctrl-C "
+              "again aborts without saving)", file=sys.stderr, flush=True)
 
     def reached(self, step: int) -> bool:
         if self.multihost:
@@ -125,9 +143,9 @@ class PreemptionWatch:
         return self.requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def data_fingerprints(config) -> dict:

@@ -12,6 +12,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpt_jax import hf, methods, pretrained
 from cpt_jax import model as model_lib
@@ -57,7 +58,24 @@ def initial_params(config, mcfg):
     else:  # fresh init, or init.checkpoint (the whole state, restored in run_start)
         return None
     _check_same_shape(cfg, mcfg, config.init.hf or config.init.orbax)
+    check_finite(params, f"init.{'hf' if config.init.hf else 'orbax'}="
+                         f"{config.init.hf or config.init.orbax}")
     return params
+
+
+def check_finite(params, where: str) -> None:
+    """ValueError naming the first tensor (and layer) of ``params`` that holds a NaN or an
+    infinity: trained weights that are not finite would give a run of NaN losses."""
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        x = np.asarray(jax.device_get(x), np.float32)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            layer = (f" (layer {int(np.argwhere(bad)[0][0])})"
+                     if name.startswith("layers/") else "")
+            raise ValueError(f"{where}: tensor {name}{layer} holds {int(bad.sum())} non-finite "
+                             "value(s) (NaN or inf); the checkpoint is damaged or diverged: "
+                             "start from another one")
 
 
 def _check_same_shape(loaded: model_lib.LlamaConfig, wanted: model_lib.LlamaConfig, path):
@@ -232,6 +250,7 @@ def run_start(config, parts: RunParts, peek, resume_steps, damaged=()):
             raise FileNotFoundError(f"init.checkpoint={config.init.checkpoint}: no complete "
                                     f"checkpoint under {directory}")
         state, _, _, _ = source.restore(step, abstract)
+        check_finite(state.params, f"init.checkpoint={config.init.checkpoint} (step {step})")
         if not config.init.continue_schedule:  # a new run: its own warmup and decay
             state = state.replace(step=jnp.zeros_like(state.step),
                                   opt_state=transforms.restart_schedule(state.opt_state))
