@@ -256,3 +256,29 @@ def test_ctrl_c_saves_like_sigterm(tmp_path):
     assert "interrupted: saving a checkpoint" in proc.stderr
     assert "preempted: stopped, and the newest checkpoint is step 5" in proc.stderr
     assert checkpoint_lib.RunCheckpointer(tmp_path / "w" / "checkpoints").latest_step() == 5
+
+
+def test_a_run_checkpoint_whose_params_changed_is_passed_over(tmp_path):
+    """Cases 3 and 7: a run checkpoint whose parameters no longer match the checksums
+    taken at save is damaged: the run resumes from the previous one, saying so."""
+    from cpt_jax.train.setup import prepare_run
+    from cpt_jax.train.state import abstract_train_state
+
+    c = _tiny(tmp_path)
+    c.replay.rate = 0.0
+    c.checkpoint.update(dict(every=1, keep=3, async_save=False))
+    run(c, str(tmp_path / "w"))
+    ckpt = checkpoint_lib.RunCheckpointer(tmp_path / "w" / "checkpoints", read_only=True)
+    assert ckpt.step_dirs()[-1] == 4
+    sums_dir = tmp_path / "w" / "checkpoints" / "4" / "sums"
+    f = sums_dir / "metadata"
+    sums = json.loads(f.read_text())
+    name = sorted(sums)[0]
+    sums[name][0] = (sums[name][0] + 1) % 2**32  # one bit's worth of difference
+    f.write_text(json.dumps(sums))
+    parts = prepare_run(c, str(tmp_path / "w"))
+    abstract = abstract_train_state(parts.mcfg, parts.tx, parts.shardings)
+    step, _, damaged = checkpoint_lib.newest_readable(ckpt.step_dirs(),
+                                                      lambda s: ckpt.restore(s, abstract))
+    assert step == 3 and [d for d, _ in damaged] == [4]
+    assert f"params {name} differ from the checksums" in str(damaged[0][1])

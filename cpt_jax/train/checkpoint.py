@@ -6,6 +6,8 @@ A **run checkpoint** (``RunCheckpointer``) is a step directory of an orbax Check
     state/     the whole TrainState: step, params, optimizer state (Adam moments, Reptile
                slow weights, EWC Fisher and anchors, skip counters) and the teacher snapshot
     progress/  JSON: position in the task sequence and every result measured so far
+    sums/      JSON: two checksums per parameter array, verified when it is restored (a
+               mismatch makes the checkpoint damaged: the run falls back to an older one)
     config/    JSON: the run config it was made with
     der/       DER's stored top-k logits (only for DER runs)
     pool/      the newest replay pool and its task (only for policies that store one)
@@ -34,6 +36,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -267,6 +270,25 @@ def load_params(path, shardings=None, *, expected_config: LlamaConfig | None = N
     return config, params
 
 
+@jax.jit
+def _checksums(tree):
+    """Two uint32 checksums per array, computed where the array lives (no host copy):
+    the wrapping sum of its words and their sum weighted by position. Any single flipped
+    bit changes the first; swapped words change the second."""
+    def one(x):
+        bits = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+        u = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+        w = (jnp.arange(u.size, dtype=jnp.uint32) % jnp.uint32(65521)) + jnp.uint32(1)
+        return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * w, dtype=jnp.uint32)])
+
+    return jax.tree.map(one, tree)
+
+
+def params_checksums(params) -> dict:
+    """{tensor name: [checksum, checksum]} of a parameter tree (``_checksums``)."""
+    return {k: [int(a) for a in np.asarray(v)] for k, v in _flat(_checksums(params)).items()}
+
+
 def newest_readable(steps, read):
     """``read(step)`` for the newest of ``steps`` that can be read -> (step, value,
     [(damaged newer step, error)]); (None, None, damaged) when none can. A checkpoint that
@@ -311,7 +333,8 @@ class RunCheckpointer:
             raise FileNotFoundError(f"no run checkpoints at {self.directory}")
         handlers = dict(state=ocp.StandardCheckpointHandler(),
                         progress=ocp.JsonCheckpointHandler(),
-                        config=ocp.JsonCheckpointHandler(), der=ocp.StandardCheckpointHandler(),
+                        config=ocp.JsonCheckpointHandler(), sums=ocp.JsonCheckpointHandler(),
+                        der=ocp.StandardCheckpointHandler(),
                         pool=ocp.StandardCheckpointHandler())
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
                                               options=options)
@@ -351,7 +374,8 @@ class RunCheckpointer:
 
         An error of an earlier asynchronous save is raised here (as CheckpointError)."""
         items = dict(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress),
-                     config=ocp.args.JsonSave(config))
+                     config=ocp.args.JsonSave(config),
+                     sums=ocp.args.JsonSave(params_checksums(state.params)))
         for name, arrays in (("der", der), ("pool", pool)):
             if arrays is not None:
                 items[name] = ocp.args.StandardSave(arrays)
@@ -407,6 +431,15 @@ class RunCheckpointer:
         extra = [name for name in ("der", "pool") if meta.get(name) is not None]
         for name in extra:
             items[name] = ocp.args.StandardRestore()
+        if "sums" in meta.keys():  # checkpoints written before checksums have none
+            items["sums"] = ocp.args.JsonRestore()
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if out.get("sums") is not None:
+            got = params_checksums(out["state"].params)
+            bad = [k for k, v in out["sums"].items() if got.get(k) != list(v)]
+            if bad:
+                raise CheckpointError(f"checkpoint {self.directory / str(step)}: params {bad[0]} "
+                                      "differ from the checksums recorded at save (bit rot or "
+                                      "a damaged copy)")
         arrays = {name: jax.tree.map(np.asarray, dict(out[name])) for name in extra}
         return out["state"], out["progress"], out["config"], arrays
