@@ -282,3 +282,18 @@ def test_a_run_checkpoint_whose_params_changed_is_passed_over(tmp_path):
                                                       lambda s: ckpt.restore(s, abstract))
     assert step == 3 and [d for d, _ in damaged] == [4]
     assert f"params {name} differ from the checksums" in str(damaged[0][1])
+
+
+def test_init_checkpoint_with_another_method_set_says_how_to_start(tmp_path):
+    """A replay run's checkpoint into replay+ewc used to fail with "fisher ... is missing"."""
+    from cpt_jax.train.setup import prepare_run, run_start
+
+    c = _tiny(tmp_path)
+    c.tasks = [{"domain": "en", "steps": 2}]
+    c.checkpoint.async_save = False
+    run(c, str(tmp_path / "a"))
+    c.method.name = "replay+ewc"
+    c.init.checkpoint = str(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"made by method.name='replay' and this run uses "
+                                         r"'replay\+ewc'.*init.orbax"):
+        run_start(c, prepare_run(c, str(tmp_path / "b")), None, None)

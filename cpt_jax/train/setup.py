@@ -249,7 +249,18 @@ def run_start(config, parts: RunParts, peek, resume_steps, damaged=()):
         if step is None:
             raise FileNotFoundError(f"init.checkpoint={config.init.checkpoint}: no complete "
                                     f"checkpoint under {directory}")
-        state, _, _, _ = source.restore(step, abstract)
+        try:
+            state, _, _, _ = source.restore(step, abstract)
+        except checkpoint_lib.ShapeMismatch as e:
+            theirs = (source.read_json(step, "config").get("method") or {}).get("name")
+            mine = config.method.name
+            if theirs is None or theirs == mine:
+                raise
+            raise ValueError(
+                f"init.checkpoint={config.init.checkpoint}: its train state was made by "
+                f"method.name={theirs!r} and this run uses {mine!r}, whose state differs "
+                f"({e}); start from its parameters alone with init.orbax (the run's "
+                "final_params, save_final_params=True), or keep method.name") from None
         check_finite(state.params, f"init.checkpoint={config.init.checkpoint} (step {step})")
         if not config.init.continue_schedule:  # a new run: its own warmup and decay
             state = state.replace(step=jnp.zeros_like(state.step),
