@@ -41,6 +41,16 @@ def write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def write_files(folder: str, files: dict) -> list[str]:
+    """Writes ``{file name: bytes}`` into ``folder``, each atomically; returns the paths."""
+    paths = []
+    for name, data in files.items():
+        path = os.path.join(folder, name)
+        write_bytes(path, data)
+        paths.append(path)
+    return paths
+
+
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 

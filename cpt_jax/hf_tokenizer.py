@@ -260,9 +260,4 @@ def save_hf_tokenizer(model_proto: bytes, out_dir: str, *, model_max_length: int
         "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode(),
         "special_tokens_map.json": (json.dumps(special, indent=2) + "\n").encode(),
     }
-    paths = []
-    for name, data in files.items():
-        path = os.path.join(out_dir, name)
-        atomic.write_bytes(path, data)
-        paths.append(path)
-    return paths
+    return atomic.write_files(out_dir, files)

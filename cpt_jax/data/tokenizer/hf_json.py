@@ -138,12 +138,7 @@ class HFJsonTokenizer(Tokenizer):
             unchanged = self.raw.get(fname) is not None and obj == original
             files[fname] = self.raw[fname] if unchanged else (
                 json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
-        paths = []
-        for fname, data in files.items():
-            path = os.path.join(out_dir, fname)
-            atomic.write_bytes(path, data)
-            paths.append(path)
-        return paths
+        return atomic.write_files(out_dir, files)
 
 
 def _read_bytes(folder: str | None, name: str) -> bytes | None:

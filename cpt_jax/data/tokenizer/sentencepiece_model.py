@@ -107,9 +107,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save_own(self, out_dir: str, *, model_max_length: int) -> list[str]:
         """``tokenizer.model`` alone, so the folder loads as this SentencePiece model."""
-        path = os.path.join(out_dir, FILE)
-        atomic.write_bytes(path, self.proto)
-        return [path]
+        return atomic.write_files(out_dir, {FILE: self.proto})
 
 
 def _not_sentencepiece(path, data: bytes, e: Exception) -> TokenizerError:
