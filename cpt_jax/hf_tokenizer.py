@@ -59,7 +59,6 @@ a denormalizer, BPE models with unused pieces, and word/char model types.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 

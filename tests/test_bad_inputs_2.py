@@ -5,7 +5,6 @@ the fix (a silent success, or another exception)."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +63,6 @@ def test_shared_cache_export_ships_each_runs_own_tokenizer(tmp_path):
     code = convert_script.main(["orbax-to-hf", "--ckpt", str(tmp_path / "a" / "final_params"),
                                 "--out", str(tmp_path / "hf")])
     assert code == 0
-    import sentencepiece  # noqa: F401 (the export's tokenizer.model is run a's model)
-
     exported = (tmp_path / "hf" / "tokenizer.model").read_bytes()
     assert exported == (tmp_path / "a" / "tokenizer" / "tokenizer.model").read_bytes()
     assert tokenizer_lib.SentencePieceTokenizer(exported).sha256 == first
