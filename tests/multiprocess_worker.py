@@ -36,7 +36,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cpt_jax import cli
-from cpt_jax import model as model_lib
 from cpt_jax import pretrained
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, process_row_range

@@ -138,7 +138,6 @@ def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypa
     start it scores every task-0 row with score_rows; the scores equal the mean token loss
     of a forward pass with the task-0-end weights, and every row replayed in task 1 is one
     of the 6 it kept."""
-    from cpt_jax import model as model_lib
     from cpt_jax import pretrained
     from cpt_jax.replay import policies
     from cpt_jax.replay.buffer import ReplayPolicy, ReplayPool
