@@ -27,6 +27,7 @@ devices with ``jax.device_put(params, shardings)``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +46,8 @@ from cpt_jax.model import LlamaConfig
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what transformers calls "5GB"
+# safetensors metadata key of a tensor's sha256 in the files save_hf_llama writes
+DIGEST_PREFIX = "cpt_jax.sha256."
 
 _NP_DTYPES = {
     "float32": np.dtype(np.float32),
@@ -258,12 +261,19 @@ class _TensorReader:
         return self.files.keys()
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor, checked against the sha256 our exports record in the file's metadata
+        (a file from elsewhere carries none)."""
         path = self.files[name]
         with _safe_open(path) as f:
+            digest = (f.metadata() or {}).get(DIGEST_PREFIX + name)
             try:
-                return f.get_tensor(name)
+                x = f.get_tensor(name)
             except (TypeError, ValueError, RuntimeError):
-                return _read_raw(path, name)
+                x = _read_raw(path, name)
+        if digest is not None and _digest(x) != digest:
+            raise ValueError(f"{path}: tensor {name} does not match the sha256 recorded when "
+                             "it was written (bit rot or a damaged copy); copy it again")
+        return x
 
 
 def _safe_open(path: Path):
@@ -274,6 +284,10 @@ def _safe_open(path: Path):
         raise ValueError(
             f"{path} is not a valid safetensors file ({e}); re-download it, or re-save the "
             "model with save_pretrained(..., safe_serialization=True)") from None
+
+
+def _digest(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
 
 
 def _to_ours(kind: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
@@ -493,18 +507,22 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        meta = {"format": "pt"}  # transformers refuses safetensors files without it
         shard, current = {}, 0
+
+        def write(shard, j):  # "format": transformers refuses safetensors files without it
+            meta = {"format": "pt", **{DIGEST_PREFIX + n: _digest(a) for n, a in shard.items()}}
+            save_file(shard, str(tmp / fnames[j]), metadata=meta)
+
         for name, arr in _hf_tensors(config, params, np_dtype):
             if arr.shape != shapes[name]:
                 raise ValueError(
                     f"params for {name} have shape {arr.shape} (torch layout) but the config "
                     f"implies {shapes[name]}; params and config disagree")
             if shard_of[name] != current:
-                save_file(shard, str(tmp / fnames[current]), metadata=meta)
+                write(shard, current)
                 shard, current = {}, shard_of[name]
             shard[name] = arr
-        save_file(shard, str(tmp / fnames[current]), metadata=meta)
+        write(shard, current)
         if n_shards > 1:
             total = sum(int(np.prod(s)) * np_dtype.itemsize for s in shapes.values())
             index = {"metadata": {"total_size": total},

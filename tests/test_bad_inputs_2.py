@@ -294,3 +294,18 @@ def test_init_checkpoint_with_another_method_set_says_how_to_start(tmp_path):
     with pytest.raises(ValueError, match=r"made by method.name='replay' and this run uses "
                                          r"'replay\+ewc'.*init.orbax"):
         run_start(c, prepare_run(c, str(tmp_path / "b")), None, None)
+
+
+def test_safetensors_written_here_are_checked_on_load(tmp_path):
+    """Case 7: a flipped bit in the data of an exported safetensors file."""
+    config, params = load_hf_llama(FIXTURES / "gqa")
+    from cpt_jax.hf import save_hf_llama
+
+    out = save_hf_llama(config, params, tmp_path / "hf")
+    assert load_hf_llama(out)[0] == config
+    path = out / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x04  # inside the last tensor's bytes (the header comes first)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor \S+ does not match the sha256"):
+        load_hf_llama(out)
