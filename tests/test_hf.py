@@ -176,8 +176,17 @@ def test_saved_config_is_transformers_v4_layout(tmp_path):
     assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     with open(tmp_path / "out" / "model.safetensors", "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    assert header["__metadata__"] == {"format": "pt"}
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        body = f.read()
+    meta = header.pop("__metadata__")
+    assert meta.pop("format") == "pt"
+    # the rest: each tensor's sha256, over its bytes as they lie in the file
+    import hashlib
+
+    assert meta == {f"cpt_jax.sha256.{name}": hashlib.sha256(
+        body[info["data_offsets"][0]:info["data_offsets"][1]]).hexdigest()
+        for name, info in header.items()}
     assert header["model.norm.weight"]["dtype"] == "BF16"
 
 
