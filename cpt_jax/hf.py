@@ -469,14 +469,9 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to "
-                                  "replace it")
-        if not (target / "config.json").is_file():
-            raise FileExistsError(f"{target} is not a Hugging Face model folder (no "
-                                  "config.json); overwrite replaces only a model: give another "
-                                  "output path")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to "
+                              "replace it")
     if dtype is None:
         dtype = np.dtype(params["embed"]["embedding"].dtype).name
     if dtype not in _NP_DTYPES:
