@@ -275,7 +275,7 @@ def test_missing_tensor_is_named(tmp_path):
     tensors = load_file(d / "model.safetensors")
     del tensors["model.layers.1.post_attention_layernorm.weight"]
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(KeyError, match="model.layers.1.post_attention_layernorm.weight"):
+    with pytest.raises(ValueError, match="tensor model.layers.1.post_attention_layernorm.weight is missing"):
         load_hf_llama(d)
 
 
