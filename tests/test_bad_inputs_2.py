@@ -47,25 +47,81 @@ def _tiny(tmp_path, **kw):
     return c
 
 
-def test_shared_cache_export_ships_each_runs_own_tokenizer(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run that several cases read: 3 tasks of 2 steps (ends at 2, 4, 6), a
+    checkpoint every step, the last one and the last 2 task ends kept, final params."""
+    root = tmp_path_factory.mktemp("trained")
+    c = _tiny(root)
+    c.tasks = [{"domain": "en", "steps": 2}, {"domain": "num", "steps": 2},
+               {"domain": "sym", "steps": 2}]
+    c.replay.rate = 0.0
+    c.tokenizer.sample_chars = 20_000
+    c.checkpoint.update(dict(every=1, keep=1, keep_task_ends=2, async_save=False))
+    c.save_final_params = True
+    run(c, str(root / "a"))
+    return root, c
+
+
+def test_keep_task_ends_bounds_the_task_end_checkpoints(trained):
+    root, _ = trained
+    assert sorted(int(p) for p in os.listdir(root / "a" / "checkpoints") if p.isdigit()) == [
+        4, 6]  # every task end would be [2, 4, 6]
+
+
+def test_shared_cache_export_ships_each_runs_own_tokenizer(trained, tmp_path):
     """Case 1: two runs with one data.cache_dir, the same vocab size and different
     tokenizer.sample_chars: the second retrains the cache's tokenizer; the first run's
     export must still carry the tokenizer the first run trained with."""
-    a = _tiny(tmp_path)
-    a.tokenizer.sample_chars = 20_000
-    a.save_final_params = True
-    run(a, str(tmp_path / "a"))
-    first = tokenizer_lib.load_tokenizer(tmp_path / "a" / "tokenizer").sha256
-    b = _tiny(tmp_path)
+    root, _ = trained
+    first = tokenizer_lib.load_tokenizer(root / "a" / "tokenizer").sha256
+    b = _tiny(root)  # the same data.cache_dir
+    b.tasks = [{"domain": "en", "steps": 1}]
     b.tokenizer.sample_chars = 7_000
     run(b, str(tmp_path / "b"))
     assert tokenizer_lib.load_tokenizer(tmp_path / "b" / "tokenizer").sha256 != first
-    code = convert_script.main(["orbax-to-hf", "--ckpt", str(tmp_path / "a" / "final_params"),
+    code = convert_script.main(["orbax-to-hf", "--ckpt", str(root / "a" / "final_params"),
                                 "--out", str(tmp_path / "hf")])
     assert code == 0
     exported = (tmp_path / "hf" / "tokenizer.model").read_bytes()
-    assert exported == (tmp_path / "a" / "tokenizer" / "tokenizer.model").read_bytes()
+    assert exported == (root / "a" / "tokenizer" / "tokenizer.model").read_bytes()
     assert tokenizer_lib.SentencePieceTokenizer(exported).sha256 == first
+
+
+def test_a_run_checkpoint_whose_params_changed_is_passed_over(trained, tmp_path):
+    """Cases 3 and 7: a run checkpoint whose parameters no longer match the checksums
+    taken at save is damaged: the run resumes from the previous one, saying so."""
+    from cpt_jax.train.setup import prepare_run
+    from cpt_jax.train.state import abstract_train_state
+
+    root, c = trained
+    shutil.copytree(root / "a" / "checkpoints", tmp_path / "checkpoints")
+    f = tmp_path / "checkpoints" / "6" / "sums" / "metadata"
+    sums = json.loads(f.read_text())
+    name = sorted(sums)[0]
+    sums[name][0] = (sums[name][0] + 1) % 2**32  # one bit's worth of difference
+    f.write_text(json.dumps(sums))
+    ckpt = checkpoint_lib.RunCheckpointer(tmp_path / "checkpoints", read_only=True)
+    parts = prepare_run(c, str(root / "a"))
+    abstract = abstract_train_state(parts.mcfg, parts.tx, parts.shardings)
+    step, _, damaged = checkpoint_lib.newest_readable(ckpt.step_dirs(),
+                                                      lambda s: ckpt.restore(s, abstract))
+    assert step == 4 and [d for d, _ in damaged] == [6]
+    assert f"params {name} differ from the checksums" in str(damaged[0][1])
+    assert ckpt.restore(6 - 2, abstract)[1]["global_step"] == 4  # the intact one is read
+
+
+def test_init_checkpoint_with_another_method_set_says_how_to_start(trained, tmp_path):
+    """A replay run's checkpoint into replay+ewc used to fail with "fisher ... is missing"."""
+    from cpt_jax.train.setup import prepare_run, run_start
+
+    root, c = trained
+    c = _tiny(root)
+    c.method.name = "replay+ewc"
+    c.init.checkpoint = str(root / "a")
+    with pytest.raises(ValueError, match=r"made by method.name='replay' and this run uses "
+                                         r"'replay\+ewc'.*init.orbax"):
+        run_start(c, prepare_run(c, str(tmp_path / "b")), None, None)
 
 
 def test_second_run_on_a_workdir_is_refused_naming_the_holder(tmp_path, capsys):
@@ -231,17 +287,6 @@ def test_config_file_with_a_syntax_error_is_one_line(tmp_path, capsys):
     assert code == 2 and "bad.py" in line and "line 1" in line, line
 
 
-def test_keep_task_ends_bounds_the_task_end_checkpoints(tmp_path):
-    c = _tiny(tmp_path)
-    c.tasks = [{"domain": "en", "steps": 2}, {"domain": "num", "steps": 2},
-               {"domain": "sym", "steps": 2}]
-    c.replay.rate = 0.0  # task ends at steps 2, 4, 6 (every task end is kept by default)
-    c.checkpoint.update(dict(every=1, keep=1, keep_task_ends=2, async_save=False))
-    run(c, str(tmp_path / "w"))
-    assert sorted(int(p) for p in os.listdir(tmp_path / "w" / "checkpoints")
-                  if p.isdigit()) == [4, 6]
-
-
 def test_ctrl_c_saves_like_sigterm(tmp_path):
     """Case: Ctrl-C used to save nothing and print a KeyboardInterrupt traceback."""
     env = dict(os.environ)
@@ -253,47 +298,6 @@ def test_ctrl_c_saves_like_sigterm(tmp_path):
     assert "interrupted: saving a checkpoint" in proc.stderr
     assert "preempted: stopped, and the newest checkpoint is step 5" in proc.stderr
     assert checkpoint_lib.RunCheckpointer(tmp_path / "w" / "checkpoints").latest_step() == 5
-
-
-def test_a_run_checkpoint_whose_params_changed_is_passed_over(tmp_path):
-    """Cases 3 and 7: a run checkpoint whose parameters no longer match the checksums
-    taken at save is damaged: the run resumes from the previous one, saying so."""
-    from cpt_jax.train.setup import prepare_run
-    from cpt_jax.train.state import abstract_train_state
-
-    c = _tiny(tmp_path)
-    c.replay.rate = 0.0
-    c.checkpoint.update(dict(every=1, keep=3, async_save=False))
-    run(c, str(tmp_path / "w"))
-    ckpt = checkpoint_lib.RunCheckpointer(tmp_path / "w" / "checkpoints", read_only=True)
-    assert ckpt.step_dirs()[-1] == 4
-    sums_dir = tmp_path / "w" / "checkpoints" / "4" / "sums"
-    f = sums_dir / "metadata"
-    sums = json.loads(f.read_text())
-    name = sorted(sums)[0]
-    sums[name][0] = (sums[name][0] + 1) % 2**32  # one bit's worth of difference
-    f.write_text(json.dumps(sums))
-    parts = prepare_run(c, str(tmp_path / "w"))
-    abstract = abstract_train_state(parts.mcfg, parts.tx, parts.shardings)
-    step, _, damaged = checkpoint_lib.newest_readable(ckpt.step_dirs(),
-                                                      lambda s: ckpt.restore(s, abstract))
-    assert step == 3 and [d for d, _ in damaged] == [4]
-    assert f"params {name} differ from the checksums" in str(damaged[0][1])
-
-
-def test_init_checkpoint_with_another_method_set_says_how_to_start(tmp_path):
-    """A replay run's checkpoint into replay+ewc used to fail with "fisher ... is missing"."""
-    from cpt_jax.train.setup import prepare_run, run_start
-
-    c = _tiny(tmp_path)
-    c.tasks = [{"domain": "en", "steps": 2}]
-    c.checkpoint.async_save = False
-    run(c, str(tmp_path / "a"))
-    c.method.name = "replay+ewc"
-    c.init.checkpoint = str(tmp_path / "a")
-    with pytest.raises(ValueError, match=r"made by method.name='replay' and this run uses "
-                                         r"'replay\+ewc'.*init.orbax"):
-        run_start(c, prepare_run(c, str(tmp_path / "b")), None, None)
 
 
 def test_safetensors_written_here_are_checked_on_load(tmp_path):
