@@ -40,6 +40,7 @@ of a global batch does not depend on how many microbatches it is split into.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,18 @@ def gradient_statistics(g_cur, g_rep) -> dict:
     out.update(grad_cos=cos(*every), grad_norm_current=jnp.sqrt(every[1]),
                grad_norm_replay=jnp.sqrt(every[2]))
     return out
+
+
+_DOT_OP = re.compile(r"=\s*[^=\n]*?\s(dot|convolution)\(")
+
+
+def count_dot_ops(compiled) -> int:
+    """The dot and convolution instructions in a compiled step's optimised HLO (fused
+    computations and loop bodies counted once each, as written): how many matmul kernels
+    a step launches per layer body, a CPU-checkable proxy for an accelerator's split-pass
+    cost (the split pass doubles them)."""
+    text = compiled if isinstance(compiled, str) else compiled.as_text()
+    return len(_DOT_OP.findall(text))
 
 
 def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
