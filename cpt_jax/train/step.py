@@ -19,8 +19,9 @@ into its current-task and replay rows and take the gradient of each part's mean 
 over the mixed batch in FLOPs, but as two smaller passes, which an accelerator runs less
 efficiently than one. So the split pass runs only where it is needed:
 
-- every step of a method that combines the two gradients (A-GEM; a method declares it,
-  ``Method.split_grads``, and ``make_train_step(split_grads=...)`` takes the run's answer);
+- every step of a run whose methods need the two parts apart (A-GEM's projection, replay
+  with explicit ``mix_weights``, the replayed rows' own loss terms of distillation and DER:
+  ``cpt_jax.methods.split_grads``, which ``make_train_step(split_grads=...)`` takes);
 - the steps that log gradient statistics (``step(..., stats=True)``: cosines and norms of
   the current and replay gradients, ``gradient_statistics``).
 
