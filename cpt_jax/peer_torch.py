@@ -45,17 +45,25 @@ def cpu_threads() -> int:
 class TorchStep:
     """One AdamW train step of ``LlamaForCausalLM`` on a fixed [B, L + 1] token batch."""
 
-    def __init__(self, config, mcfg, params, tokens: np.ndarray):
+    def __init__(self, config, mcfg, params, tokens: np.ndarray, hf_dir: str | None = None):
+        """From our ``params`` (exported to a scratch directory), or with ``hf_dir`` from a
+        checkpoint already exported there (``params`` and ``mcfg`` unused: a process that
+        times the peer alone need not run JAX). ``config`` needs only ``optim``."""
         torch, transformers = require()
-        from cpt_jax.hf import save_hf_llama
 
         self.torch = torch
         torch.set_num_threads(cpu_threads())
         transformers.utils.logging.disable_progress_bar()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_hf_llama(mcfg, params, os.path.join(tmp, "model"), dtype="float32")
+        if hf_dir is not None:
             self.model = transformers.LlamaForCausalLM.from_pretrained(
-                str(path), torch_dtype=torch.float32)
+                str(hf_dir), torch_dtype=torch.float32)
+        else:
+            from cpt_jax.hf import save_hf_llama
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_hf_llama(mcfg, params, os.path.join(tmp, "model"), dtype="float32")
+                self.model = transformers.LlamaForCausalLM.from_pretrained(
+                    str(path), torch_dtype=torch.float32)
         self.model.train()
         o = config.optim
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
@@ -81,3 +89,33 @@ class TorchStep:
         t0 = time.perf_counter()
         loss = self()
         return time.perf_counter() - t0, loss
+
+
+def time_alone(job_dir: str, steps: int, warmup: int) -> dict:
+    """The peer's step timed in a process of its own (``python -m cpt_jax.peer_torch JOB
+    STEPS WARMUP``, run by ``benchmark.py --peer torch``): the checkpoint ``JOB/model``, the
+    batch ``JOB/tokens.npy`` and the optimizer ``JOB/optim.json`` that process wrote. JAX is
+    never imported here. ``warmup + 1`` untimed steps, then ``steps`` timed ones."""
+    import json
+    import statistics
+    import types
+
+    with open(os.path.join(job_dir, "optim.json")) as f:
+        config = types.SimpleNamespace(optim=types.SimpleNamespace(**json.load(f)))
+    tokens = np.load(os.path.join(job_dir, "tokens.npy"))
+    step = TorchStep(config, None, None, tokens, hf_dir=os.path.join(job_dir, "model"))
+    for _ in range(warmup + 1):
+        step()
+    times = [step.timed()[0] for _ in range(steps)]
+    return {"step_s_median": statistics.median(times), "step_s": times,
+            "threads": cpu_threads()}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    job, n_steps, n_warmup, out = sys.argv[1:5]
+    result = time_alone(job, int(n_steps), int(n_warmup))
+    with open(out, "w") as f:
+        json.dump(result, f)

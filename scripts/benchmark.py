@@ -5,9 +5,11 @@
     python scripts/benchmark.py --config configs/demo.py --methods plain,replay,agem,reptile
 
 With --methods, each method's median step time and train-state memory are reported
-relative to plain training (no replay, no method) on the same global batch, in one run:
-"replay" splits the batch into 25% replay / 75% current rows and takes per-source
-gradients (replay_mix); "agem" adds the projection; "reptile" adds the meta-update, whose
+relative to plain training (no replay, no method) on the same global batch, in one run,
+with the dot/convolution op count of each method's compiled step (between log steps, the
+step timed, and at a log step): "replay" replays 25% of the rows in one pass over the
+batch (the split into per-source gradients only at log steps); "agem" takes the split
+pass at every step and projects; "reptile" adds the meta-update, whose
 meta step is timed separately and amortised over --reptile_every steps; "mer" is
 replay + reptile.
 
@@ -58,13 +60,13 @@ from cpt_jax import atomic, cli, pretrained
 from cpt_jax import model as model_lib
 from cpt_jax.eval.decode_speed import decode_speed
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.methods import make_loss_fn
+from cpt_jax.methods import make_loss_fn, split_grads
 from cpt_jax.replay import coresets, features
 from cpt_jax.replay.buffer import buffer_bytes
 from cpt_jax.replay.rates import task_steps
 from cpt_jax.train.setup import build_model
 from cpt_jax.train.state import create_train_state
-from cpt_jax.train.step import make_train_step
+from cpt_jax.train.step import count_dot_ops, make_train_step
 
 METHODS = ("plain", "replay", "agem", "reptile", "mer")
 
@@ -98,8 +100,11 @@ def parse_args(argv):
     ap.add_argument("--selection_repeats", type=int, default=3,
                     help="timed runs of each selection method (median reported)")
     ap.add_argument("--peer", choices=["torch"], default=None,
-                    help="time the same Llama step in PyTorch + transformers, interleaved with "
-                         "ours (needs pip install -e \".[peer]\")")
+                    help="time the same Llama step in PyTorch + transformers against ours, "
+                         "each in its own process, alternating (needs pip install -e "
+                         "\".[peer]\")")
+    ap.add_argument("--peer_rounds", type=int, default=2,
+                    help="alternating rounds (ours, peer) of --peer, at least 2")
     ap.add_argument("--generate", action="store_true",
                     help="time decoding instead (cpt_jax.generate): new tokens/s of greedy "
                          "generate at the config's model, --decode_batch prompts of "
@@ -190,16 +195,19 @@ def build_state(config):
     return mcfg, mesh, rules, schedule, tx, state, shardings
 
 
-def prepare(config, n_replay: int = 0) -> dict:
-    """Build the state and compile the step of `config` for `n_replay` replayed rows."""
+def prepare(config, n_replay: int = 0, stats: bool = False) -> dict:
+    """Build the state and compile the step of `config` for `n_replay` replayed rows, as a
+    run takes it: a step that does not log (``stats=False``: one pass over the batch unless
+    a selected method needs the split pass) or a log step (``stats=True``)."""
     mcfg, mesh, rules, schedule, tx, state, shardings = build_state(config)
     step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule,
-                           loss_fn=make_loss_fn(config, mcfg))  # the loss a run trains with
+                           loss_fn=make_loss_fn(config, mcfg),  # the loss a run trains with
+                           split_grads=split_grads(config))
     batch = random_batch(config, jax.random.key(1))
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch, n_replay).compile()
+    compiled = step.lower(state, batch, n_replay, stats=stats).compile()
     return {"mcfg": mcfg, "mesh": mesh, "state": state, "batch": batch, "compiled": compiled,
-            "compile_s": time.perf_counter() - t0}
+            "compile_s": time.perf_counter() - t0, "step": step, "n_replay": n_replay}
 
 
 def benchmark(config, steps: int, warmup: int) -> dict:
@@ -235,47 +243,119 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     }
 
 
-def compare_peer(config, steps: int, warmup: int) -> dict:
+def compare_peer(config, steps: int, warmup: int, rounds: int = 2) -> dict:
     """Our train step against the PyTorch peer (``cpt_jax.peer_torch``) on the same batch,
-    from the same initial weights, with the same thread count: one step of each per round,
-    medians of ``steps`` rounds after ``warmup``. The first step's losses must agree."""
-    from cpt_jax import peer_torch
+    from the same initial weights, with the same thread count.
 
+    First, in this process, one step of each from the same weights: the first step's
+    losses must agree (the peer is the same model), or the benchmark stops. Then each
+    framework is timed alone in a process of its own, as a user runs it, alternating
+    (ours, peer, ours, peer, ...) for ``rounds`` rounds (at least 2): each process takes
+    ``warmup + 1`` untimed steps and reports the median of ``steps`` timed ones. Reported:
+    the median and range over the rounds of each side's tokens/s and of the per-round ratio
+    ours / peer. (Sharing one process slowed both sides by 15-25%, unevenly.)"""
+    import os
+    import pickle
+    import subprocess
+    import tempfile
+
+    from cpt_jax import peer_torch
+    from cpt_jax.hf import save_hf_llama
+
+    if rounds < 2:
+        raise cli.UserError(f"--peer_rounds={rounds}: alternate at least 2 rounds")
+    user_omp = os.environ.get("OMP_WAIT_POLICY")  # require() makes this process's passive
     peer_torch.require()
     p = prepare(config)
     compiled, state, batch, mcfg = p["compiled"], p["state"], p["batch"], p["mcfg"]
-    peer = peer_torch.TorchStep(config, mcfg, jax.device_get(state.params), batch["tokens"])
-    state, metrics, _ = timed_steps(compiled, state, batch, 1)  # the donated state moves on
-    first = {"ours": float(metrics["loss"]), "torch": peer.timed()[1]}
-    if not np.isclose(first["ours"], first["torch"], rtol=1e-4, atol=1e-4):
-        raise RuntimeError(f"the peer is not the same model: first-step loss {first['torch']} "
-                           f"(torch) vs {first['ours']} (ours)")
-    ours, theirs = [], []
-    for i in range(warmup + steps):
-        state, metrics, t = timed_steps(compiled, state, batch, 1)
-        peer_t, _ = peer.timed()
-        if i >= warmup:
-            ours.append(t[0])
-            theirs.append(peer_t)
     tokens = config.global_batch * config.seq_len
     flops_tok = mcfg.flops_per_token(config.seq_len)
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if user_omp is not None:
+        env["OMP_WAIT_POLICY"] = user_omp
+    root = os.path.dirname(os.path.dirname(os.path.abspath(peer_torch.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in [env.get("PYTHONPATH")] if x])
+    with tempfile.TemporaryDirectory() as job:
+        save_hf_llama(mcfg, jax.device_get(state.params), os.path.join(job, "model"),
+                      dtype="float32")
+        np.save(os.path.join(job, "tokens.npy"), batch["tokens"])
+        o = config.optim
+        atomic.write_json(os.path.join(job, "optim.json"), {
+            k: float(o[k]) for k in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm")})
+        with open(os.path.join(job, "config.pkl"), "wb") as f:
+            pickle.dump(config, f)
+        peer = peer_torch.TorchStep(config, mcfg, None, batch["tokens"],
+                                    hf_dir=os.path.join(job, "model"))
+        state, metrics, _ = timed_steps(compiled, state, batch, 1)  # the donated state moves on
+        first = {"ours": float(metrics["loss"]), "torch": peer.timed()[1]}
+        if not np.isclose(first["ours"], first["torch"], rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"the peer is not the same model: first-step loss "
+                               f"{first['torch']} (torch) vs {first['ours']} (ours)")
+        del peer, state, compiled, p  # the timed processes get the memory
+
+        def alone(side: str) -> dict:
+            out = os.path.join(job, "times.json")
+            cmd = ([sys.executable, os.path.abspath(__file__), "--peer_worker"]
+                   if side == "ours" else [sys.executable, "-m", "cpt_jax.peer_torch"])
+            subprocess.run(cmd + [job, str(steps), str(warmup), out], env=env, check=True)
+            with open(out) as f:
+                r = json.load(f)
+            os.remove(out)
+            r["tokens_per_s"] = tokens / r["step_s_median"]
+            return r
+
+        per_round = []
+        for _ in range(rounds):
+            ours = alone("ours")
+            theirs = alone("torch")
+            per_round.append({"ours": ours, "torch": theirs,
+                              "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"]})
     peak = matmul_peak_flops(jnp.dtype(mcfg.dtype), jax.devices()[0]) * jax.device_count()
+
+    def spread(values):
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
     out = {"params": mcfg.num_params(), "global_batch": config.global_batch,
            "seq_len": config.seq_len, "threads": peer_torch.cpu_threads(),
-           "first_step_loss": first, "matmul_peak_tflops_per_s": peak / 1e12}
-    for name, times in (("ours", ours), ("torch", theirs)):
-        step_s = statistics.median(times)
-        out[name] = {"step_s_median": step_s, "tokens_per_s": tokens / step_s,
-                     "mfu": tokens / step_s * flops_tok / peak}
-    out["speed_ratio"] = out["ours"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
+           "first_step_loss": first, "matmul_peak_tflops_per_s": peak / 1e12,
+           "mode": "separate processes, alternating", "rounds": per_round,
+           "steps_per_round": steps, "warmup": warmup}
+    for name in ("ours", "torch"):
+        tok_s = [r[name]["tokens_per_s"] for r in per_round]
+        out[name] = {"tokens_per_s": statistics.median(tok_s),
+                     "tokens_per_s_range": [min(tok_s), max(tok_s)],
+                     "step_s_median": tokens / statistics.median(tok_s),
+                     "mfu": statistics.median(tok_s) * flops_tok / peak}
+    ratio = spread([r["ratio"] for r in per_round])
+    out["speed_ratio"], out["speed_ratio_range"] = ratio["median"], [ratio["min"], ratio["max"]]
     print(f"{'':<16} {'ours (JAX)':>12} {'PyTorch + HF':>13}")
-    for key, fmt in (("tokens_per_s", ".0f"), ("step_s_median", ".4f"), ("mfu", ".3f")):
-        print(f"{key:<16} {out['ours'][key]:>12{fmt}} {out['torch'][key]:>13{fmt}}")
+    print(f"{'tokens_per_s':<16} {out['ours']['tokens_per_s']:>12.0f} "
+          f"{out['torch']['tokens_per_s']:>13.0f}   (median over rounds)")
+    for i, name in enumerate(("min", "max")):
+        print(f"{'  ' + name:<16} {out['ours']['tokens_per_s_range'][i]:>12.0f} "
+              f"{out['torch']['tokens_per_s_range'][i]:>13.0f}")
+    print(f"{'mfu':<16} {out['ours']['mfu']:>12.3f} {out['torch']['mfu']:>13.3f}")
     print(f"{'first-step loss':<16} {first['ours']:>12.5f} {first['torch']:>13.5f}")
-    print(f"speed ratio (ours / PyTorch tokens/s): {out['speed_ratio']:.2f}  "
-          f"[{mcfg.num_params() / 1e6:.1f}M params, {config.global_batch} x {config.seq_len}, "
-          f"{out['threads']} threads, medians of {steps} interleaved steps]")
+    print(f"speed ratio (ours / PyTorch tokens/s, per round): median {out['speed_ratio']:.3f}, "
+          f"range {ratio['min']:.3f}-{ratio['max']:.3f}  [{mcfg.num_params() / 1e6:.1f}M "
+          f"params, {config.global_batch} x {config.seq_len}, {out['threads']} threads, "
+          f"{rounds} alternating rounds of one process per framework, median of {steps} "
+          f"steps after {warmup + 1} in each]")
     return out
+
+
+def peer_worker(job: str, steps: int, warmup: int, out: str) -> None:
+    """Our side of ``compare_peer``, alone in its own process: the config pickled in
+    ``job/config.pkl``, the same batch and initial weights (the same seeds)."""
+    import pickle
+
+    with open(f"{job}/config.pkl", "rb") as f:
+        config = pickle.load(f)
+    p = prepare(config)
+    state, _, _ = timed_steps(p["compiled"], p["state"], p["batch"], warmup + 1)
+    state, _, times = timed_steps(p["compiled"], state, p["batch"], steps)
+    atomic.write_json(out, {"step_s_median": statistics.median(times), "step_s": times})
 
 
 def method_config(config, method: str, rate: float, reptile_every: int = 500):
@@ -304,8 +384,14 @@ def compare_methods(config, methods, steps, warmup, replay_rate: float = 0.25,
     runs = {}
     for m in names:
         c, n_replay, every = method_config(config, m, replay_rate, reptile_every)
-        runs[m] = prepare(c, n_replay)
-        runs[m]["every"] = every
+        runs[m] = r = prepare(c, n_replay)  # timed: the step a run takes between log steps
+        r["every"] = every
+        r["dot_ops"] = count_dot_ops(r["compiled"])
+        # a log step takes the split pass (gradient statistics) wherever there is replay;
+        # a method that splits every step (A-GEM) has no other variant
+        r["dot_ops_log_step"] = (count_dot_ops(r["step"].lower(
+            r["state"], r["batch"], n_replay, stats=True).compile())
+            if n_replay and not split_grads(c) else r["dot_ops"])
         runs[m]["state"], _, _ = timed_steps(runs[m]["compiled"], runs[m]["state"],
                                              runs[m]["batch"], warmup + 1)
         runs[m]["times"] = []
@@ -319,7 +405,9 @@ def compare_methods(config, methods, steps, warmup, replay_rate: float = 0.25,
     for m in names:
         r, times = runs[m], runs[m]["times"]
         out = {"compile_s": r["compile_s"], "param_bytes": tree_bytes(r["state"].params),
-               "opt_state_bytes": tree_bytes(r["state"].opt_state)}
+               "opt_state_bytes": tree_bytes(r["state"].opt_state),
+               "n_replay": r["n_replay"], "dot_ops": r["dot_ops"],
+               "dot_ops_log_step": r["dot_ops_log_step"]}
         if r["every"]:  # steps done+1, done+2, ...: even counts are meta steps (period 2)
             inner = [t for i, t in enumerate(times, start=done + 1) if i % 2 == 1]
             meta = [t for i, t in enumerate(times, start=done + 1) if i % 2 == 0]
@@ -332,12 +420,16 @@ def compare_methods(config, methods, steps, warmup, replay_rate: float = 0.25,
         results[m] = out
     base = results["plain"]
     print(f"{'method':<9} {'step_s':>9} {'time_ratio':>10} {'state_bytes':>12} "
-          f"{'extra_param_copies':>18}")
+          f"{'extra_param_copies':>18} {'dot_ops':>7} {'dot_ops_log_step':>16}")
     for m, r in results.items():
         r["time_ratio"] = r["step_s_median"] / base["step_s_median"]
         r["extra_param_copies"] = (r["opt_state_bytes"] - base["opt_state_bytes"]) / r["param_bytes"]
         print(f"{m:<9} {r['step_s_median']:>9.4f} {r['time_ratio']:>10.3f} "
-              f"{r['opt_state_bytes'] + r['param_bytes']:>12d} {r['extra_param_copies']:>18.2f}")
+              f"{r['opt_state_bytes'] + r['param_bytes']:>12d} {r['extra_param_copies']:>18.2f}"
+              f" {r['dot_ops']:>7d} {r['dot_ops_log_step']:>16d}")
+    print("dot_ops: dot/convolution instructions in the compiled HLO of the timed step (a "
+          "step between log steps); dot_ops_log_step: of a log step (the split pass, with "
+          "the gradient statistics)")
     return results
 
 
@@ -495,6 +587,10 @@ def loader_vs_step(config, steps: int, warmup: int) -> dict:
 
 
 def main(argv) -> int:
+    if argv[:1] == ["--peer_worker"]:  # compare_peer's timed process of our step
+        job, steps, warmup, out = argv[1:5]
+        peer_worker(job, int(steps), int(warmup), out)
+        return 0
     args = parse_args(argv)
     logging.set_verbosity(logging.ERROR)  # orbax logs every save
     if args.generate:
@@ -504,7 +600,7 @@ def main(argv) -> int:
                               peer=args.peer)
         print(json.dumps(result, indent=1))
     elif args.peer:  # prints its own table
-        result = compare_peer(args.config, args.steps, args.warmup)
+        result = compare_peer(args.config, args.steps, args.warmup, args.peer_rounds)
     elif args.loader:  # prints its own line
         result = loader_vs_step(args.config, args.steps, args.warmup)
     elif args.replay_selection:  # prints its own table

@@ -33,11 +33,11 @@ def signal_at(sig, at: int) -> None:
         step = make_train_step(*args, **kwargs)
         calls = [0]
 
-        def signalling_step(state, batch, n_replay):
+        def signalling_step(state, batch, n_replay, **kwargs):
             calls[0] += 1
             if calls[0] == at:
                 os.kill(os.getpid(), sig)
-            return step(state, batch, n_replay)
+            return step(state, batch, n_replay, **kwargs)
 
         return signalling_step
 

@@ -78,6 +78,17 @@ def check(config) -> None:
             m.check(config)
 
 
+def split_grads(config) -> bool:
+    """Whether every replay step needs the split pass (current-task and replay rows apart):
+    some selected method combines the two gradients (``Method.split_grads``: A-GEM, replay
+    with explicit ``mix_weights``) or adds a loss term on replayed rows only (distillation,
+    DER: the term needs those rows' full logits and, for distillation, a teacher forward
+    over them alone, which ``make_loss_fn`` computes on the replay rows' own pass).
+    Otherwise a step takes one pass over the whole batch and the split pass runs at log
+    steps only."""
+    return any(m.split_grads(config) or m.replay_loss is not None for m in selected(config))
+
+
 def needs_teacher(config) -> bool:
     return any(m.teacher for m in selected(config))
 

@@ -41,4 +41,5 @@ def agem(add_replay: bool = False, weights=None) -> optax.GradientTransformation
 
 
 METHOD = Method(name="agem", defaults={"add_replay": False},
-                combine=lambda c: agem(c.method.agem.add_replay, mix_weights(c)))
+                combine=lambda c: agem(c.method.agem.add_replay, mix_weights(c)),
+                split_grads=lambda c: True)  # the projection needs both gradients

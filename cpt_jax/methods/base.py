@@ -16,6 +16,11 @@ optional and is called with the run config:
   each task boundary, inside one jitted update; ``boundary_rows`` says how many rows of
   the finished task it needs;
 - ``memory``: a host-side recorder the loop feeds (DER's stored logits);
+- ``split_grads``: whether the method needs the current-task and replay gradients
+  separately at every step (A-GEM's projection does; a loss term on replayed rows only,
+  distillation's and DER's, is taken on those rows' own pass). Without it a step takes
+  one forward/backward pass over the whole batch, like plain training, and the split
+  pass runs only at log steps, for the gradient statistics (``cpt_jax.train.step``);
 - ``active``: whether the config asks for the method's effect (a weight > 0): a method
   configured but not selected is an error, never a silent no-op;
 - ``check``: raises ValueError naming a bad key of the method.
@@ -43,5 +48,6 @@ class Method:
     boundary: Callable | None = None
     boundary_rows: Callable[[Any], int] = lambda config: 0
     memory: Callable | None = None
+    split_grads: Callable[[Any], bool] = lambda config: False
     active: Callable[[Any], bool] = lambda config: False
     check: Callable[[Any], None] = lambda config: None

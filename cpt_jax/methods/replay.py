@@ -34,4 +34,7 @@ def mix_weights(config):
     return tuple(m) if m else None
 
 
-METHOD = Method(name="replay", combine=lambda c: replay_mix(mix_weights(c)))
+# Token-proportional mixing is the gradient of the mixed batch's mean loss: one pass over
+# the whole batch gives it. Explicit weights need the two mean gradients apart.
+METHOD = Method(name="replay", combine=lambda c: replay_mix(mix_weights(c)),
+                split_grads=lambda c: mix_weights(c) is not None)

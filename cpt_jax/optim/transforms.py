@@ -1,9 +1,10 @@
 """What the optax chain of every run shares: the step's per-source gradients, the step
 guard, and helpers over optimizer states.
 
-The train step computes the gradient of the current-task rows and of the replayed rows
-separately (one pass over the mixed batch: the two row sets are disjoint) and hands both to
-the chain as a ``PerSourceGrads``. The chain's first transform (a method's combiner,
+The train step hands the chain a ``PerSourceGrads``: the gradients of the current-task
+rows and of the replayed rows apart (the split pass: where a method needs them, and at log
+steps), or the one-pass gradient of the whole mixed batch as ``current`` with ``replay``
+None (every other step; ``cpt_jax.train.step``). The chain's first transform (a method's combiner,
 ``cpt_jax.methods``: ``replay_mix`` or ``agem``) turns them into one parameter-shaped
 gradient; everything after it is ordinary optax::
 
@@ -26,8 +27,10 @@ import optax
 class PerSourceGrads(NamedTuple):
     """Mean-loss gradients of the current-task rows and of the replayed rows.
 
-    ``replay`` is None for batches without replay (the first task, or rate 0); the token
-    counts are the number of loss tokens behind each mean.
+    ``replay`` is None for batches without replay (the first task, or rate 0), and for a
+    step that took one pass over the whole batch: then ``current`` is the mixed batch's
+    mean-loss gradient and ``current_tokens`` counts all its loss tokens. The token counts
+    are the number of loss tokens behind each mean.
     """
 
     current: Any

@@ -193,7 +193,8 @@ class Trainer:
         mcfg, mesh, rules, shardings = parts.mcfg, parts.mesh, parts.rules, parts.shardings
         self.train_step = make_train_step(mcfg, parts.tx, mesh, shardings, rules,
                                           config.microbatches, parts.schedule,
-                                          loss_fn=methods.make_loss_fn(config, mcfg))
+                                          loss_fn=methods.make_loss_fn(config, mcfg),
+                                          split_grads=methods.split_grads(config))
         self.boundary = methods.TaskBoundary(config, mcfg, mesh, rules, shardings,
                                              rows_by_task(parts))
         self.eval_step = make_eval_step(mcfg, mesh, shardings, rules)
@@ -375,8 +376,12 @@ class Trainer:
                                              start=p.step):
                     if self.der:
                         self.der.record(self.state.params, k, self.parts.sampler.batch(k, step))
+                    # the split pass's gradient statistics only where the log hook
+                    # reads them (the same condition as Hook(self.log, c.log_every))
+                    g = p.global_step + 1
+                    log_step = bool(c.log_every and g % c.log_every == 0) or step == steps[k] - 1
                     self.state, metrics = self.train_step(self.state, batch.arrays,
-                                                          batch.n_replay)
+                                                          batch.n_replay, stats=log_step)
                     p.step, p.global_step = step + 1, p.global_step + 1
                     start, tokens = self.window
                     self.window = (start, tokens + c.global_batch * c.seq_len)

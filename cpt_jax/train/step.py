@@ -13,11 +13,26 @@ The loss is next-token cross-entropy averaged over the tokens whose target lies 
 document as the input (the loss never crosses a document and skips padding).
 
 Per-source gradients: the sampler puts a batch's ``n_replay`` replay rows at positions
-fixed by (B, n_replay) (``replay_positions``), so the step splits the batch statically into
-its current-task and replay rows and takes the gradient of each part's mean loss. The two
-parts are disjoint, so this is one forward/backward over the mixed batch in FLOPs. Both
-gradients go to the optax chain as a ``PerSourceGrads``; its first transform (replay_mix,
-agem) combines them. Each distinct ``n_replay`` compiles once.
+fixed by (B, n_replay) (``replay_positions``), so the step can split the batch statically
+into its current-task and replay rows and take the gradient of each part's mean loss (the
+"split" pass). The two parts are disjoint, so the split pass costs one forward/backward
+over the mixed batch in FLOPs, but as two smaller passes, which an accelerator runs less
+efficiently than one. So the split pass runs only where it is needed:
+
+- every step of a run whose methods need the two parts apart (A-GEM's projection, replay
+  with explicit ``mix_weights``, the replayed rows' own loss terms of distillation and DER:
+  ``cpt_jax.methods.split_grads``, which ``make_train_step(split_grads=...)`` takes);
+- the steps that log gradient statistics (``step(..., stats=True)``: cosines and norms of
+  the current and replay gradients, ``gradient_statistics``).
+
+Every other step with replay takes one forward/backward pass over the whole batch, as
+plain training does: the gradient of the mixed batch's mean loss, which is the
+token-weighted sum of the per-source mean gradients (the default ``replay_mix``) up to
+float rounding. Its metrics leave out the per-source ones (``loss_current``,
+``loss_replay``, the gradient statistics). Both go to the optax chain as a
+``PerSourceGrads`` (the one-pass gradient as ``current`` with ``replay=None``); its first
+transform (replay_mix, agem) combines them. Each distinct (``n_replay``, pass) compiles
+once.
 
 Gradients are accumulated over microbatches inside the step with ``lax.scan``: the update
 of a global batch does not depend on how many microbatches it is split into.
@@ -26,6 +41,7 @@ of a global batch does not depend on how many microbatches it is split into.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -129,9 +145,24 @@ def gradient_statistics(g_cur, g_rep) -> dict:
     return out
 
 
+_DOT_OP = re.compile(r"=\s*[^=\n]*?\s(dot|convolution)\(")
+
+
+def count_dot_ops(compiled) -> int:
+    """The dot and convolution instructions in a compiled step's optimised HLO (fused
+    computations and loop bodies counted once each, as written): how many matmul kernels
+    a step launches per layer body, a CPU-checkable proxy for an accelerator's split-pass
+    cost (the split pass doubles them)."""
+    text = compiled if isinstance(compiled, str) else compiled.as_text()
+    return len(_DOT_OP.findall(text))
+
+
 def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
-               n_replay: int, state: TrainState, batch):
-    """One optimizer step on a global batch with `n_replay` replay rows (static)."""
+               n_replay: int, state: TrainState, batch, split: bool = True):
+    """One optimizer step on a global batch with `n_replay` replay rows (static).
+
+    ``split`` (static): per-source gradients (the split pass, with gradient statistics);
+    otherwise one forward/backward pass over the whole batch (see the module doc)."""
     B = batch["tokens"].shape[0]
     if not 0 <= n_replay < B:
         raise ValueError(f"n_replay={n_replay} must be in [0, {B}): a batch needs current rows")
@@ -148,6 +179,11 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
     if n_replay == 0:
         g_cur, aux_c = grads_of(cur_loss, batch)
         metrics["grad_norm_current"] = optax.tree.norm(g_cur)
+        aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
+        g_rep = None
+    elif not split:
+        # one pass over the whole batch: the mixed batch's mean-loss gradient
+        g_cur, aux_c = grads_of(cur_loss, batch)
         aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
         g_rep = None
     else:
@@ -168,12 +204,13 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
 
     metrics.update({
         "loss": loss,
-        "loss_current": aux_c["ce_sum"] / jnp.maximum(tc, 1.0),
         "tokens": tc + tr,
         "update_norm": optax.tree.norm(updates),
         "param_norm": optax.tree.norm(state.params),
         "lr": lr,
     })
+    if split or n_replay == 0:  # the current rows alone (not the one-pass mix)
+        metrics["loss_current"] = aux_c["ce_sum"] / jnp.maximum(tc, 1.0)
     if g_rep is not None:  # replay scalars only for steps that replay (no fake 0.0 loss)
         metrics["loss_replay"] = aux_r["ce_sum"] / jnp.maximum(tr, 1.0)
         for k in aux_r:
@@ -188,33 +225,40 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
 
 
 def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainState, rules,
-                    microbatches: int = 1, lr_schedule=None, loss_fn=None):
-    """step(state, batch, n_replay=0) -> (state, metrics): jitted per replay count, with
-    explicit shardings (every batch array over the batch axes) and the state donated.
-    `loss_fn(params, batch, teacher, replay)` defaults to cross-entropy; `n_replay` must
-    match the sampler's replay count for the batch."""
+                    microbatches: int = 1, lr_schedule=None, loss_fn=None,
+                    split_grads: bool = True):
+    """step(state, batch, n_replay=0, stats=True) -> (state, metrics): jitted per replay
+    count and pass, with explicit shardings (every batch array over the batch axes) and the
+    state donated. `loss_fn(params, batch, teacher, replay)` defaults to cross-entropy;
+    `n_replay` must match the sampler's replay count for the batch.
+
+    A step with replay rows takes the split pass (per-source gradients) when
+    ``split_grads`` (the chain combines the two gradients: ``methods.split_grads``) or
+    ``stats`` (a log step: the gradient statistics), and otherwise one pass over the whole
+    batch. ``split_grads=True`` (the default) splits every replay step."""
     loss_fn = loss_fn or functools.partial(ce_loss_sum, config)
     cache = {}
 
-    def jitted(n_replay, batch):
-        key = (n_replay, tuple(sorted((k, v.ndim) for k, v in batch.items())))
+    def jitted(n_replay, batch, stats):
+        split = bool(n_replay) and (split_grads or bool(stats))
+        key = (n_replay, split, tuple(sorted((k, v.ndim) for k, v in batch.items())))
         if key not in cache:
             batch_shard = {k: sharding_lib.batch_sharding(mesh, v.ndim)
                            for k, v in batch.items()}
             fn = functools.partial(train_step, tx, mesh, shardings.params,
-                                   microbatches, lr_schedule, loss_fn, n_replay)
+                                   microbatches, lr_schedule, loss_fn, n_replay, split=split)
             cache[key] = jax.jit(fn, in_shardings=(shardings, batch_shard),
                                  out_shardings=(shardings, sharding_lib.replicated(mesh)),
                                  donate_argnums=0)
         return cache[key]
 
-    def step(state, batch, n_replay: int = 0):
+    def step(state, batch, n_replay: int = 0, stats: bool = True):
         with sharding_lib.activate(mesh, rules):
-            return jitted(int(n_replay), batch)(state, batch)
+            return jitted(int(n_replay), batch, stats)(state, batch)
 
-    def lower(state, batch, n_replay: int = 0):
+    def lower(state, batch, n_replay: int = 0, stats: bool = True):
         with sharding_lib.activate(mesh, rules):
-            return jitted(int(n_replay), batch).lower(state, batch)
+            return jitted(int(n_replay), batch, stats).lower(state, batch)
 
     step.lower = lower
     return step

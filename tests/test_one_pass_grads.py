@@ -1,0 +1,191 @@
+"""Gradients split by source only when needed: a replay step that does not log takes one
+forward/backward pass over the whole batch, whose gradient is the sum of the per-source
+gradients (checked against jax.grad of an explicit log-softmax loss on each source) and
+which compiles to as many dot ops as plain training; a log step takes the split pass and
+logs the same statistics as before; the loop asks for them at its log steps only; which
+methods need the split pass."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cpt_jax import methods
+from cpt_jax import model as model_lib
+from cpt_jax import sharding as sharding_lib
+from cpt_jax.methods.replay import replay_mix
+from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.replay.sampler import replay_positions
+from cpt_jax.run_config import default_config
+from cpt_jax.train.state import create_train_state
+from cpt_jax.train.step import count_dot_ops, make_train_step
+
+TINY = model_lib.LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                             d_ff=64, max_seq_len=32)
+B, L, N_REPLAY = 8, 16, 2
+
+
+def _batch():
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, TINY.vocab_size, size=(B, L + 1), dtype=np.int32)
+    seg = np.ones((B, L + 1), np.int32)
+    for b in range(B):  # two documents per row, padding on some rows
+        seg[b, rng.integers(3, L - 3):] = 2
+        if b % 3 == 0:
+            seg[b, L - 3:] = 0
+    return {"tokens": tokens, "segment_ids": seg}
+
+
+def _loss_sum(params, batch):
+    """(sum of masked next-token NLLs, token count): an explicit log-softmax over the full
+    logits, not the step's fused cross-entropy."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    logits = model_lib.forward(TINY, params, tokens[:, :-1], seg[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    mask = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
+    return (nll * mask).sum(), mask.sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _params0():
+    return jax.device_get(model_lib.init_params(TINY, jax.random.key(0)))
+
+
+def _step(tx, split_grads, microbatches=1, schedule=None):
+    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    rules = sharding_lib.DEFAULT_RULES
+    state, shardings = create_train_state(TINY, tx, mesh, rules, None,
+                                          params=jax.tree.map(jnp.array, _params0()))
+    step = make_train_step(TINY, tx, mesh, shardings, rules, microbatches, schedule,
+                           split_grads=split_grads)
+    return step, state
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def test_one_pass_gradient_is_the_sum_of_per_source_gradients():
+    """The chain ``replay_mix, scale(-1)`` makes the update minus the combined gradient;
+    one pass (split_grads=False, stats=False, also in 2 microbatches) and the split pass
+    (stats=True) both give sum_s grad(loss sum of source s) / all tokens."""
+    batch = _batch()
+    rep = np.zeros(B, bool)
+    rep[replay_positions(B, N_REPLAY)] = True
+    parts = [{k: v[rows] for k, v in batch.items()} for rows in (~rep, rep)]
+    grads, tokens = [], 0.0
+    for part in parts:  # independent reference: jax.grad on each source separately
+        (_, n), g = jax.value_and_grad(_loss_sum, has_aux=True)(_params0(), part)
+        grads.append(_flat(g))
+        tokens += float(n)
+    expected = (grads[0] + grads[1]) / tokens
+    tx = optax.chain(replay_mix(), optax.scale(-1.0))
+    got, dots = {}, {}
+    for name, micro, n, stats in (("plain", 1, 0, False), ("one_pass", 1, N_REPLAY, False),
+                                  ("one_pass_micro2", 2, N_REPLAY, False),
+                                  ("split", 1, N_REPLAY, True)):
+        step, state = _step(tx, split_grads=False, microbatches=micro)
+        compiled = step.lower(state, batch, n, stats=stats).compile()
+        dots[name] = count_dot_ops(compiled)
+        if name == "plain":
+            continue
+        new, metrics = compiled(state, batch)
+        got[name] = _flat(_params0()) - _flat(new.params)
+        np.testing.assert_allclose(got[name], expected, rtol=2e-4, atol=2e-7, err_msg=name)
+        assert ("grad_cos" in metrics) == stats
+    # the two passes differ by float rounding only
+    scale = np.abs(expected).max()
+    assert np.abs(got["one_pass"] - got["split"]).max() < 1e-5 * scale
+    # the CPU proxy for the accelerator's replay tax: the replay step that does not log
+    # compiles to as many dot ops as the plain step; the split (log) step to more
+    assert dots["plain"] > 0
+    assert dots["one_pass"] == dots["plain"] < dots["split"], dots
+
+
+def test_log_steps_log_the_same_statistics():
+    """With the run's optimizer: a log step (stats=True) of a one-pass method is the split
+    step every replay step took before (same metrics, same parameters); a step without
+    statistics has the same loss and, to rounding, parameters, and no per-source metrics."""
+    cfg = default_config()
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-2, 2
+    schedule = make_schedule(cfg.optim, 10)
+    tx = make_optimizer(cfg, schedule)
+    batch = _batch()
+    runs = {}
+    for name, split_grads, stats in (("always_split", True, True), ("log_step", False, True),
+                                     ("other_step", False, False)):
+        step, state = _step(tx, split_grads, schedule=schedule)
+        new, metrics = step(state, batch, N_REPLAY, stats=stats)
+        runs[name] = (jax.device_get(new.params), jax.device_get(metrics))
+    ref_params, ref = runs["always_split"]
+    params, logged = runs["log_step"]
+    assert set(logged) == set(ref) >= {"grad_cos", "grad_cos_layer", "grad_cos_embed",
+                                       "grad_norm_current", "grad_norm_replay",
+                                       "loss_current", "loss_replay"}
+    for k in ref:
+        np.testing.assert_array_equal(logged[k], ref[k], err_msg=k)
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    params, other = runs["other_step"]
+    assert not {"grad_cos", "grad_norm_replay", "loss_current", "loss_replay"} & set(other)
+    np.testing.assert_allclose(other["loss"], ref["loss"], rtol=1e-6)
+    np.testing.assert_allclose(other["update_norm"], ref["update_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5),
+                 params, ref_params)
+
+
+def test_count_dot_ops_reads_hlo_text():
+    text = ("%dot.1 = f32[4,4]{1,0} dot(f32[4,8]{1,0} %a, f32[8,4]{1,0} %b), "
+            "lhs_contracting_dims={1}\n"
+            "  ROOT %convolution.2 = f32[1,4]{1,0} convolution(%x, %y), dim_labels=bf_io->bf\n"
+            "%add.3 = f32[4]{0} add(%p, %q)\n  %dot_general_like = f32[] reduce(%r, %s)\n")
+    assert count_dot_ops(text) == 2
+
+
+@pytest.mark.parametrize("name,extra,split", [
+    ("replay", {}, False), ("agem", {}, True), ("replay+reptile", {}, False),
+    ("replay+l2", {}, False), ("replay+ewc", {}, False), ("replay+distill", {}, True),
+    ("replay+der", {}, True), ("replay", {"mix_weights": [0.5, 0.5]}, True)])
+def test_which_methods_need_the_split_pass(name, extra, split):
+    c = default_config()
+    c.method.name = name
+    for k, v in extra.items():
+        c.method[k] = v
+    assert methods.split_grads(c) is split
+
+
+def test_the_loop_splits_at_log_steps_only(tmp_path, monkeypatch):
+    """A replay run asks for the statistics at exactly the steps the log hook logs (every
+    log_every-th and a task's last), and those lines carry the gradient cosine."""
+    from cpt_jax.train import loop
+    from test_train_loop import _config
+
+    calls = []
+    make = loop.make_train_step
+
+    def recording(*args, **kwargs):
+        assert kwargs["split_grads"] is False  # plain replay: one pass
+        step = make(*args, **kwargs)
+
+        def wrapped(state, batch, n_replay, stats):
+            calls.append((n_replay, stats))
+            return step(state, batch, n_replay, stats=stats)
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_train_step", recording)
+    c = _config(tmp_path)
+    c.tasks = [{"domain": "en", "steps": 2}, {"domain": "num", "steps": 5}]
+    c.log_every, c.eval.every = 2, 0
+    loop.run(c, str(tmp_path / "work"))
+    # additive accounting: task num's 5 x 8 new rows take ceil(40 / 6) = 7 replay steps
+    assert [n > 0 for n, _ in calls] == [False] * 2 + [True] * 7
+    log_steps = [2, 4, 6, 8, 9]
+    assert [s for _, s in calls] == [g in log_steps for g in range(1, 10)]
+    logged = [json.loads(l) for l in open(tmp_path / "work" / "metrics.jsonl")]
+    steps = {m["step"]: m for m in logged if "loss" in m}
+    assert sorted(steps) == log_steps
+    assert all("grad_cos" in steps[s] and "loss_replay" in steps[s] for s in log_steps[1:])
