@@ -55,6 +55,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -477,6 +478,19 @@ def prepare_domains(domains: Sequence[Any], tokenizer: Tokenizer, data_dir: str,
     return None if not finalize else out
 
 
+def finalize_domains(domains: Sequence[Any], tokenizer: Tokenizer, data_dir: str,
+                     seq_len: int, val_fraction: float = 0.01, seed: int = 0,
+                     progress: bool = True, val_only: Sequence[str] = (),
+                     workers: int | None = 1) -> dict[str, str]:
+    """``finalize_domain`` for every domain; returns {name: folder}."""
+    specs = [sources.normalize_domain(d) for d in domains]
+    sources.use_hash_cache(data_dir)
+    with _stop_on_signals():
+        return {d["name"]: finalize_domain(d, tokenizer, data_dir, seq_len, val_fraction,
+                                           seed, d["name"] in val_only, workers, progress)
+                for d in specs}
+
+
 def staging_dir(final: str) -> str:
     """The folder where shards of a multi-process preparation of ``final`` meet."""
     return os.path.join(os.path.dirname(final), f".parts-{os.path.basename(final)}")
@@ -676,10 +690,21 @@ class _Tokenizing:
                    "OMP_NUM_THREADS": "1"}
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)  # inherited by the spawned workers
+            # The workers need only this module: keep them from re-running the caller's
+            # script (spawn imports __main__ by path unless it has no file or spec).
+            main = sys.modules.get("__main__")
+            hidden = {k: getattr(main, k) for k in ("__file__", "__spec__")
+                      if main is not None and hasattr(main, k)}
+            if "__file__" in hidden:
+                del main.__file__
+            if "__spec__" in hidden:
+                main.__spec__ = None
             try:
                 self.pool = multiprocessing.get_context("spawn").Pool(
                     self.workers, initializer=_init_worker, initargs=(self.state,))
             finally:
+                for k, v in hidden.items():
+                    setattr(main, k, v)
                 for k, v in saved.items():
                     if v is None:
                         os.environ.pop(k, None)
