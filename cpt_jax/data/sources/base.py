@@ -80,8 +80,9 @@ def glob_files(d: dict, key: str = "pattern") -> list[str]:
     naming the fix if none.
 
     A file reached by several paths (a symlink loop such as ``self -> .`` under a ``**``
-    pattern, or a symlinked folder inside the walked tree) is read once, under its
-    shortest path: globs never read a folder they already walk twice.
+    pattern, or a symlinked folder inside the walked tree) is read once, under the path
+    with the fewest symlinked folders (then the shortest): globs never read a folder they
+    already walk twice.
     """
     files = set()
     for pattern in d[key]:
@@ -90,8 +91,18 @@ def glob_files(d: dict, key: str = "pattern") -> list[str]:
     if not files:
         raise DomainError(f"Domain {d['name']!r}: no files match {d[key]}; check the path "
                           f"(it is read relative to {os.getcwd()!r}).")
+    links: dict[str, int] = {}
+
+    def n_links(path: str) -> int:  # symlinks on the way to path (memoized per folder)
+        parent = os.path.dirname(path)
+        if parent == path or not parent:
+            return 0
+        if parent not in links:
+            links[parent] = n_links(parent) + os.path.islink(parent)
+        return links[parent]
+
     first: dict[str, str] = {}
-    for p in sorted(files, key=lambda p: (p.count(os.sep), p)):
+    for p in sorted(files, key=lambda p: (n_links(p), p.count(os.sep), p)):
         first.setdefault(os.path.realpath(p), p)
     return sorted(first.values())
 
