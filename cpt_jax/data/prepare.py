@@ -303,6 +303,7 @@ SHARD_DOCS = 1_000_000
 # costs about a second to start); the files are the same either way.
 POOL_MIN_CHARS = 4_000_000
 _BATCH_DOCS, _BATCH_CHARS = 256, 1_000_000  # one tokenization job
+_SPILL_BLOCK = 1 << 22  # bytes of a long document's spilled ids read back at a time
 
 
 class PreparationStopped(PrepareError):
@@ -805,24 +806,26 @@ class _Unit:
     def part(self, ids: np.ndarray, n_chars: int, first: bool, last: bool,
              score: float | None, digest: bytes | None) -> None:
         """One part of a document (a whole document when ``first and last``)."""
-        if first and last and score is not None:
-            self._route(score, digest, [ids], n_chars)
+        if first and last:
+            self._route(score, digest, [ids], len(ids), n_chars)
             return
         if first:
             self.spill = tempfile.TemporaryFile(dir=self.tmp)
             self.spill_chars = 0
-        if ids is not None:
-            self.spill.write(ids.astype(np.int32).tobytes())
+        self.spill.write(ids.astype(np.int32).tobytes())
         self.spill_chars += n_chars
         if last:
+            n_tokens = self.spill.tell() // 4
             self.spill.seek(0)
-            blocks = iter(lambda: self.spill.read(1 << 24), b"")
+            blocks = iter(lambda: self.spill.read(_SPILL_BLOCK), b"")
             self._route(score, digest, (np.frombuffer(b, np.int32) for b in blocks),
-                        self.spill_chars)
+                        n_tokens, self.spill_chars)
             self.spill.close()
             self.spill = None
 
-    def _route(self, score: float, digest: bytes, blocks, n_chars: int) -> None:
+    def _route(self, score: float, digest: bytes, blocks, n_tokens: int,
+               n_chars: int) -> None:
+        """Writes one document's ids (in blocks) into its split."""
         job = self.job
         self.content.update(digest)
         is_val = score < job.val_fraction or score == self.force_score
@@ -833,11 +836,19 @@ class _Unit:
                 pass
             return
         if self.tail_split:  # the domain's one document: its last tokens validate
-            ids = np.concatenate(list(blocks)) if not isinstance(blocks, list) else \
-                np.concatenate(blocks)
-            cut = len(ids) - max(1, int(len(ids) * job.val_fraction))
-            self.writers["train"].add(np.concatenate([[job.bos_id], ids[:cut]]), n_chars)
-            self.writers["val"].add(np.concatenate([ids[cut:], [job.eos_id]]), 0)
+            cut = n_tokens - max(1, int(n_tokens * job.val_fraction))
+            train, val = self.writers["train"], self.writers["val"]
+            train.add(np.asarray([job.bos_id], np.int32), n_chars)
+            at, started = 0, False
+            for block in blocks:
+                head = max(0, min(len(block), cut - at))
+                if head:
+                    train.add(block[:head], 0, continues=True)
+                if head < len(block):
+                    val.add(block[head:], 0, continues=started)
+                    started = True
+                at += len(block)
+            val.add(np.asarray([job.eos_id], np.int32), 0, continues=started)
             return
         w = self.writers["val" if is_val else "train"]
         w.add(np.asarray([job.bos_id], np.int32), n_chars)
@@ -896,12 +907,19 @@ class _Job:
             # written before (an interrupted run): reused
             return not os.path.isfile(os.path.join(staging, _unit_name(u), "unit.json"))
 
+        if only is None and self._one_document():
+            # A single text file is the domain's one document: its tail validates (known
+            # now, so it is tokenized once and streamed, never held whole).
+            only_tail = {0: (None, True)}
+        else:
+            only_tail = {}
         tokenizing = _Tokenizing(self.tok, 1 if self.cap else self.workers)
         bar = _Progress(self.d, self.progress)
         units: dict[int, _Unit] = {}
         ok = False
         try:
-            n_units = self._stream(staging, owns, only or {}, tokenizing, units, bar)
+            n_units = self._stream(staging, owns, only or only_tail, tokenizing, units,
+                                   bar)
             ok = True
         finally:
             tokenizing.close(ok)
@@ -912,6 +930,15 @@ class _Job:
         if only is None:
             with open(os.path.join(staging, f"shard-{i}-of-{n}.json"), "w") as f:
                 json.dump({"units": n_units}, f)
+
+    def _one_document(self) -> bool:
+        d = self.d
+        if d["kind"] != "text_glob" or self.val_fraction <= 0:
+            return False
+        try:
+            return len(sources.list_files(d)) == 1
+        except sources.DomainError:
+            return False
 
     def _jobs(self, owns, only: dict) -> Iterator[dict]:
         """Tokenization jobs in source order: texts to encode, and the events (document
