@@ -120,6 +120,12 @@ def test_touched_or_copied_corpus_is_the_same_data(tok, tmp_path, monkeypatch):
     config.data.domains = [domain]
     config.data.cache_dir = data_dir
     stored = data_fingerprints(config)
+    # A checkpoint from before content fingerprints (paths, sizes, mtimes) still resumes.
+    old_style = {"files": [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                           for p in sorted(glob.glob(domain["pattern"]))]}
+    legacy = {"domain toy": hashlib.sha256(json.dumps(old_style, sort_keys=True).encode()
+                                           ).hexdigest()}
+    check_same_data(legacy, stored, "workdir w", allow=False)
 
     reads = []  # the documents preparation reads (none when the folder is reused)
     reader = ("iter_long_documents" if hasattr(sources, "iter_long_documents")

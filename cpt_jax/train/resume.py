@@ -150,10 +150,29 @@ def data_fingerprints(config, workdir: str | None = None) -> dict:
         fp = sources.source_fingerprint(d)
         out[f"domain {d['name']}"] = hashlib.sha256(
             json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
+        _LEGACY[f"domain {d['name']}"] = _legacy_fingerprint(d)
     path = pretrained.tokenizer_path(config)
     if path is not None:
         out["tokenizer"] = tokenizer_lib.load_tokenizer(path).sha256
     return out
+
+
+# What checkpoints written before content fingerprints recorded for the same domains
+# (paths, sizes and mtimes): accepted while those files are unchanged.
+_LEGACY: dict = {}
+
+
+def _legacy_fingerprint(domain) -> str | None:
+    from cpt_jax.data import sources
+
+    d = sources.normalize_domain(domain)
+    if d["kind"] in ("demo", "tfds"):
+        return None
+    try:
+        fp = {"files": [sources.base.stat(p) for p in sources.list_files(d)]}
+    except (OSError, ValueError):
+        return None
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_same_data(stored: dict | None, current: dict, where: str, allow: bool) -> None:
@@ -162,7 +181,8 @@ def check_same_data(stored: dict | None, current: dict, where: str, allow: bool)
     recorded (``stored`` None) are not checked."""
     if stored is None or allow:
         return
-    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
+                     and (stored.get(k) is None or stored.get(k) != _LEGACY.get(k)))
     if changed:
         raise ConfigMismatch(
             f"{where} was trained on other data: {', '.join(changed)} changed since (files "
