@@ -652,22 +652,29 @@ _worker_encoder: _Encoder | None = None
 
 
 def _init_worker(state) -> None:
+    """A worker's tokenizer. It never raises (a pool whose initializer fails restarts
+    workers for ever): a failure is raised by the worker's first job instead."""
     global _worker_encoder  # pylint: disable=global-statement
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool
-    from cpt_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-    if state[0] == "sentencepiece":
-        tok = tokenizer_lib.SentencePieceTokenizer(state[1], path=state[2])
-    elif state[0] == "hf_json":
-        tok = tokenizer_lib.load_tokenizer(state[1])
-    else:
-        tok = pickle.loads(state[1])
-    if tok.sha256 != state[-1]:
-        raise PrepareError(f"the tokenizer {getattr(tok, 'path', None)} changed on disk "
-                           f"during preparation; run again.")
-    _worker_encoder = _Encoder(tok)
+    try:
+        from cpt_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+        if state[0] == "sentencepiece":
+            tok = tokenizer_lib.SentencePieceTokenizer(state[1], path=state[2])
+        elif state[0] == "hf_json":
+            tok = tokenizer_lib.load_tokenizer(state[1])
+        else:
+            tok = pickle.loads(state[1])
+        if tok.sha256 != state[-1]:
+            raise PrepareError(f"the tokenizer {getattr(tok, 'path', None)} changed on "
+                               f"disk during preparation; run again.")
+        _worker_encoder = _Encoder(tok)
+    except Exception as e:  # pylint: disable=broad-except
+        _worker_encoder = e
 
 
 def _work(texts: list[str], conts: list[bool]) -> list[np.ndarray]:
+    if isinstance(_worker_encoder, Exception):
+        raise _worker_encoder
     return _worker_encoder(texts, conts)
 
 
@@ -703,6 +710,7 @@ class _Tokenizing:
             try:
                 self.pool = multiprocessing.get_context("spawn").Pool(
                     self.workers, initializer=_init_worker, initargs=(self.state,))
+                self.procs = list(self.pool._pool)  # pylint: disable=protected-access
             finally:
                 for k, v in hidden.items():
                     setattr(main, k, v)
@@ -724,6 +732,13 @@ class _Tokenizing:
         job = self.pending.popleft()
         if "async" in job:
             handle = job.pop("async")
+            while handle is not None and not handle.ready():
+                handle.wait(0.5)
+                dead = [p.exitcode for p in self.procs if p.exitcode is not None]
+                if dead:  # a lost job would never finish: say why instead of waiting
+                    raise PrepareError(
+                        f"a tokenizer worker process died (exit code {dead[0]}; out of "
+                        f"memory?); run again with fewer data.workers.")
             job["ids"] = handle.get() if handle is not None else []
         return job
 

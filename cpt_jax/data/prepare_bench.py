@@ -88,9 +88,12 @@ import json, os, resource, sys, time
 from cpt_jax.data import prepare, tokenizer
 tok = tokenizer.load_tokenizer(sys.argv[1])
 domain = {"name": "onefile", "kind": "text_glob", "pattern": sys.argv[2]}
+import inspect
+kwargs = ({"workers": 1} if "workers" in inspect.signature(prepare.prepare_domain).parameters
+          else {})  # code from before workers existed (a "before" measurement)
 start = time.perf_counter()
 out = prepare.prepare_domain(domain, tok, sys.argv[3], int(sys.argv[4]), 0.01,
-                             progress=False, workers=1)
+                             progress=False, **kwargs)
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "tokens": out["train"].meta["n_tokens"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
