@@ -120,7 +120,8 @@ def prepare_memory(config, tok, folder: str, mb: float, python_path: str | None 
         env["PYTHONPATH"] = python_path
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, tok_path, path, os.path.join(folder, "mem-data"),
-         str(config.seq_len)], env=env, capture_output=True, text=True, check=False)
+         str(config.seq_len)], env=env, capture_output=True, text=True, check=False,
+        cwd=folder)  # not the caller's folder: ``-c`` imports from the working directory
     if result.returncode:
         raise RuntimeError(f"the memory run failed: {result.stderr[-2000:]}")
     out = json.loads(result.stdout.strip().splitlines()[-1])
