@@ -1088,12 +1088,16 @@ class _Progress:
         now = time.time()
         if now - self.last >= 1.0:
             self.last = now
-            rate = self.tokens / max(now - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{self.docs} docs, {rate / 1e6:.2f}M tok/s",
-                                     refresh=False)
+            self._postfix(now, refresh=False)
+
+    def _postfix(self, now: float, refresh: bool) -> None:
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.docs} docs, {rate / 1e6:.2f}M tok/s",
+                                 refresh=refresh)
 
     def close(self) -> None:
         if self.enabled:
+            self._postfix(time.time(), refresh=True)
             self.bar.close()
 
 
