@@ -191,12 +191,25 @@ def test_identical_documents_never_straddle_the_split(tok, tmp_path):
     assert out["val"].meta["splits"]["val"]["docs"] == 3
 
 
-@pytest.mark.parametrize("part_chars", [300, 2000])
-def test_large_text_file_is_read_in_parts_with_whole_file_tokens(tok, tmp_path, monkeypatch,
-                                                                 part_chars):
+@pytest.fixture(scope="module")
+def hf_tok(tok, tmp_path_factory):
+    """The same model as a Hugging Face tokenizer.json (it prepends the space itself)."""
+    out = str(tmp_path_factory.mktemp("hf_tok"))
+    tok.save(out, model_max_length=128)
+    os.remove(os.path.join(out, "tokenizer.model"))
+    loaded = tk.load_tokenizer(out)
+    assert loaded.kind == "hf_json"
+    return loaded
+
+
+@pytest.mark.parametrize("part_chars,kind", [(300, "sentencepiece"), (2000, "sentencepiece"),
+                                             (300, "hf_json")])
+def test_large_text_file_is_read_in_parts_with_whole_file_tokens(tok, hf_tok, tmp_path,
+                                                                 monkeypatch, part_chars, kind):
     """A text file is read and tokenized in parts of about PART_CHARS characters (memory
     does not grow with the file); the parts end at paragraph / line / word boundaries and
     the rows hold exactly the whole file's encoding."""
+    tok = hf_tok if kind == "hf_json" else tok
     monkeypatch.setattr(text_glob, "PART_CHARS", part_chars, raising=False)
     rng = np.random.default_rng(part_chars)
     paragraphs = [_text(int(rng.integers(5, 200)), seed=i) for i in range(60)]

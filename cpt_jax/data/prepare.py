@@ -615,36 +615,46 @@ def _tokenizer_state(tok: Tokenizer):
 
 
 class _Encoder:
-    """Encodes lists of texts; a text marked as a continuation is the middle of a
-    document (a later part of a file read in parts): no dummy prefix is added to it."""
+    """Encodes lists of texts. ``conts[i]`` is "" for a document's first part, else the
+    character before part i (a later part of a file read in parts), which must be encoded
+    as the continuation of its document: for SentencePiece without the dummy prefix; for
+    other kinds as ``encode(ctx + part)`` minus the ids of ``encode(ctx)`` (which absorbs a
+    prefix space a tokenizer adds to every text), when those are its first ids."""
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
-        self.cont = None
+        self.sp_cont = None
+        self.kwargs = {}
         if getattr(tok, "kind", "") == "sentencepiece":
             import sentencepiece as spm  # pylint: disable=import-outside-toplevel
             from sentencepiece import (  # pylint: disable=import-outside-toplevel
                 sentencepiece_model_pb2)
+            self.kwargs = {"num_threads": 1}
             proto = sentencepiece_model_pb2.ModelProto()
             proto.ParseFromString(tok.proto)
-            if proto.normalizer_spec.add_dummy_prefix:
-                proto.normalizer_spec.add_dummy_prefix = False
-                self.cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
-    def __call__(self, texts: list[str], conts: list[bool]) -> list[np.ndarray]:
+    def __call__(self, texts: list[str], conts: list[str]) -> list[np.ndarray]:
         out: list = [None] * len(texts)
-        plain = [i for i, c in enumerate(conts) if not (c and self.cont is not None)]
+        plain = [i for i, c in enumerate(conts) if not c]
         if plain:
-            kwargs = {"num_threads": 1} if getattr(self.tok, "kind", "") == \
-                "sentencepiece" else {}
             for i, ids in zip(plain, self.tok.encode_batch([texts[i] for i in plain],
-                                                           **kwargs)):
+                                                           **self.kwargs)):
                 out[i] = np.asarray(ids, np.int32)
-        rest = [i for i, c in enumerate(conts) if c and self.cont is not None]
-        if rest:
-            for i, ids in zip(rest, self.cont.encode([texts[i] for i in rest],
-                                                     num_threads=1)):
+        rest = [i for i, c in enumerate(conts) if c]
+        if rest and self.sp_cont is not None:
+            for i, ids in zip(rest, self.sp_cont.encode([texts[i] for i in rest],
+                                                        num_threads=1)):
                 out[i] = np.asarray(ids, np.int32)
+        elif rest:
+            joined = self.tok.encode_batch([conts[i] + texts[i] for i in rest])
+            heads = self.tok.encode_batch([conts[i] for i in rest])
+            for i, ids, head in zip(rest, joined, heads):
+                if list(ids[:len(head)]) == list(head):
+                    out[i] = np.asarray(ids[len(head):], np.int32)
+                else:  # the context merged into the part: encode the part alone
+                    out[i] = np.asarray(self.tok.encode(texts[i]), np.int32)
         return out
 
 
@@ -672,7 +682,7 @@ def _init_worker(state) -> None:
         _worker_encoder = e
 
 
-def _work(texts: list[str], conts: list[bool]) -> list[np.ndarray]:
+def _work(texts: list[str], conts: list[str]) -> list[np.ndarray]:
     if isinstance(_worker_encoder, Exception):
         raise _worker_encoder
     return _worker_encoder(texts, conts)
@@ -970,6 +980,7 @@ class _Job:
             score_h, content_h = hashlib.sha256(seed_prefix), hashlib.sha256()
             n_chars = n_bytes = 0
             first = True
+            ctx = ""  # "" for the first part, else the character before the part sent
             pending = None  # the previous part: sent once we know it is not the last
             for part in parts:
                 raw = part.encode("utf-8", "replace")
@@ -979,7 +990,8 @@ class _Job:
                 n_bytes += len(raw)
                 if pending is not None and mine:
                     job["texts"].append(pending)
-                    job["conts"].append(not first)
+                    job["conts"].append(ctx)
+                    ctx = pending[-1:]
                     job["events"].append(("part", u, len(pending), first, False, None, None))
                     size += len(pending)
                     first = False
@@ -998,7 +1010,7 @@ class _Job:
                 skip = (self.val_only and first and not tail and score != force
                         and score >= self.val_fraction)  # a held-out domain's train doc
                 job["texts"].append("" if skip else pending)
-                job["conts"].append(not first)
+                job["conts"].append("" if skip else ctx)
                 job["events"].append(("part", u, len(pending), first, True, score, digest))
                 size += len(pending)
             if reader["chars"] >= SHARD_CHARS or reader["docs"] >= SHARD_DOCS:
