@@ -4,29 +4,47 @@ Each document becomes ``[BOS] doc [EOS]``; the token streams of a split's docume
 concatenated and cut into rows of ``seq_len + 1`` tokens (the model reads ``row[:-1]`` and
 predicts ``row[1:]``). Alongside the tokens each row has segment ids: 1, 2, 3, ... for the
 documents within that row (a document that overflows a row continues in the next row under
-that row's first segment id), and 0 for the padding at the end of the last row of a split,
-the only padding there is. Padding tokens are the tokenizer's pad id (0 if it has none).
+that row's first segment id), and 0 for the padding at the end of the last row of each
+unit's split (see Units), the only padding there is. Padding tokens are the tokenizer's pad id (0 if it has none).
 
 The train/validation split is by document: a document goes to validation when a seeded
 hash of its text falls below ``val_fraction`` (so identical documents never straddle the
 split, and adding documents does not move the others). If that leaves validation empty
-but the domain has at least two documents, the train document with the smallest hash is
-moved to validation. A domain of one document (a book, a manual) is split inside it: the
-last ``val_fraction`` of its tokens (at least one) are its validation rows. So every
-domain has validation rows and training rows.
+but the domain has at least two documents, the train documents with the smallest hash
+(every copy of that text) are moved to validation. A domain of one document (a book, a
+manual, one text file) is split inside it: the last ``val_fraction`` of its tokens (at
+least one) are its validation rows. So every domain has validation rows and training rows.
+
+Units. The documents, in source order, are cut into units by the data alone: a unit ends
+at the first document boundary past ``SHARD_CHARS`` characters or ``SHARD_DOCS``
+documents. Each unit is packed on its own (its last row of each split padded), so the
+files do not depend on how many processes made them: ``workers`` tokenizer processes
+(one process reads, splits, packs and writes in order), or several hosts each writing
+its share of the units (``shard=(i, n)``: units ``u % n == i``) into
+``<data_dir>/.parts-<folder>/``, assembled by ``finalize_domain``. A text file is read
+and tokenized in parts (``sources.iter_long_documents``), so memory does not grow with
+its size; a long document's ids wait in a temporary file until its split is known.
 
 Layout, one folder per (domain, source content, tokenizer, seq_len, split settings)::
 
-    <data_dir>/<domain name>-<key[:12]>/train.array_record   one record per row:
-    <data_dir>/<domain name>-<key[:12]>/val.array_record       int32 [2, seq_len + 1] bytes
-    <data_dir>/<domain name>-<key[:12]>/meta.json              (tokens, segment_ids)
+    <data_dir>/<domain name>-<key[:12]>/train-NNNNN.array_record   unit NNNNN's rows:
+    <data_dir>/<domain name>-<key[:12]>/val-NNNNN.array_record     one record per row,
+    <data_dir>/<domain name>-<key[:12]>/meta.json                  int32 [2, seq_len + 1]
+                                                                   (tokens, segment_ids)
 
-``key`` hashes the normalized domain spec, the source fingerprint (file sizes/mtimes, TFDS
-files, or Python version for demos), the tokenizer's sha256 and the packing settings, so
-preparation is skipped when the same folder exists, and redone when anything changes. A
-folder is written under a temporary name and renamed when complete, so a failure (or a
-concurrent writer) never leaves a half-written dataset. In a multi-host run call it on
-every host with a shared data_dir (the rename makes that safe) or on one host first.
+(a unit with no row in a split has no file; ``meta.json`` lists each split's shards;
+folders of format 1 hold one ``train.array_record`` and are still read).
+
+``key`` hashes the domain's spec without where it lives (``sources.identity``), the
+source's content fingerprint (each file's size and sha256, hashed once and remembered by
+(path, size, mtime) in ``<data_dir>/file_hashes.json``; TFDS files; or the Python version
+for demos), the tokenizer's sha256, the packing settings and the unit size, so a touched
+or copied corpus reuses its folder and changed bytes make a new one. A folder is written
+under a temporary name (``.tmp-<folder>@host@pid@x``) and renamed when complete, so a
+failure (or a concurrent writer) never leaves a half-written dataset; a temporary folder
+whose process is gone is removed by the next preparation on its host. SIGTERM and Ctrl-C
+stop a preparation with ``PreparationStopped`` (one line), keeping complete folders and
+units.
 
 Integrity. ``meta.json`` records each array_record file's size and sha256 (``"files"``).
 Opening a prepared folder (``PackedRows``, so also a cache hit of ``prepare_domain``)
