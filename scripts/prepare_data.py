@@ -21,10 +21,12 @@ and exit status 130 or 143, keeping complete domains and shards and nothing half
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 
 from cpt_jax import cli
@@ -41,6 +43,30 @@ def _shard(text: str) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise cli.UserError(f"--shard {text}: i/n needs 0 <= i < n, e.g. --shard 0/{max(n, 1)}")
     return i, n
+
+
+@contextlib.contextmanager
+def _heartbeat(label: str, enabled: bool, every_s: float = 5.0):
+    """Says what is running and, every ``every_s`` seconds until it ends, for how long."""
+    if not enabled:
+        yield
+        return
+    done = threading.Event()
+    start = time.time()
+    print(f"{label} ...", file=sys.stderr, flush=True)
+
+    def beat():
+        while not done.wait(every_s):
+            print(f"{label}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    print(f"{label}: done in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def parse_args(argv):
@@ -79,10 +105,9 @@ def main(argv) -> dict:
     prepare.sources.use_hash_cache(data_dir)
     domains = [dict(d) for d in config.data.domains]
     start = time.time()
-    with prepare._stop_on_signals():  # pylint: disable=protected-access
-        if not args.no_progress:
-            print(f"tokenizer: loading or training on {len(domains)} domains ...",
-                  file=sys.stderr, flush=True)
+    with prepare._stop_on_signals(), _heartbeat(  # pylint: disable=protected-access
+            f"tokenizer: loading, or training on a sample of {len(domains)} domains",
+            not args.no_progress):
         tok = load_tokenizer(config, domains, data_dir)
     print(json.dumps({"tokenizer": tok.path, "vocab_size": tok.vocab_size,
                       "seconds": round(time.time() - start, 2)}), flush=True)
