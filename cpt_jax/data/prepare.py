@@ -595,7 +595,8 @@ def remove_dead_temps(data_dir: str) -> list[str]:
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """SIGTERM and SIGINT raise PreparationStopped (the main thread only)."""
+    """SIGTERM and SIGINT raise PreparationStopped (the main thread only, and only for a
+    signal whose current handler Python knows, so it can be restored)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -606,7 +607,15 @@ def _stop_on_signals():
             f"was kept (complete domains and shards stay in the cache), run it again to "
             f"go on.")
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # A handler installed outside Python could not be restored afterwards: such a signal
+    # is left alone (getsignal is None), and so is SIGTERM in a jax.distributed run, whose
+    # preemption sync manager catches it in C++ (Python cannot see that handler).
+    jax = sys.modules.get("jax")
+    distributed = jax is not None and getattr(getattr(jax, "distributed", None),
+                                              "is_initialized", lambda: False)()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(s) is not None
+                and not (s == signal.SIGTERM and distributed)}
     try:
         yield
     finally:
