@@ -61,7 +61,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         domains=[],  # e.g. [{"name": "en", "kind": "jsonl", "pattern": "...", "field": "text"}]
         cache_dir="",  # "" = <workdir>/data
-        val_fraction=0.05, split_seed=0))
+        val_fraction=0.05, split_seed=0,
+        # tokenizer processes per host for preparation (0 = the machine's cores); the
+        # prepared files are the same for any number
+        workers=0))
     # Tokenizer: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory
     # holding either. Empty: the pretrained checkpoint's own (init.*), else one trained on
     # all domains (model_type, character_coverage, sample_chars: cpt_jax.data.tokenizer).
@@ -171,6 +174,9 @@ def check_config(c) -> None:
     _need(0.0 < c.data.val_fraction < 1.0,
           f"data.val_fraction={c.data.val_fraction} must be in (0, 1): every domain needs "
           "validation rows for the loss matrix")
+    workers = c.data.get("workers", 0)
+    _need(isinstance(workers, int) and workers >= 0,
+          f"data.workers={workers!r} must be an int >= 0 (0 = the machine's cores)")
     _need(c.eval.max_rows >= 1 and c.eval.batch >= 1 and c.eval.every >= 0,
           f"eval.max_rows={c.eval.max_rows} and eval.batch={c.eval.batch} must be >= 1 "
           f"(every domain is evaluated on up to max_rows rows) and eval.every="

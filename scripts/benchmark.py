@@ -17,6 +17,12 @@ With --generate, it instead times decoding (cpt_jax.eval.decode_speed): new toke
 greedy ``cpt_jax.generate`` and its prefill time, and with --peer torch the same for
 transformers' ``generate`` on the same weights and prompts (their tokens must agree).
 
+With --prepare, it instead times data preparation (cpt_jax.data.prepare_bench): tokens/s
+of the bare tokenizer on one thread and of ``prepare_domain`` with 1 and --workers workers
+on the same documents (a --prepare_chars JSONL corpus built from the config's domains),
+the ratios the preparation issue targets, hours per 100B tokens per host, and with
+--prepare_memory_mb the peak memory of preparing a single-file text domain of that size.
+
 With --checkpoint_dir, it instead times saving the whole train state (params and AdamW
 moments) as a run checkpoint: blocking (the step loop waits for the write) against
 asynchronous (the loop waits only for the device-to-host copy; the write goes on in the
@@ -113,6 +119,18 @@ def parse_args(argv):
     ap.add_argument("--decode_batch", type=int, default=4, help="prompts per generate call")
     ap.add_argument("--prompt_len", type=int, default=32, help="prompt tokens (--generate)")
     ap.add_argument("--new_tokens", type=int, default=64, help="new tokens (--generate)")
+    ap.add_argument("--prepare", action="store_true",
+                    help="time data preparation instead (cpt_jax.data.prepare_bench): "
+                         "tokens/s of the bare tokenizer (one thread) and of prepare_domain "
+                         "with 1 and --workers workers on a corpus built from the config's "
+                         "domains")
+    ap.add_argument("--prepare_chars", type=float, default=30e6,
+                    help="characters of the --prepare corpus")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="workers of the second --prepare run (0: the machine's cores)")
+    ap.add_argument("--prepare_memory_mb", type=float, default=0,
+                    help="with --prepare, also the peak memory of preparing one text file "
+                         "of this many MB (a single document)")
     ap.add_argument("--loader", action="store_true",
                     help="time the input pipeline instead: rows/s the run's loader delivers "
                          "(cpt_jax.data.throughput) against rows/s the train step consumes")
@@ -586,6 +604,25 @@ def loader_vs_step(config, steps: int, warmup: int) -> dict:
     return out
 
 
+def prepare_speed(args) -> dict:
+    """``--prepare``: data preparation's tokens/s and memory (cpt_jax.data.prepare_bench)."""
+    import tempfile
+
+    from cpt_jax.data import prepare, prepare_bench
+    from cpt_jax.train.setup import load_tokenizer
+
+    config = args.config
+    workers = prepare.default_workers(args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = load_tokenizer(config, [dict(d) for d in config.data.domains], tmp)
+        result = prepare_bench.prepare_speed(config, tok, tmp, int(args.prepare_chars),
+                                             workers)
+        if args.prepare_memory_mb:
+            result["memory"] = prepare_bench.prepare_memory(config, tok, tmp,
+                                                            args.prepare_memory_mb)
+    return result
+
+
 def main(argv) -> int:
     if argv[:1] == ["--peer_worker"]:  # compare_peer's timed process of our step
         job, steps, warmup, out = argv[1:5]
@@ -601,6 +638,9 @@ def main(argv) -> int:
         print(json.dumps(result, indent=1))
     elif args.peer:  # prints its own table
         result = compare_peer(args.config, args.steps, args.warmup, args.peer_rounds)
+    elif args.prepare:
+        result = prepare_speed(args)
+        print(json.dumps(result, indent=1))
     elif args.loader:  # prints its own line
         result = loader_vs_step(args.config, args.steps, args.warmup)
     elif args.replay_selection:  # prints its own table

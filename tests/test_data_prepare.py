@@ -109,8 +109,8 @@ def test_prepare_roundtrip_and_split(tok, tmp_path):
                                  val_fraction=0.2, seed=3, progress=False)
     folder = os.path.dirname(out["train"].path)
     assert os.path.basename(folder).startswith("toy-") and len(os.path.basename(folder)) == 16
-    assert sorted(os.listdir(folder)) == ["meta.json", "train.array_record",
-                                          "val.array_record"]
+    assert sorted(os.listdir(folder)) == ["meta.json", "train-00000.array_record",
+                                          "val-00000.array_record"]
     meta = json.load(open(os.path.join(folder, "meta.json")))
     assert meta["seq_len"] == SEQ_LEN and meta["vocab_size"] == tok.vocab_size
     assert meta["tokenizer_sha256"] == tok.sha256 and meta["n_documents"] == 70
@@ -177,8 +177,8 @@ def test_prepare_is_skipped_the_second_time(tok, tmp_path, monkeypatch):
     mtime = os.stat(meta_path).st_mtime_ns
 
     calls = []
-    real = sources.iter_documents
-    monkeypatch.setattr(sources, "iter_documents",
+    real = sources.iter_long_documents
+    monkeypatch.setattr(sources, "iter_long_documents",
                         lambda d: (calls.append(d), real(d))[1])
     again = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, progress=False)
     assert calls == [] and os.stat(meta_path).st_mtime_ns == mtime
@@ -203,9 +203,9 @@ def test_failure_mid_way_leaves_no_output(tok, tmp_path, monkeypatch):
         for i, doc in enumerate(sources.REGISTRY["text_glob"].documents(sources.normalize_domain(d))):
             if i == 600:  # after some rows were written
                 raise OSError("disk on fire")
-            yield doc
+            yield iter((doc,))
 
-    monkeypatch.setattr(sources, "iter_documents", broken)
+    monkeypatch.setattr(sources, "iter_long_documents", broken)
     data_dir = tmp_path / "data"
     with pytest.raises(OSError, match="disk on fire"):
         prepare.prepare_domain(domain, tok, str(data_dir), SEQ_LEN, progress=False)
@@ -262,7 +262,8 @@ def test_preparation_is_deterministic(tok, tmp_path):
     a = prepare.prepare_domain(domain, tok, str(tmp_path / "a"), SEQ_LEN, progress=False)
     b = prepare.prepare_domain(domain, tok, str(tmp_path / "b"), SEQ_LEN, progress=False)
     for split in ("train", "val"):
-        assert open(a[split].path, "rb").read() == open(b[split].path, "rb").read()
+        assert [open(f, "rb").read() for f in a[split].files] == \
+            [open(f, "rb").read() for f in b[split].files]
     assert a["train"].meta["content_sha256"] == b["train"].meta["content_sha256"]
 
 
@@ -303,7 +304,7 @@ def _prepared(tok, tmp_path, n_docs=30):
     out = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
                                  progress=False)
     folder = os.path.dirname(out["train"].path)
-    files = {s: open(out[s].path, "rb").read() for s in ("train", "val")}
+    files = {s: open(out[s].files[0], "rb").read() for s in ("train", "val")}
     assert all(len(rows) > 0 for rows in out.values())
     return domain, data_dir, folder, files
 
@@ -322,7 +323,7 @@ def _reprepare_after_delete(domain, tok, data_dir, folder, files):
     assert os.path.dirname(out["train"].path) == folder
     assert os.listdir(data_dir) == [os.path.basename(folder)]  # no temp folders left
     for split, original in files.items():
-        assert open(out[split].path, "rb").read() == original
+        assert open(out[split].files[0], "rb").read() == original
         tokens, segs = out[split].read(np.arange(len(out[split])))
         assert tokens.shape == (len(out[split]), SEQ_LEN + 1)
 
@@ -332,13 +333,13 @@ def test_meta_records_file_sizes_and_hashes(tok, tmp_path):
     _, _, folder, files = _prepared(tok, tmp_path)
     meta = json.load(open(os.path.join(folder, "meta.json")))
     for split, data in files.items():
-        assert meta["files"][f"{split}.array_record"] == {
+        assert meta["files"][f"{split}-00000.array_record"] == {
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def test_truncated_file_is_reported_at_open(tok, tmp_path):
     domain, data_dir, folder, files = _prepared(tok, tmp_path)
-    path = os.path.join(folder, "train.array_record")
+    path = os.path.join(folder, "train-00000.array_record")
     opened = PackedRows(path)
     opened.read([0])  # array_record reader open before the damage
     os.truncate(path, len(files["train"]) // 2)
@@ -364,7 +365,7 @@ def test_truncated_file_in_folder_without_recorded_sizes(tok, tmp_path):
     meta = json.load(open(meta_path))
     del meta["files"]
     json.dump(meta, open(meta_path, "w"))
-    path = os.path.join(folder, "val.array_record")
+    path = os.path.join(folder, "val-00000.array_record")
     os.truncate(path, len(files["val"]) // 2)
     out = prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
                                  progress=False)  # same key: the folder is reused
@@ -380,7 +381,7 @@ def test_overwritten_bytes_never_come_back_as_rows(tok, tmp_path):
     delete, or the bytes were unused (block padding) and the rows come back intact."""
     import shutil
     domain, data_dir, folder, files = _prepared(tok, tmp_path)
-    path = os.path.join(folder, "train.array_record")
+    path = os.path.join(folder, "train-00000.array_record")
     original = files["train"]
     backup = str(tmp_path / "train.bak")
     shutil.copy(path, backup)
@@ -415,7 +416,7 @@ def test_overwritten_bytes_never_come_back_as_rows(tok, tmp_path):
 
 def test_deleted_file_in_complete_folder(tok, tmp_path):
     domain, data_dir, folder, files = _prepared(tok, tmp_path)
-    path = os.path.join(folder, "val.array_record")
+    path = os.path.join(folder, "val-00000.array_record")
     os.remove(path)
     with pytest.raises(prepare.CorruptDataError, match=r"is missing, though .*meta.json "
                                                         r"marks the folder") as e:
@@ -432,7 +433,7 @@ def test_unreadable_meta_json(tok, tmp_path):
     with pytest.raises(prepare.PrepareError, match=r"exists but is not a complete"):
         prepare.prepare_domain(domain, tok, data_dir, SEQ_LEN, val_fraction=0.2,
                                progress=False)
-    path = os.path.join(folder, "train.array_record")
+    path = os.path.join(folder, "train-00000.array_record")
     with pytest.raises(prepare.CorruptDataError, match=r"no readable description") as e:
         PackedRows(path)
     _assert_names_fix(e, path, folder)

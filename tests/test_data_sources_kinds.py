@@ -3,7 +3,9 @@ Parquet and Arrow, zstandard, gzip, ``datasets.save_to_disk``): the documents ex
 are the ones handed to the writer. Binary input through a text kind is refused."""
 
 import gzip
+import hashlib
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,8 +37,9 @@ def test_parquet_streams_row_groups_of_every_shard_in_order(tmp_path):
               "field": "content"}
     assert list(sources.iter_documents(domain)) == DOCS
     assert list(sources.iter_documents(dict(domain, max_docs=5))) == DOCS[:5]
-    assert [f[0] for f in sources.source_fingerprint(domain)["files"]] == [
-        str(p) for p in paths]
+    assert [tuple(f) for f in sources.source_fingerprint(domain)["files"]] == [  # content
+        (os.path.getsize(p), hashlib.sha256(open(p, "rb").read()).hexdigest())
+        for p in paths]
     with pytest.raises(DomainError, match=r"no column 'text' \(columns: \['id', 'content'\]\)"
                        r".*\"field\""):
         sources.validate_domain(dict(domain, field="text"))

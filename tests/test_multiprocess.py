@@ -268,3 +268,63 @@ def test_maybe_initialize_distributed_passes_only_set_fields(monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     sharding_lib.maybe_initialize_distributed(config)
     assert len(calls) == 2
+
+
+def test_two_processes_prepare_the_same_files_as_one(tmp_path):
+    """A two-process run prepares its data as one process does: each process tokenizes its
+    share of every domain's units into the shared cache, process 0 assembles them, and
+    the folders hold the same bytes as one process's."""
+    from cpt_jax.data import prepare
+    from cpt_jax.data import tokenizer as tk
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "x = 1", "\n", "déjà"]
+    (tmp_path / "src").mkdir()
+    for i in range(60):
+        (tmp_path / "src" / f"{i:03d}.txt").write_text(
+            " ".join(rng.choice(words, size=rng.integers(1, 150))))
+    domains = [{"name": "toy", "kind": "text_glob", "pattern": str(tmp_path / "src" / "*.txt")},
+               {"name": "docs", "kind": "demo", "demo": "python_docs", "max_chars": 20_000}]
+    tok = tk.train_tokenizer(domains, str(tmp_path / "tok"), 400, sample_chars=30_000)
+    (tmp_path / "cfg.py").write_text(
+        "from cpt_jax.run_config import default_config\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        "    c.model.vocab_size, c.seq_len = 400, 16\n"
+        f"    c.tokenizer.path = {tok.path!r}\n"
+        f"    c.data.domains = {domains!r}\n"
+        "    c.data.workers = 1\n"
+        "    c.tasks = [{'domain': 'toy', 'steps': 1}, {'domain': 'docs', 'steps': 1}]\n"
+        "    return c\n")
+    shard_chars = 4000  # several units per domain
+    script = os.path.join(REPO, "tests", "prepare_worker.py")
+    args = [str(tmp_path / "cfg.py"), str(tmp_path / "run"), str(shard_chars)]
+    for _ in range(2):
+        port = _free_port()
+        error = _run_all([(f"prep{i}", [*args, str(tmp_path / f"out{i}.json"),
+                                        "--coordinator", f"localhost:{port}",
+                                        "--num_processes", "2", "--process_id", str(i)],
+                           _env(1)) for i in range(2)], tmp_path, timeout=120, script=script)
+        if not error or "Failed to start RPC server" not in error:
+            break
+    assert error is None, error
+    outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    assert outs[0]["dirs"] == outs[1]["dirs"]
+    assert outs[0]["units"] and outs[1]["units"]  # both tokenized a share
+    assert not set(outs[0]["units"]) & set(outs[1]["units"])
+
+    saved = prepare.SHARD_CHARS
+    prepare.SHARD_CHARS = shard_chars
+    try:
+        one = prepare.prepare_domains(domains, tok, str(tmp_path / "one"), 16,
+                                      val_fraction=0.05, progress=False)
+    finally:
+        prepare.SHARD_CHARS = saved
+    for name, splits in one.items():
+        folder = os.path.dirname(splits["train"].path)
+        two = outs[0]["dirs"][name]
+        assert os.path.basename(two) == os.path.basename(folder)
+        assert sorted(os.listdir(two)) == sorted(os.listdir(folder))
+        for f in os.listdir(folder):
+            assert open(os.path.join(two, f), "rb").read() == \
+                open(os.path.join(folder, f), "rb").read(), (name, f)

@@ -99,7 +99,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
 def _run(config, workdir: str, allow_config_change: bool) -> dict:
     """``run`` once the config is checked and the workdir is this process's."""
     config_json = json.loads(config.to_json_best_effort())
-    fingerprints = data_fingerprints(config)
+    fingerprints = data_fingerprints(config, workdir)
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     resume_steps, peek, damaged = [], None, []
     if os.path.isdir(ckpt_dir):  # check before any data is prepared

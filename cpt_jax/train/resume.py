@@ -21,7 +21,8 @@ from cpt_jax.data import tokenizer as tokenizer_lib
 # microbatch split changes float reduction order, so results then match to rounding, not
 # bit for bit.)
 RESUME_FREE_KEYS = ("mesh", "sharding_rules", "distributed", "microbatches", "log_every",
-                    "checkpoint", "data.cache_dir", "save_final_params", "init", "model.remat")
+                    "checkpoint", "data.cache_dir", "data.workers", "save_final_params", "init",
+                    "model.remat")
 
 
 class WorkdirError(ValueError):
@@ -148,23 +149,48 @@ class PreemptionWatch:
         self._previous = {}
 
 
-def data_fingerprints(config) -> dict:
-    """What a run's data is, cheap to compute before anything is prepared: per domain the
-    sha256 of its source fingerprint (files' paths, sizes and mtimes, a TFDS build, or the
-    demo's Python version), and the content hash of the tokenizer when the run is given one
+def data_fingerprints(config, workdir: str | None = None) -> dict:
+    """What a run's data is, computed before anything is prepared: per domain the sha256
+    of its source fingerprint (its files' sizes and content hashes, a TFDS build, or the
+    demo's Python version; so a touched or copied corpus with the same bytes is the same
+    data), and the content hash of the tokenizer when the run is given one
     (``tokenizer.path`` or the pretrained checkpoint's; a tokenizer the run trains itself
-    follows from the domains and the config)."""
+    follows from the domains and the config). File hashes are remembered in the data
+    cache (``data.cache_dir``, else ``WORKDIR/data``) by (path, size, mtime): a re-check
+    reads nothing."""
     from cpt_jax.data import sources
 
+    data_dir = config.data.cache_dir or (os.path.join(workdir, "data") if workdir else None)
+    if data_dir and os.path.isdir(os.path.expanduser(data_dir)):
+        sources.use_hash_cache(data_dir)
     out = {}
     for d in config.data.domains:
         fp = sources.source_fingerprint(d)
         out[f"domain {d['name']}"] = hashlib.sha256(
             json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
+        _LEGACY[f"domain {d['name']}"] = _legacy_fingerprint(d)
     path = pretrained.tokenizer_path(config)
     if path is not None:
         out["tokenizer"] = tokenizer_lib.load_tokenizer(path).sha256
     return out
+
+
+# What checkpoints written before content fingerprints recorded for the same domains
+# (paths, sizes and mtimes): accepted while those files are unchanged.
+_LEGACY: dict = {}
+
+
+def _legacy_fingerprint(domain) -> str | None:
+    from cpt_jax.data import sources
+
+    d = sources.normalize_domain(domain)
+    if d["kind"] in ("demo", "tfds"):
+        return None
+    try:
+        fp = {"files": [sources.base.stat(p) for p in sources.list_files(d)]}
+    except (OSError, ValueError):
+        return None
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_same_data(stored: dict | None, current: dict, where: str, allow: bool) -> None:
@@ -173,9 +199,10 @@ def check_same_data(stored: dict | None, current: dict, where: str, allow: bool)
     recorded (``stored`` None) are not checked."""
     if stored is None or allow:
         return
-    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
+                     and (stored.get(k) is None or stored.get(k) != _LEGACY.get(k)))
     if changed:
         raise ConfigMismatch(
             f"{where} was trained on other data: {', '.join(changed)} changed since (files "
-            "added, removed or modified, or another tokenizer). Use a new --workdir for the "
+            "added, removed or their bytes modified, or another tokenizer). Use a new --workdir for the "
             "new data, or pass --allow_config_change to go on with it anyway.")

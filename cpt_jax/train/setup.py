@@ -136,29 +136,47 @@ def build_model(config, task_steps):
     return mcfg, mesh, rules, schedule, tx, shardings
 
 
+def prepare_data(config, workdir: str, recipe: Recipe | None = None) -> dict:
+    """The run's tokenizer (trained by process 0 first) and prepared domains, in
+    ``data.workers`` tokenizer processes per host. In a multi-process run every process
+    prepares its share of every domain's units into the shared cache, waits for the
+    others, process 0 assembles them (the same files as one process), and every process
+    then opens them."""
+    is_main = jax.process_index() == 0
+    n_proc = jax.process_count()
+    domains = [dict(d) for d in config.data.domains]
+    recipe = recipe or Recipe.of_config(config)
+    data_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
+    os.makedirs(data_dir, exist_ok=True)
+    prepare_lib.sources.use_hash_cache(data_dir)
+    if is_main:
+        tok = load_tokenizer(config, domains, data_dir)
+        # the copy that exports, evaluation and generation of this run use
+        tokenizer_lib.save_run_tokenizer(tok, workdir, config.model.max_seq_len)
+    checkpoint_lib.sync_processes("cpt_jax_tokenizer_ready")
+    if not is_main:  # a cache hit now: never two writers of one tokenizer
+        tok = load_tokenizer(config, domains, data_dir)
+    kwargs = dict(seq_len=config.seq_len, val_fraction=config.data.val_fraction,
+                  seed=config.data.split_seed, val_only=recipe.heldout,
+                  workers=config.data.get("workers", 0))
+    if n_proc > 1:
+        prepare_lib.prepare_domains(domains, tok, data_dir, progress=is_main,
+                                    shard=(jax.process_index(), n_proc), finalize=False,
+                                    **kwargs)
+        checkpoint_lib.sync_processes("cpt_jax_data_shards_prepared")
+        if is_main:
+            prepare_lib.finalize_domains(domains, tok, data_dir, progress=is_main, **kwargs)
+        checkpoint_lib.sync_processes("cpt_jax_data_prepared")
+    return prepare_lib.prepare_domains(domains, tok, data_dir, progress=is_main, **kwargs)
+
+
 def prepare_run(config, workdir: str) -> RunParts:
     """Tokenize and pack the data (process 0 first, the others then read its cache), build
     the sampler, mesh, optimizer and state shardings."""
-    is_main = jax.process_index() == 0
     domains = [dict(d) for d in config.data.domains]
     names = [d["name"] for d in domains]
     recipe = Recipe.of_config(config)
-    data_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
-    os.makedirs(data_dir, exist_ok=True)
-
-    def prepare():
-        tok = load_tokenizer(config, domains, data_dir)
-        if is_main:  # the copy that exports, evaluation and generation of this run use
-            tokenizer_lib.save_run_tokenizer(tok, workdir, config.model.max_seq_len)
-        return prepare_lib.prepare_domains(domains, tok, data_dir, config.seq_len,
-                                           config.data.val_fraction, config.data.split_seed,
-                                           progress=is_main, val_only=recipe.heldout)
-
-    if is_main:
-        prepared = prepare()
-    checkpoint_lib.sync_processes("cpt_jax_data_prepared")
-    if not is_main:  # a cache hit now: never two writers on one cache
-        prepared = prepare()
+    prepared = prepare_data(config, workdir, recipe)
     tasks = [dict(t) for t in config.tasks]
     task_names, slot_names = list(recipe.task_names), list(recipe.slots)
     train_sources = [prepared[n]["train"] for n in slot_names]

@@ -17,12 +17,14 @@ kind is one ``SourceKind`` subclass in its own module and one entry in
 ``registry.REGISTRY``.
 """
 
-from cpt_jax.data.sources.base import DomainError, SourceKind
+from cpt_jax.data.sources.base import DomainError, SourceKind, use_hash_cache
 from cpt_jax.data.sources.demo import DEFAULT_DEMO_MAX_CHARS, DEMO_VERSION, DEMOS
-from cpt_jax.data.sources.registry import (KINDS, REGISTRY, iter_documents, kind_of,
-                                           list_files, normalize_domain, source_fingerprint,
+from cpt_jax.data.sources.registry import (KINDS, REGISTRY, identity, iter_documents,
+                                           iter_long_documents, kind_of, list_files,
+                                           normalize_domain, source_fingerprint,
                                            validate_domain)
 
 __all__ = ["DEFAULT_DEMO_MAX_CHARS", "DEMO_VERSION", "DEMOS", "DomainError", "KINDS",
-           "REGISTRY", "SourceKind", "iter_documents", "kind_of", "list_files",
-           "normalize_domain", "source_fingerprint", "validate_domain"]
+           "REGISTRY", "SourceKind", "identity", "iter_documents", "iter_long_documents",
+           "kind_of", "list_files", "normalize_domain", "source_fingerprint",
+           "use_hash_cache", "validate_domain"]

@@ -46,6 +46,7 @@ DEMO_VERSION = 1
 class Demo(SourceKind):
     name = "demo"
     required = ("demo",)
+    location = ()
 
     def default_name(self, d):
         return d["demo"]

@@ -68,6 +68,7 @@ class HfDataset(SourceKind):
     name = "hf_dataset"
     required = ("path",)
     optional = ("split", "field")
+    location = ("path",)
 
     def normalize(self, d):
         d["path"] = str(d["path"])

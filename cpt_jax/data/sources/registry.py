@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from cpt_jax.data.sources.base import DomainError, SourceKind
+from cpt_jax.data.sources.base import DomainError, SourceKind, save_hash_cache
 from cpt_jax.data.sources.demo import Demo
 from cpt_jax.data.sources.hf_dataset import HfDataset
 from cpt_jax.data.sources.jsonl import Jsonl
@@ -101,6 +101,33 @@ def iter_documents(domain: Any) -> Iterator[str]:
         yield doc
 
 
+def iter_long_documents(domain: Any) -> Iterator[Iterator[str]]:
+    """Like ``iter_documents``, but each document is an iterator of its text in parts
+    (their concatenation is the document), so a document of any size is read in bounded
+    memory: a ``text_glob`` file comes in parts of about ``text_glob.PART_CHARS``
+    characters cut at paragraph or line boundaries; other kinds' documents are one part.
+    Consume each document before asking for the next. Same caps as ``iter_documents``."""
+    d = normalize_domain(domain)
+    kind = kind_of(d)
+    docs = (kind.document_parts(d) if hasattr(kind, "document_parts")
+            else (iter((doc,)) for doc in kind.documents(d)))
+    n_docs = 0
+    counted = [0]
+    for parts in docs:
+        if d["max_docs"] is not None and n_docs >= d["max_docs"]:
+            return
+        if d["max_chars"] is not None and counted[0] >= d["max_chars"]:
+            return
+        n_docs += 1
+        yield _counting(parts, counted)
+
+
+def _counting(parts: Iterator[str], counted: list) -> Iterator[str]:
+    for part in parts:
+        counted[0] += len(part)
+        yield part
+
+
 def validate_domain(domain: Any) -> dict:
     """Checks a domain cheaply (spec, files, first document) and returns the normalized spec.
 
@@ -117,9 +144,23 @@ def validate_domain(domain: Any) -> dict:
 
 
 def source_fingerprint(domain: Any) -> dict:
-    """A JSON-able description of the source content, cheap to compute: (path, size,
-    mtime_ns) of each file a domain reads; for tfds the dataset name/version and its
-    files; for demos the Python and Unicode data versions and the stdlib files read. Any
-    change to a source changes the fingerprint, and with it the prepared-data folder."""
+    """A JSON-able description of the source content: (size, sha256) of each file a
+    domain reads, in reading order; for tfds the dataset name/version and its files; for
+    demos the Python and Unicode data versions and the stdlib files read. Any change to
+    a source's bytes changes the fingerprint (and with it the prepared-data folder and a
+    run's resume check); a touched or copied corpus with the same bytes keeps it. Each file
+    is hashed once: its hash is remembered by (real path, size, mtime) in memory and in
+    the data cache's ``file_hashes.json`` (``base.use_hash_cache``)."""
     d = normalize_domain(domain)
-    return kind_of(d).fingerprint(d)
+    try:
+        return kind_of(d).fingerprint(d)
+    finally:
+        save_hash_cache()
+
+
+def identity(domain: Any) -> dict:
+    """The normalized spec without the keys that only say where the data lives
+    (``SourceKind.location``: a file pattern, a dataset path): with the content
+    fingerprint, what the prepared data's key is made of."""
+    d = normalize_domain(domain)
+    return {k: v for k, v in d.items() if k not in kind_of(d).location}

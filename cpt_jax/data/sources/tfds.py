@@ -13,13 +13,14 @@ import glob
 import os
 from collections.abc import Iterator, Mapping
 
-from cpt_jax.data.sources.base import DomainError, SourceKind, stat
+from cpt_jax.data.sources.base import DomainError, SourceKind, content
 
 
 class Tfds(SourceKind):
     name = "tfds"
     required = ("tfds_name",)
     optional = ("split", "feature", "data_dir", "download")
+    location = ("data_dir", "download")
 
     def default_name(self, d):
         return d["tfds_name"].replace("/", "-").replace(":", "-")
@@ -36,7 +37,8 @@ class Tfds(SourceKind):
     def fingerprint(self, d):
         builder = _tfds_builder(d)
         files = sorted(glob.glob(os.path.join(str(builder.data_path), "*")))
-        return {"tfds": builder.info.full_name, "files": [stat(p) for p in files]}
+        return {"tfds": builder.info.full_name,
+                "files": [(os.path.basename(p), *content(p)) for p in files]}
 
     def describe(self, d):
         return f"tfds {d['tfds_name']!r} split {d['split']!r}"
