@@ -313,3 +313,34 @@ def test_safetensors_written_here_are_checked_on_load(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"model.safetensors: tensor \S+ does not match the sha256"):
         load_hf_llama(out)
+
+
+def test_damaged_corpus_files_are_named(tmp_path):
+    """A truncated .jsonl.gz (EOFError) and a lone surrogate escape ("Unable to cast Python
+    instance" in the tokenizer) used to end in tracebacks that named no file."""
+    import gzip
+
+    from cpt_jax.data import sources
+
+    cut = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress(b'{"text": "hello world"}\n' * 2000)
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(sources.DomainError, match=r"cut.jsonl.gz cannot be read to its end"):
+        list(sources.iter_documents({"name": "g", "kind": "jsonl", "pattern": str(cut)}))
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"text": "fine"}\n{"text": "half \\ud800 pair"}\n')
+    spec = {"name": "s", "kind": "jsonl", "pattern": str(lone)}
+    with pytest.raises(sources.DomainError, match=r"lone.jsonl:2 holds a lone surrogate"):
+        list(sources.iter_documents(spec))
+    assert list(sources.iter_documents({**spec, "encoding_errors": "replace"})) == [
+        "fine", "half \ufffd pair"]
+
+
+def test_a_truncated_results_json_is_named(tmp_path, capsys):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "results.json").write_text('{"domains": ["en"], "config": {')
+    c = _tiny(tmp_path)
+    with pytest.raises(ValueError, match=r"results.json is not a valid results.json"):
+        run(c, str(work))
+    assert sorted(os.listdir(work)) == ["results.json"]

@@ -40,7 +40,7 @@ from cpt_jax.replay.buffer import Boundary, ReplayPool, buffer_bytes
 from cpt_jax.replay.features import make_feature_step
 from cpt_jax.run_config import check_config, check_mesh
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.train.resume import (PreemptionWatch, Preempted, TrainingDiverged,
+from cpt_jax.train.resume import (ConfigMismatch, PreemptionWatch, Preempted, TrainingDiverged,
                                   check_resume_config, check_same_data, check_workdir,
                                   data_fingerprints)
 from cpt_jax.train.results import Progress, make_results, tokens_by_domain
@@ -112,8 +112,13 @@ def _run(config, workdir: str, allow_config_change: bool) -> dict:
                             allow_config_change)
     results_path = os.path.join(workdir, "results.json")
     if not resume_steps and os.path.exists(results_path):  # results but no checkpoint
-        with open(results_path) as f:
-            written_by = json.load(f).get("config", {})
+        try:
+            with open(results_path) as f:
+                written_by = json.load(f).get("config", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ConfigMismatch(f"{results_path} is not a valid results.json ({e}); the "
+                                 "workdir holds a damaged run: use a new --workdir, or move "
+                                 "the file away to run here again") from None
         check_resume_config(written_by, config_json, f"workdir {workdir} (its results.json)",
                             allow_config_change)
 

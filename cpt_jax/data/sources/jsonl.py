@@ -11,10 +11,29 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterator
 
 from cpt_jax.data.sources.base import (DomainError, SourceKind, as_patterns, glob_files,
                                        open_binary, refuse_binary)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(text: str, d: dict, path: str, lineno: int) -> str:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no character: no
+    tokenizer can encode it. Replaced by U+FFFD with ``encoding_errors="replace"``, else
+    refused naming the line."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        if d["encoding_errors"] != "strict":
+            return _SURROGATE.sub("\ufffd", text)
+        raise DomainError(f"Domain {d['name']!r}: {path}:{lineno} holds a lone surrogate "
+                          "escape (half of a UTF-16 pair, e.g. \\ud800), which is not text; "
+                          "fix the line or set \"encoding_errors\": \"replace\".") from None
+
 
 class Jsonl(SourceKind):
     name = "jsonl"
@@ -58,7 +77,14 @@ class Jsonl(SourceKind):
                     if not isinstance(text, str):
                         raise DomainError(f"Domain {name!r}: {path}:{lineno} field "
                                           f"{field!r} is a {type(text).__name__}, not text.")
-                    yield text
+                    yield _no_lone_surrogates(text, d, path, lineno)
             except UnicodeDecodeError as e:
                 raise DomainError(f"Domain {name!r}: {path} is not valid UTF-8 ({e}); fix "
                                   f"the file or set \"encoding_errors\": \"replace\".") from None
+            except (EOFError, OSError, ValueError) as e:
+                if isinstance(e, DomainError):
+                    raise
+                raise DomainError(f"Domain {name!r}: {path} cannot be read to its end "
+                                  f"({' '.join(str(e).split()) or type(e).__name__}); the file "
+                                  "is truncated or damaged: copy it again or leave it out of "
+                                  "the pattern.") from None
