@@ -374,8 +374,9 @@ class RunCheckpointer:
 
         An error of an earlier asynchronous save is raised here (as CheckpointError)."""
         items = dict(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress),
-                     config=ocp.args.JsonSave(config),
-                     sums=ocp.args.JsonSave(params_checksums(state.params)))
+                     config=ocp.args.JsonSave(config))
+        if hasattr(state, "params"):  # a TrainState (any other tree is saved unchecked)
+            items["sums"] = ocp.args.JsonSave(params_checksums(state.params))
         for name, arrays in (("der", der), ("pool", pool)):
             if arrays is not None:
                 items[name] = ocp.args.StandardSave(arrays)
@@ -434,7 +435,7 @@ class RunCheckpointer:
         if "sums" in meta.keys():  # checkpoints written before checksums have none
             items["sums"] = ocp.args.JsonRestore()
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        if out.get("sums") is not None:
+        if out.get("sums") is not None and hasattr(out["state"], "params"):
             got = params_checksums(out["state"].params)
             bad = [k for k, v in out["sums"].items() if got.get(k) != list(v)]
             if bad:
