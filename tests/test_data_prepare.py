@@ -11,17 +11,14 @@ import pytest
 from cpt_jax.data import prepare, sources
 from cpt_jax.data import tokenizer as tk
 from cpt_jax.data.prepare import PackedRows, pack_documents
-from tiny_runs import load_script
+from tiny_runs import demo_tokenizer, load_script
 
 SEQ_LEN = 16
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    domains = [{"kind": "demo", "demo": name, "max_chars": 20_000}
-               for name in ("python_docs", "python_code")]
-    return tk.train_tokenizer(domains, str(tmp_path_factory.mktemp("tok") / "t"), 400,
-                              sample_chars=40_000)
+    return demo_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def _docs(n=40, seed=0):

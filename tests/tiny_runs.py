@@ -44,3 +44,13 @@ def tiny_run_config(domains_json: str, cache: str, *, vocab_size: int, steps: in
     ``steps`` steps per task, a checkpoint every 2 steps, the last ``keep`` kept."""
     return _CONFIG.format(domains=domains_json, cache=cache, vocab_size=vocab_size,
                           steps=steps, keep=keep)
+
+
+def demo_tokenizer(folder: str, vocab_size: int = 400):
+    """A small BPE tokenizer trained on the demo's prose and code (offline text)."""
+    from cpt_jax.data import tokenizer as tk
+
+    domains = [{"kind": "demo", "demo": name, "max_chars": 20_000}
+               for name in ("python_docs", "python_code")]
+    return tk.train_tokenizer(domains, os.path.join(str(folder), "t"), vocab_size,
+                              sample_chars=40_000)

@@ -2,8 +2,8 @@
 transformers' ``generate`` on the same weights and prompts (``--peer torch``).
 
 Both sides decode greedily from the same random-initialised model (ours exported with
-``save_hf_llama``), ``batch`` prompts of ``prompt_len`` random tokens, exactly
-``new_tokens`` new tokens each (no EOS), and must produce the same tokens: a check that
+``save_hf_llama``; transformers runs alone in its own process), ``batch`` prompts of
+``prompt_len`` random tokens, exactly ``new_tokens`` new tokens each (no EOS), and must produce the same tokens: a check that
 the two run the same model. Reported: new tokens per second of a whole ``generate`` call
 (prefill included), the median of ``repeats`` calls after one untimed call (which
 compiles ours), and the prefill-only time (one new token).
@@ -11,8 +11,11 @@ compiles ours), and the prefill-only time (one new token).
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -55,28 +58,49 @@ def decode_speed(mcfg: model_lib.LlamaConfig, *, batch: int, prompt_len: int,
 
 
 def _torch_decode(mcfg, params, prompts, new_tokens, repeats, ours_out):
-    from cpt_jax import peer_torch
+    """transformers' greedy generate, timed alone in its own process (``python -m
+    cpt_jax.eval.decode_speed``) on our weights exported to a temporary folder."""
     from cpt_jax.hf import save_hf_llama
 
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_llama(mcfg, jax.device_get(params), os.path.join(tmp, "m"), dtype="float32")
+        job = os.path.join(tmp, "job.json")
+        with open(job, "w") as f:
+            json.dump({"model": os.path.join(tmp, "m"), "prompts": prompts,
+                       "new_tokens": new_tokens, "repeats": repeats}, f)
+        subprocess.run([sys.executable, "-m", "cpt_jax.eval.decode_speed", job], check=True)
+        with open(job + ".out") as f:
+            out = json.load(f)
+    same = sum(a == b for a, b in zip(out.pop("tokens"), ours_out)) / len(prompts)
+    return out, same
+
+
+def _torch_worker(job_path: str) -> None:
+    from cpt_jax import peer_torch
+
+    with open(job_path) as f:
+        job = json.load(f)
     torch, transformers = peer_torch.require()
     torch.set_num_threads(peer_torch.cpu_threads())
     transformers.utils.logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_hf_llama(mcfg, jax.device_get(params), os.path.join(tmp, "m"),
-                             dtype="float32")
-        model = transformers.LlamaForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32).eval()
-    ids = torch.tensor(prompts)
+    model = transformers.LlamaForCausalLM.from_pretrained(job["model"],
+                                                          dtype=torch.float32).eval()
+    ids = torch.tensor(job["prompts"])
+    n = job["new_tokens"]
 
-    def run(n):
+    def run(k):
         with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, eos_token_id=None,
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                                  min_new_tokens=k, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)
 
-    got = run(new_tokens)[:, ids.shape[1]:].tolist()
-    theirs = {"new_tokens_per_s": len(prompts) * new_tokens / _median_seconds(
-        lambda: run(new_tokens), repeats),
-        "prefill_s": _median_seconds(lambda: run(1), repeats)}
-    same = sum(a == b for a, b in zip(got, ours_out)) / len(got)
-    return theirs, same
+    out = {"tokens": run(n)[:, ids.shape[1]:].tolist(),
+           "new_tokens_per_s": len(job["prompts"]) * n / _median_seconds(
+               lambda: run(n), job["repeats"]),
+           "prefill_s": _median_seconds(lambda: run(1), job["repeats"])}
+    with open(job_path + ".out", "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    _torch_worker(sys.argv[1])
