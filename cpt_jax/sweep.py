@@ -28,11 +28,13 @@ import statistics
 import sys
 from typing import Sequence
 
-from cpt_jax import atomic, cli, pretrained
+from cpt_jax import atomic, cli, pretrained, results_file
+from cpt_jax.eval.metrics import training_flops
 from cpt_jax.presets import model_preset
+from cpt_jax.replay.rates import task_steps
 
 INDEX_FILE = "index.json"
-RESULTS_FILE = "results.json"
+RESULTS_FILE = results_file.FILE
 
 
 @dataclasses.dataclass
@@ -99,9 +101,6 @@ def point_config(spec: str, shared: Sequence[tuple[str, str]], point: Point):
 def config_flops(config) -> float:
     """Training FLOPs of a run of ``config``: trained tokens x FLOPs per token, as the run
     records them (``results["compute"]["flops"]``)."""
-    from cpt_jax.eval.metrics import training_flops
-    from cpt_jax.replay.rates import task_steps
-
     steps = sum(task_steps(config, [dict(t) for t in config.tasks]))
     return training_flops(pretrained.model_config(config),
                           steps * config.global_batch * config.seq_len, config.seq_len)
@@ -145,12 +144,12 @@ def match_flops(spec: str, shared, points: list[Point], budget: str) -> float:
 
 
 def is_complete(workdir: str) -> bool:
-    """True when ``workdir/results.json`` exists, parses and has a loss row per task."""
+    """True when ``workdir/results.json`` is readable (``results_file.read``: it exists,
+    parses and is of a schema version this code reads) and has a loss row per task."""
     try:
-        with open(os.path.join(workdir, RESULTS_FILE)) as f:
-            results = json.load(f)
+        results = results_file.read(workdir, require=("loss_matrix", "tasks"))
         return len(results["loss_matrix"]) == len(results["tasks"]) > 0
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, TypeError):  # ResultsError is a ValueError
         return False
 
 

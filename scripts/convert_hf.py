@@ -25,6 +25,7 @@ import os
 import sys
 
 
+from cpt_jax import results_file
 from cpt_jax.data.tokenizer import (KINDS, TokenizerError, find_run_tokenizer, load_tokenizer,
                                     save_run_tokenizer)
 from cpt_jax.hf import DEFAULT_MAX_SHARD_BYTES, load_hf_llama, save_hf_llama
@@ -60,7 +61,7 @@ def orbax_to_hf(ckpt: str, out: str, dtype: str | None = None, overwrite: bool =
                   overwrite=overwrite, tokenizer=tokenizer)
     if tokenizer is None:
         print(f"warning: {out} has no tokenizer: none was given and none could be found from "
-              f"{ckpt}/../results.json, so AutoTokenizer.from_pretrained({out!r}) will fail; "
+              f"{ckpt}/../{results_file.FILE}, so AutoTokenizer.from_pretrained({out!r}) will fail; "
               "rerun with --tokenizer PATH (the tokenizer the model was trained with)",
               file=sys.stderr)
     return config

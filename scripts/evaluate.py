@@ -34,7 +34,7 @@ import os
 import sys
 
 
-from cpt_jax import atomic
+from cpt_jax import atomic, results_file
 from cpt_jax.data.tokenizer import TokenizerError, find_run_tokenizer, load_tokenizer
 from cpt_jax.eval import downstream, lm_eval_task
 from cpt_jax.hf import save_hf_llama
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             return fail(str(e))
     elif tasks:
         return fail("no tokenizer: pass --tokenizer PATH (the run's tokenizer); "
-                    f"it could not be found from {args.ckpt}/../results.json")
+                    f"it could not be found from {args.ckpt}/../{results_file.FILE}")
 
     config, params = load_params(args.ckpt)
     if tasks:
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             return fail(str(e))
         if tok is None:
             print(f"warning: {args.hf_export} has no tokenizer: none was given and none could "
-                  f"be found from {args.ckpt}/../results.json, so AutoTokenizer will fail on "
+                  f"be found from {args.ckpt}/../{results_file.FILE}, so AutoTokenizer will fail on "
                   "it; pass --tokenizer PATH (the run's tokenizer)", file=sys.stderr)
         print(f"wrote Hugging Face checkpoint {args.hf_export}")
         print("evaluate it with lm-evaluation-harness (pip install 'lm_eval[hf]' torch):")

@@ -31,7 +31,6 @@ Writes into --out (all at once; an interrupted run leaves nothing):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -40,7 +39,7 @@ import types
 
 import numpy as np
 
-from cpt_jax import atomic, cli
+from cpt_jax import atomic, cli, results_file
 
 
 def _fail(what: str) -> None:
@@ -62,10 +61,19 @@ def resolve_ckpt(path: str) -> tuple[str, str]:
             _fail(f"--ckpt {path}: neither a params checkpoint (no {CONFIG_FILE}) nor a run "
                   "with final_params; train with --config.save_final_params=True or give a "
                   "params checkpoint")
-    if not os.path.isfile(os.path.join(workdir, "results.json")):
-        _fail(f"--ckpt {path}: {workdir}/results.json not found, so the run's data is "
+    if not os.path.isfile(results_file.path(workdir)):
+        _fail(f"--ckpt {path}: {results_file.path(workdir)} not found, so the run's data is "
               "unknown; give a run's workdir (or its final_params) from scripts/train.py")
     return ckpt, workdir
+
+
+def read_results(workdir: str, ckpt_arg: str) -> dict:
+    """The run's results.json (``results_file.read``); a file that cannot be used is the
+    one error line of ``--ckpt``."""
+    try:
+        return results_file.read(workdir, require=("config",))
+    except results_file.ResultsError as e:
+        _fail(f"--ckpt {ckpt_arg}: {e}")
 
 
 def parse_lists(args, run_domains: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -92,8 +100,7 @@ def load_run(workdir: str):
     from cpt_jax.data import tokenizer as tokenizer_lib
     from cpt_jax.train.setup import load_tokenizer
 
-    with open(os.path.join(workdir, "results.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f)["config"])
+    config = ml_collections.ConfigDict(results_file.read_config(workdir))
     domains = [dict(d) for d in config.data.domains]
     data_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
     own = os.path.join(workdir, tokenizer_lib.RUN_TOKENIZER_DIR)  # the run's copy
@@ -220,8 +227,8 @@ def main(argv=None) -> int:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
         _fail(f"--out {out} exists and is not empty; pass --overwrite or another --out")
     ckpt, workdir = resolve_ckpt(args.ckpt)
-    with open(os.path.join(workdir, "results.json")) as f:
-        run_domains = [d["name"] for d in json.load(f)["config"]["data"]["domains"]]
+    run_results = read_results(workdir, args.ckpt)
+    run_domains = [d["name"] for d in run_results["config"]["data"]["domains"]]
     domains, recs = parse_lists(args, run_domains)
 
     from cpt_jax import modules, sharding as sharding_lib
@@ -273,9 +280,8 @@ def main(argv=None) -> int:
         result["recompositions"][name] = {
             "domains": parts, "density": float(modules.density(rec_masks[name])),
             "losses": modules.domain_losses(eval_step, params, rec_masks[name], eval_sets)}
-    with open(os.path.join(workdir, "results.json")) as f:
-        result["forgetting_vs_overlap"] = forgetting_vs_overlap(json.load(f), domains,
-                                                                result["overlap"]["matrix"])
+    result["forgetting_vs_overlap"] = forgetting_vs_overlap(run_results, domains,
+                                                            result["overlap"]["matrix"])
     result["seconds"] = round(time.perf_counter() - t0, 1)
 
     tmp = out.rstrip("/") + ".tmp"

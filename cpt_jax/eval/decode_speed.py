@@ -23,7 +23,9 @@ import jax
 import numpy as np
 
 from cpt_jax import model as model_lib
+from cpt_jax import peer_torch
 from cpt_jax.generate import generate
+from cpt_jax.hf import save_hf_llama
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -60,8 +62,6 @@ def decode_speed(mcfg: model_lib.LlamaConfig, *, batch: int, prompt_len: int,
 def _torch_decode(mcfg, params, prompts, new_tokens, repeats, ours_out):
     """transformers' greedy generate, timed alone in its own process (``python -m
     cpt_jax.eval.decode_speed``) on our weights exported to a temporary folder."""
-    from cpt_jax.hf import save_hf_llama
-
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_llama(mcfg, jax.device_get(params), os.path.join(tmp, "m"), dtype="float32")
         job = os.path.join(tmp, "job.json")
@@ -76,8 +76,6 @@ def _torch_decode(mcfg, params, prompts, new_tokens, repeats, ours_out):
 
 
 def _torch_worker(job_path: str) -> None:
-    from cpt_jax import peer_torch
-
     with open(job_path) as f:
         job = json.load(f)
     torch, transformers = peer_torch.require()

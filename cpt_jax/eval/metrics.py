@@ -68,6 +68,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cpt_jax.data.recipe import Recipe
+
 INIT_KEYS = ("hf", "orbax", "checkpoint")  # config.init sources of a pre-trained start
 
 
@@ -269,7 +271,6 @@ def _recipe(results: dict):
     config = results.get("config") or {}
     if not results.get("columns") or config.get("joint") or not config.get("tasks"):
         return None
-    from cpt_jax.data.recipe import Recipe  # pylint: disable=import-outside-toplevel
     return Recipe.of_config(config)
 
 

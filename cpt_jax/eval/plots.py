@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cpt_jax.eval import scaling
 from cpt_jax.eval.metrics import COLUMN_MARKS, column_labels
 
 
@@ -214,8 +215,6 @@ def plot_scaling(cells: Sequence[dict], fits: Sequence[dict], path: str,
     curve per replay rate across model sizes; right, one curve per model size across
     replay rates. Markers are cell means with standard-error bars over seeds; dotted lines
     are the power-law fits L = a (C / C0)^-b + c of ``fits`` (``scaling.fit_curves``)."""
-    from cpt_jax.eval import scaling
-
     fig = _figure((11, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     fit_of = {f["curve"]: f["fit"] for f in fits}

@@ -28,16 +28,18 @@ and the model config (``metrics.training_flops``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Sequence
 
-from cpt_jax import atomic
+from cpt_jax import atomic, results_file
 from cpt_jax.eval import metrics as metrics_lib
 from cpt_jax.eval import plots
+from cpt_jax.eval.run_info import (method_label, model_config, replay_rate_done,
+                                   training_flops_of)
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = results_file.FILE
+REQUIRED_KEYS = ("domains", "tasks", "loss_matrix", "eval_curve")  # what a report reads
 
 COLUMNS = [  # (row key, table header)
     ("run", "run"), ("method", "method"), ("replay_rate", "replay rate"),
@@ -69,76 +71,10 @@ DEFINITIONS = (
 
 
 def load_results(run_dir: str) -> dict:
-    """``RUN_DIR/results.json`` parsed; errors name the directory and what to do."""
-    path = os.path.join(run_dir, RESULTS_FILE)
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"run directory {run_dir} has no {RESULTS_FILE}: it is written when "
-            f"`scripts/train.py --workdir {run_dir}` finishes (a run still in progress or one "
-            "that crashed has none); pass the --workdir of a finished run")
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run or restore it") from None
-    missing = [k for k in ("domains", "tasks", "loss_matrix", "eval_curve") if k not in results]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; it is not a cpt_jax results.json")
-    return results
-
-
-def model_config(results: dict):
-    """The run's ``LlamaConfig`` from ``results["config"]["model"]``, or None if absent."""
-    from cpt_jax.model import LlamaConfig
-
-    model = (results.get("config") or {}).get("model")
-    if not model:
-        return None
-    names = {f.name for f in dataclasses.fields(LlamaConfig)}
-    return LlamaConfig.from_dict({k: v for k, v in model.items() if k in names})
-
-
-def method_label(config: dict, method=None) -> str:
-    """A method name for the table: "joint" for a joint run; else the methods the run
-    selected (results' top-level ``method``, or ``config.method``: a string or a dict's
-    ``name``, e.g. "replay+reptile") unless that is plain "replay"; else ``config.name``;
-    else "replay" / "sequential" from the replay rate."""
-    if config.get("joint"):
-        return "joint"
-    method = method or config.get("method")
-    if isinstance(method, dict):
-        method = method.get("name")
-    if method and method != "replay":
-        return str(method)
-    if config.get("name"):
-        return str(config["name"])
-    rate = (config.get("replay") or {}).get("rate")
-    return "replay" if rate else "sequential"
-
-
-def training_flops_of(results: dict) -> float | None:
-    """Training FLOPs of a run: recorded by the run, or recomputed from its token counts."""
-    compute = results.get("compute") or {}
-    if compute.get("flops") is not None:
-        return float(compute["flops"])
-    stats = results.get("task_stats") or []
-    if stats and all("flops" in t for t in stats):
-        return float(sum(t["flops"] for t in stats))
-    cfg, seq_len = model_config(results), (results.get("config") or {}).get("seq_len")
-    if not stats or cfg is None or seq_len is None:
-        return None
-    return metrics_lib.with_flops(stats, cfg, int(seq_len))[1]["flops"]
-
-
-def replay_rate_done(results: dict) -> float | None:
-    """The configured replay rate, or 0 when the run replayed no token (a one-task run has
-    no earlier task to replay, whatever the config says)."""
-    rate = ((results.get("config") or {}).get("replay") or {}).get("rate")
-    if rate and (results.get("compute") or {}).get("replay_tokens") == 0:
-        return 0.0
-    return rate
+    """``RUN_DIR/results.json`` parsed (``cpt_jax.results_file.read``) with the keys the
+    report needs; errors name the directory or file and what to do: ``FileNotFoundError``
+    when there is none, ``ValueError`` when it cannot be used (both ``ResultsError``)."""
+    return results_file.read(run_dir, require=REQUIRED_KEYS)
 
 
 def run_row(results: dict, label: str) -> dict:

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from cpt_jax.eval import metrics as metrics_lib
-from cpt_jax.eval import report as report_lib
+from cpt_jax.eval import run_info
 
 METRICS = ("learned_loss", "retained_loss", "forgetting", "final_loss_all")
 SIZE_KEY, RATE_KEY, SEED_KEY = "model", "replay.rate", "seed"
@@ -55,14 +55,14 @@ def point_rows(points: Sequence[dict], results: dict) -> list[dict]:
         if res is None:
             continue
         values = dict(p["values"])
-        cfg = report_lib.model_config(res)
-        rate = report_lib.replay_rate_done(res)
+        cfg = run_info.model_config(res)
+        rate = run_info.replay_rate_done(res)
         m = metrics_lib.metrics_from_results(res)
         rows.append({
             "name": p["name"], "values": values, "size": size_label(values),
             "rate": float(values.get(RATE_KEY, rate or 0.0)),
             "seed": values.get(SEED_KEY, (res.get("config") or {}).get("seed")),
-            "flops": report_lib.training_flops_of(res),
+            "flops": run_info.training_flops_of(res),
             "params": cfg.num_params(include_embedding=False) if cfg else None,
             **{k: m.get(k) for k in METRICS}})
     return rows

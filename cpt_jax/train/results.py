@@ -1,5 +1,5 @@
 """What a run has measured (``Progress``, saved with every checkpoint) and the
-``results.json`` made from it (``make_results``; schema in DESIGN.md)."""
+``results.json`` made from it (``make_results``; every field in docs/results.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 
 from cpt_jax.eval import metrics as metrics_lib
 from cpt_jax.replay.permutation import stream_items
+from cpt_jax.results_file import SCHEMA_VERSION
 
 
 @dataclasses.dataclass
@@ -73,12 +74,14 @@ def _sum_by_domain(task_stats, key: str) -> dict:
 
 
 def make_results(config, parts, progress: Progress, config_json: dict) -> dict:
-    """results.json (schema in DESIGN.md): a pure function of the config, no wall times."""
+    """results.json (every field in docs/results.md): a pure function of the config, no
+    wall times. ``schema_version`` comes first (``cpt_jax.results_file``)."""
     task_stats, compute = metrics_lib.with_flops(progress.task_stats, parts.mcfg,
                                                  config.seq_len)
     compute["new_tokens_by_domain"] = _sum_by_domain(task_stats, "new_tokens_by_domain")
     compute["replay_tokens_by_domain"] = _sum_by_domain(task_stats, "replay_tokens_by_domain")
     results = {
+        "schema_version": SCHEMA_VERSION,
         "domains": parts.names,
         "columns": parts.eval_order,
         "column_kinds": parts.recipe.kinds if parts.recipe else {},

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 
-from cpt_jax import atomic
+from cpt_jax import atomic, results_file
 from cpt_jax.data.tokenizer.base import (CheckpointSpecials, Tokenizer, TokenizerError,
-                                         check_vocab, read_json)
+                                         check_vocab)
 from cpt_jax.data.tokenizer.hf_json import HFJsonTokenizer
 from cpt_jax.data.tokenizer.sentencepiece_model import SentencePieceTokenizer
 from cpt_jax.data.tokenizer.train import sample_text, train_tokenizer, trained_prefix
@@ -97,7 +97,12 @@ def find_run_tokenizer(path: str) -> str | None:
             return folder
         here = os.path.dirname(here)
     workdir = os.path.dirname(os.path.abspath(os.path.expanduser(str(path))))
-    config = (read_json(os.path.join(workdir, "results.json")).get("config") or {})
+    config = {}
+    if os.path.isfile(results_file.path(workdir)):
+        try:
+            config = results_file.read_config(workdir)
+        except results_file.ResultsError as e:
+            raise TokenizerError(str(e)) from None
     tok = config.get("tokenizer") or {}
     if tok.get("path"):
         return os.path.expanduser(tok["path"])
