@@ -27,21 +27,10 @@ import ml_collections
 from ml_collections.config_dict import FieldReference
 
 from cpt_jax import pretrained
-from cpt_jax.train.checkpoint import CheckpointError
-from cpt_jax.train.resume import TrainingDiverged
+from cpt_jax.errors import USER_ERRORS, TrainingDiverged, UserError
 
+__all__ = ["USER_ERRORS", "UserError"]  # the scripts raise and catch these through cli
 
-
-class UserError(ValueError):
-    """Bad input from the user; the message names the input and the fix."""
-
-
-# Exception types whose message is the whole story for a user: printed as one line. Every
-# input error of the package is a ValueError (ConfigMismatch, TokenizerError, DomainError,
-# PrepareError, TaskError, ...); CheckpointError is a checkpoint that cannot be read or
-# written.
-USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FileExistsError,
-               NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C

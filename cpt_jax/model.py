@@ -455,7 +455,7 @@ def forward(config: LlamaConfig, params, tokens, segment_ids=None, positions=Non
 def final_hidden(config: LlamaConfig, params, tokens, segment_ids=None,
                  positions=None) -> Array:
     """Hidden states [B, L, D] after ``final_norm``, in the compute dtype, without the output
-    projection: what ``cpt_jax.train.cross_entropy`` projects chunk by chunk."""
+    projection: what ``cpt_jax.core.cross_entropy`` projects chunk by chunk."""
     return Llama(config).apply({"params": params}, tokens, segment_ids, positions,
                                logits=False)
 

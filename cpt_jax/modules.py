@@ -56,7 +56,7 @@ the size term fixed, penalising the union is the same pressure, since |U| = sum_
 
 All functions are pure over the params pytree; ``make_mask_step`` is the jitted, sharded
 step (the mask logits sharded like their parameters, batches over the batch axes, the
-state donated), built on the train step's loss (``cpt_jax.train.losses.ce_loss_sum``) and
+state donated), built on the train step's loss (``cpt_jax.core.losses.ce_loss_sum``) and
 sharding helpers.
 """
 
@@ -73,7 +73,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.train.losses import ce_loss_sum
+from cpt_jax.core.losses import ce_loss_sum
 
 Mask = dict  # {param path: array of the parameter's shape}, 1 = kept
 

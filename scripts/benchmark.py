@@ -66,12 +66,11 @@ from cpt_jax import atomic, cli, pretrained
 from cpt_jax import model as model_lib
 from cpt_jax.eval.decode_speed import decode_speed
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.methods import make_loss_fn, split_grads
 from cpt_jax.replay import coresets, features
 from cpt_jax.replay.buffer import buffer_bytes
 from cpt_jax.replay.rates import task_steps
 from cpt_jax.train.setup import build_model
-from cpt_jax.train.state import create_train_state
+from cpt_jax.core.state import create_train_state
 from cpt_jax.train.step import count_dot_ops, make_train_step
 
 METHODS = ("plain", "replay", "agem", "reptile", "mer")
@@ -206,25 +205,26 @@ def timed_steps(compiled, state, batch, steps: int):
 
 
 def build_state(config):
-    """(model config, mesh, rules, schedule, optimizer, fresh sharded state, shardings), as
-    a run builds them (``setup.build_model``) for tasks of any length: only speed counts."""
-    mcfg, mesh, rules, schedule, tx, _ = build_model(config, [1000])
-    state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed))
-    return mcfg, mesh, rules, schedule, tx, state, shardings
+    """(placement, composed methods, schedule, fresh sharded state), as a run builds them
+    (``setup.build_model``) for tasks of any length: only speed counts."""
+    placement, composition, schedule = build_model(config, [1000])
+    state, _ = create_train_state(placement.mcfg, composition.tx, placement.mesh,
+                                  placement.rules, jax.random.key(config.seed))
+    return placement, composition, schedule, state
 
 
 def prepare(config, n_replay: int = 0, stats: bool = False) -> dict:
     """Build the state and compile the step of `config` for `n_replay` replayed rows, as a
     run takes it: a step that does not log (``stats=False``: one pass over the batch unless
     a selected method needs the split pass) or a log step (``stats=True``)."""
-    mcfg, mesh, rules, schedule, tx, state, shardings = build_state(config)
-    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule,
-                           loss_fn=make_loss_fn(config, mcfg),  # the loss a run trains with
-                           split_grads=split_grads(config))
+    placement, composition, schedule, state = build_state(config)
+    step = make_train_step(placement, composition.tx, config.microbatches, schedule,
+                           loss_fn=composition.loss_fn,  # the loss a run trains with
+                           split_grads=composition.split_grads)
     batch = random_batch(config, jax.random.key(1))
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, n_replay, stats=stats).compile()
-    return {"mcfg": mcfg, "mesh": mesh, "state": state, "batch": batch, "compiled": compiled,
+    return {"mcfg": placement.mcfg, "mesh": placement.mesh, "split_grads": composition.split_grads, "state": state, "batch": batch, "compiled": compiled,
             "compile_s": time.perf_counter() - t0, "step": step, "n_replay": n_replay}
 
 
@@ -409,7 +409,7 @@ def compare_methods(config, methods, steps, warmup, replay_rate: float = 0.25,
         # a method that splits every step (A-GEM) has no other variant
         r["dot_ops_log_step"] = (count_dot_ops(r["step"].lower(
             r["state"], r["batch"], n_replay, stats=True).compile())
-            if n_replay and not split_grads(c) else r["dot_ops"])
+            if n_replay and not r["split_grads"] else r["dot_ops"])
         runs[m]["state"], _, _ = timed_steps(runs[m]["compiled"], runs[m]["state"],
                                              runs[m]["batch"], warmup + 1)
         runs[m]["times"] = []
@@ -456,7 +456,7 @@ def checkpoint_times(config, directory: str, repeats: int) -> dict:
     asynchronous, and the asynchronous save's time until it is on disk."""
     import shutil
 
-    state = build_state(config)[5]
+    state = build_state(config)[3]
     jax.block_until_ready(state)
     out = {"state_bytes": tree_bytes(state.params) + tree_bytes(state.opt_state)}
     for mode in ("blocking", "async"):
@@ -485,12 +485,12 @@ def replay_selection(config, steps: int, warmup: int, feature_dim: int = 256,
     if not 1 <= coreset_size <= candidates:
         raise cli.UserError(f"--coreset_size={coreset_size} must be in [1, --candidates="
                             f"{candidates}]")
-    mcfg, mesh, rules, schedule, tx, state, shardings = build_state(config)
-    step = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule,
-                           loss_fn=make_loss_fn(config, mcfg))
+    placement, composition, schedule, state = build_state(config)
+    mcfg, mesh = placement.mcfg, placement.mesh
+    step = make_train_step(placement, composition.tx, config.microbatches, schedule,
+                           loss_fn=composition.loss_fn)
     try:
-        fstep = features.make_feature_step(mcfg, mesh, shardings, rules, feature_dim,
-                                           config.seed)
+        fstep = features.make_feature_step(placement, feature_dim, config.seed)
     except ValueError as e:
         raise cli.UserError(f"--feature_dim: {e}") from e
     batch = random_batch(config, jax.random.key(1))

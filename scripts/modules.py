@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     from cpt_jax import modules, sharding as sharding_lib
     from cpt_jax.data.loader import eval_batches
     from cpt_jax.train.checkpoint import load_config, load_params, save_params
-    from cpt_jax.train.state import param_shardings
+    from cpt_jax.core.state import Placement, param_shardings
     from cpt_jax.train.step import make_eval_step
 
     t0 = time.perf_counter()
@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     eval_rows = args.eval_rows or config.eval.max_rows
     eval_sets = {d: eval_batches(prepared[d]["val"], eval_rows, config.eval.batch, mesh)
                  for d in run_domains}
-    eval_step = make_eval_step(mcfg, mesh, types.SimpleNamespace(params=p_shard), rules)
+    eval_step = make_eval_step(Placement(mcfg, mesh, rules,
+                                         types.SimpleNamespace(params=p_shard)))
 
     masks, last = modules.train_masks(
         mcfg, params, batch_sampler(prepared, domains, args.batch, mesh, args.seed), domains,

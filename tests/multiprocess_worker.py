@@ -40,8 +40,9 @@ from cpt_jax import pretrained
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.loader import BatchLoader, process_row_range
 from cpt_jax.replay.sampler import ReplaySampler
-from cpt_jax.optim.builder import make_optimizer, make_schedule
-from cpt_jax.train.state import create_train_state
+from cpt_jax.methods import make_optimizer
+from cpt_jax.optim.schedules import make_schedule
+from cpt_jax.core.state import Placement, create_train_state
 from cpt_jax.train.step import make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,8 @@ def train(config, mesh_axes: dict, out: str, log) -> None:
     schedule = make_schedule(config.optim, STEPS)
     tx = make_optimizer(config, schedule)
     state, shardings = create_train_state(mcfg, tx, mesh, rules, jax.random.key(config.seed))
-    step_fn = make_train_step(mcfg, tx, mesh, shardings, rules, config.microbatches, schedule)
+    step_fn = make_train_step(Placement(mcfg, mesh, rules, shardings), tx, config.microbatches,
+                              schedule)
     log("state created")
 
     metrics_log, expected_reads = [], [Counter() for _ in sources]

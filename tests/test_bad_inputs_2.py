@@ -92,7 +92,7 @@ def test_a_run_checkpoint_whose_params_changed_is_passed_over(trained, tmp_path)
     """Cases 3 and 7: a run checkpoint whose parameters no longer match the checksums
     taken at save is damaged: the run resumes from the previous one, saying so."""
     from cpt_jax.train.setup import prepare_run
-    from cpt_jax.train.state import abstract_train_state
+    from cpt_jax.core.state import abstract_train_state
 
     root, c = trained
     shutil.copytree(root / "a" / "checkpoints", tmp_path / "checkpoints")

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from cpt_jax import model as model_lib
-from cpt_jax.train.cross_entropy import token_chunk, weighted_ce_sum
-from cpt_jax.train.losses import ce_loss_sum, token_losses
+from cpt_jax.core.cross_entropy import token_chunk, weighted_ce_sum
+from cpt_jax.core.losses import ce_loss_sum, token_losses
 
 # float32 tests at full precision, on GPUs too (conftest)
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")

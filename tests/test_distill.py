@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cpt_jax.methods.der import DERStore
-from cpt_jax.train import losses as distill
+from cpt_jax.methods import der, distill
 
 
 def _logits(seed, shape=(2, 3, 7), scale=3.0):
@@ -102,30 +102,30 @@ def test_kl_finite_with_neg_inf_teacher_logits():
 
 def test_topk_logits_is_true_topk():
     x = _logits(8, (2, 3, 11))
-    values, indices = distill.topk_logits(x, 4)
+    values, indices = der.topk_logits(x, 4)
     assert values.shape == indices.shape == (2, 3, 4) and indices.dtype == jnp.int32
     want = np.argsort(-np.asarray(x), axis=-1)[..., :4]
     np.testing.assert_array_equal(np.asarray(indices), want)
     np.testing.assert_array_equal(np.asarray(values),
                                   np.take_along_axis(np.asarray(x), want, -1))
     with pytest.raises(ValueError, match="k=12"):
-        distill.topk_logits(x, 12)
+        der.topk_logits(x, 12)
 
 
 def test_der_loss_zero_for_own_topk_and_hand_value():
     x = _logits(9)
-    v, i = distill.topk_logits(x, 3)
-    total, count = distill.der_loss(x, v, i, jnp.ones((2, 3)))
+    v, i = der.topk_logits(x, 3)
+    total, count = der.der_loss(x, v, i, jnp.ones((2, 3)))
     assert float(total) == 0.0 and float(count) == 6.0
     # One token, logits [1, 2, 3, 4]; stored (index 3 -> 2.0), (index 0 -> 1.0):
     # differences (4 - 2, 1 - 1) -> mean of squares (4 + 0) / 2 = 2. Second token masked.
     z = jnp.asarray([[[1.0, 2.0, 3.0, 4.0], [9.0, 9.0, 9.0, 9.0]]])
     vals = jnp.asarray([[[2.0, 1.0], [0.0, 0.0]]])
     idx = jnp.asarray([[[3, 0], [1, 2]]], jnp.int32)
-    total, count = distill.der_loss(z, vals, idx, jnp.asarray([[1.0, 0.0]]))
+    total, count = der.der_loss(z, vals, idx, jnp.asarray([[1.0, 0.0]]))
     assert float(total) == pytest.approx(2.0) and float(count) == 1.0
     # Gradient: 2 (z_idx - v) / k at the stored indices, 0 elsewhere.
-    g = jax.grad(lambda a: distill.der_loss(a, vals, idx, jnp.asarray([[1.0, 0.0]]))[0])(z)
+    g = jax.grad(lambda a: der.der_loss(a, vals, idx, jnp.asarray([[1.0, 0.0]]))[0])(z)
     np.testing.assert_allclose(np.asarray(g), [[[0.0, 0.0, 0.0, 2.0], [0.0] * 4]])
 
 

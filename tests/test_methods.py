@@ -9,7 +9,8 @@ import pytest
 
 from cpt_jax import methods
 from cpt_jax.methods.base import Method
-from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.methods import make_optimizer
+from cpt_jax.optim.schedules import make_schedule
 from cpt_jax.optim.transforms import PerSourceGrads
 from cpt_jax.run_config import default_config
 
@@ -84,7 +85,7 @@ def test_boundary_actions_of_the_selected_methods_only():
     c.method.name = "replay+l2+distill"
     c.method.l2.update(dict(weight=1.0, anchor="task_start"))
     c.method.distill.weight = 1.0
-    assert methods.needs_teacher(c)
+    assert methods.compose(c, None, lambda step: 1e-3).teacher
     chosen = methods.selected(c)
     actions = [m.boundary(c, None) for m in chosen if m.boundary]
     assert len([a for a in actions if a is not None]) == 2

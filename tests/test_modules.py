@@ -19,8 +19,8 @@ import pytest
 from cpt_jax import modules
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.model import LlamaConfig, forward, init_params
-from cpt_jax.train.losses import ce_loss_sum
-from cpt_jax.train.state import param_shardings
+from cpt_jax.core.losses import ce_loss_sum
+from cpt_jax.core.state import param_shardings
 
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")
 

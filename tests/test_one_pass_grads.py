@@ -18,10 +18,11 @@ from cpt_jax import methods
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.methods.replay import replay_mix
-from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.methods import make_optimizer
+from cpt_jax.optim.schedules import make_schedule
 from cpt_jax.replay.sampler import replay_positions
 from cpt_jax.run_config import default_config
-from cpt_jax.train.state import create_train_state
+from cpt_jax.core.state import Placement, create_train_state
 from cpt_jax.train.step import count_dot_ops, make_train_step
 
 TINY = model_lib.LlamaConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -61,7 +62,7 @@ def _step(tx, split_grads, microbatches=1, schedule=None):
     rules = sharding_lib.DEFAULT_RULES
     state, shardings = create_train_state(TINY, tx, mesh, rules, None,
                                           params=jax.tree.map(jnp.array, _params0()))
-    step = make_train_step(TINY, tx, mesh, shardings, rules, microbatches, schedule,
+    step = make_train_step(Placement(TINY, mesh, rules, shardings), tx, microbatches, schedule,
                            split_grads=split_grads)
     return step, state
 
@@ -155,7 +156,7 @@ def test_which_methods_need_the_split_pass(name, extra, split):
     c.method.name = name
     for k, v in extra.items():
         c.method[k] = v
-    assert methods.split_grads(c) is split
+    assert methods.compose(c, TINY, lambda step: 1e-3).split_grads is split
 
 
 def test_the_loop_splits_at_log_steps_only(tmp_path, monkeypatch):

@@ -15,8 +15,8 @@ import pytest
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.replay import features as F
-from cpt_jax.train.losses import token_losses
-from cpt_jax.train.state import param_shardings
+from cpt_jax.core.losses import token_losses
+from cpt_jax.core.state import Placement, param_shardings
 
 D, V, L = 32, 128, 12
 B = 6
@@ -223,7 +223,8 @@ def test_bad_dim_raises(dim, match):
         F.make_projection(D, V, dim, 0)
     mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
     with pytest.raises(ValueError, match=match):
-        F.make_feature_step(_cfg(False), mesh, None, sharding_lib.DEFAULT_RULES, dim, 0)
+        F.make_feature_step(Placement(_cfg(False), mesh, sharding_lib.DEFAULT_RULES, None),
+                            dim, 0)
 
 
 def test_projection_for_another_model_raises():
@@ -242,7 +243,7 @@ def test_feature_step_independent_of_mesh_and_padding_rows(mesh_axes):
     rules = sharding_lib.DEFAULT_RULES
     mesh = sharding_lib.make_mesh(mesh_axes)
     shard = param_shardings(cfg, mesh, rules)
-    step = F.make_feature_step(cfg, mesh, shard, rules, 256, seed=5)
+    step = F.make_feature_step(Placement(cfg, mesh, rules, shard), 256, seed=5)
     # B = 6 real rows padded to 8 with all-padding rows (anywhere: here first and last)
     pad = lambda x: np.concatenate([np.zeros_like(x[:1]), x, np.zeros_like(x[:1])])
     batch = {k: pad(v) for k, v in b.items()}

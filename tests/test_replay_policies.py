@@ -253,7 +253,7 @@ def test_row_weights_scale_each_rows_loss_and_token_count():
     the token count sum_r w_r n_r, from per-row losses computed without weights."""
     import jax
     from cpt_jax import model as model_lib
-    from cpt_jax.train.losses import ce_loss_sum, token_losses
+    from cpt_jax.core.losses import ce_loss_sum, token_losses
 
     mcfg = model_lib.LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2,
                                  n_kv_heads=1, d_ff=32, max_seq_len=16)

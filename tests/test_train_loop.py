@@ -142,7 +142,7 @@ def test_a_replay_policy_gets_its_pool_from_the_current_model(tmp_path, monkeypa
     from cpt_jax.replay import policies
     from cpt_jax.replay.buffer import ReplayPolicy, ReplayPool
     from cpt_jax.train.checkpoint import RunCheckpointer
-    from cpt_jax.train.losses import token_losses
+    from cpt_jax.core.losses import token_losses
     from cpt_jax.train.setup import prepare_run
 
     seen = {}

@@ -13,10 +13,11 @@ import pytest
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.replay.sampler import replay_positions
-from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.methods import make_optimizer
+from cpt_jax.optim.schedules import make_schedule
 from cpt_jax.optim.transforms import PerSourceGrads
 from cpt_jax.run_config import default_config
-from cpt_jax.train.state import create_train_state
+from cpt_jax.core.state import Placement, create_train_state
 from cpt_jax.train.step import gradient_statistics, make_train_step
 
 _init = jax.jit(model_lib.init_params, static_argnums=0)
@@ -70,7 +71,7 @@ def _cached_step(mesh_items, microbatches, clip, n_devices):
     tx = make_optimizer(cfg, schedule)
     params0 = _init(TINY, jax.random.key(0))
     state, shardings = create_train_state(TINY, tx, mesh, rules, None, params=params0)
-    step = make_train_step(TINY, tx, mesh, shardings, rules, microbatches, schedule)
+    step = make_train_step(Placement(TINY, mesh, rules, shardings), tx, microbatches, schedule)
     state, metrics = step(state, _batch(), N_REPLAY)
     return params0, state, metrics, mesh
 

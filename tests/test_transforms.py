@@ -15,9 +15,10 @@ from cpt_jax.methods import replay as replay_m
 from cpt_jax.methods import reptile as reptile_m
 from cpt_jax.methods.ewc import diag_fisher
 from cpt_jax.optim import transforms as T
-from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.methods import make_optimizer
+from cpt_jax.optim.schedules import make_schedule
 from cpt_jax.run_config import default_config
-from cpt_jax.train.state import create_train_state
+from cpt_jax.core.state import Placement, create_train_state
 from cpt_jax.train.step import make_train_step
 
 
@@ -229,7 +230,7 @@ def test_all_transforms_in_sharded_step():
         elif isinstance(s, ewc_m.EWCState):
             found.append(s.fisher["layers"]["attn"]["q"]["kernel"].sharding)
     assert len(found) == 4 and all(f == q_shard for f in found)
-    step = make_train_step(mcfg, tx, mesh, shardings, rules, 1, sched)
+    step = make_train_step(Placement(mcfg, mesh, rules, shardings), tx, 1, sched)
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(0, 64, (8, 9), dtype=np.int32),
              "segment_ids": np.ones((8, 9), np.int32),

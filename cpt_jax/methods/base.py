@@ -15,7 +15,9 @@ optional and is called with the run config:
 - ``boundary(config, model config)``: ``fn(state, rows) -> state`` (or None) run at
   each task boundary, inside one jitted update; ``boundary_rows`` says how many rows of
   the finished task it needs;
-- ``memory``: a host-side recorder the loop feeds (DER's stored logits);
+- ``memory(config, placement, sources)``: the method's memory (a ``MethodMemory``), host
+  state the run keeps across steps and checkpoints under the method's name (DER's stored
+  logits); the loop and the checkpointer know it only through that interface;
 - ``split_grads``: whether the method needs the current-task and replay gradients
   separately at every step (A-GEM's projection does; a loss term on replayed rows only,
   distillation's and DER's, is taken on those rows' own pass). Without it a step takes
@@ -26,6 +28,9 @@ optional and is called with the run config:
 - ``check``: raises ValueError naming a bad key of the method.
 
 ``defaults`` are the method's config keys, under ``config.method.<name>``.
+
+A method's file holds its pieces and its own loss terms; one line in
+``cpt_jax.methods.REGISTRY`` makes it selectable.
 """
 
 from __future__ import annotations
@@ -33,6 +38,38 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from typing import Any
+
+
+class MethodMemory:
+    """What a method remembers between steps, on the host, e.g. DER's stored logits.
+
+    The run calls it at two events and saves it with every run checkpoint (``to_arrays``,
+    item ``methods/<name>``); a resumed run gets it back with ``load_arrays`` before its
+    first step. Between a task boundary and the next checkpoint a kill loses nothing: the
+    run resumes from the checkpoint before the boundary, whose memory is restored, and
+    replays the boundary. Every method is a no-op by default."""
+
+    def task_start(self, params, task: int, pool, starts) -> None:
+        """Task ``task`` starts (its boundary actions and replay pool done): ``pool`` is
+        the task's replay pool (None for uniform replay or the first task), ``starts``
+        [slots + 1] the first global row id of each training slot."""
+
+    def before_step(self, params, task: int, idx) -> None:
+        """Right before the step that trains on ``idx`` (the sampler's ``BatchIndex``)."""
+
+    def extras(self, task: int, step: int, idx) -> dict:
+        """Per-row arrays [rows of ``idx``, ...] that ride along in the batch (read by the
+        method's loss term)."""
+        del task, step, idx
+        return {}
+
+    def to_arrays(self) -> dict:
+        """The memory as named numpy arrays (a checkpoint item)."""
+        raise NotImplementedError
+
+    def load_arrays(self, arrays: dict) -> None:
+        """Restore what ``to_arrays`` gave."""
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)

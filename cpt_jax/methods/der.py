@@ -1,8 +1,8 @@
 """Dark Experience Replay (Buzzega et al. 2020, "Dark Experience for General Continual
 Learning: a Strong, Simple Baseline"): a row's logits are stored when it is first trained
-on, and replayed rows add ``weight * ||z - stored||^2`` (``losses.der_loss``; with the
+on, and replayed rows add ``weight * ||z - stored||^2`` (``der_loss``; with the
 ordinary next-token loss on replayed rows this is DER++). Only the top-k logits per token
-are kept (``losses.topk_logits`` says how much memory that saves), in a host-side
+are kept (``topk_logits`` says how much memory that saves), in a host-side
 ``DERStore`` checkpointed with the run.
 
 Keys: ``method.der.weight`` (> 0), ``k``, ``rows_per_domain``.
@@ -16,10 +16,53 @@ import numpy as np
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.methods.base import Method
+from cpt_jax.methods.base import Method, MethodMemory
+from cpt_jax.replay.policies import policy_names
 from cpt_jax.replay.permutation import draw_rows
-from cpt_jax.train.losses import der_loss, topk_logits
-from cpt_jax.train.state import TrainState
+
+
+def topk_logits(logits_BLV, k: int):
+    """(values [B, L, k] float, indices [B, L, k] int32): the k largest logits per token.
+
+    Values keep the logits' dtype and are sorted in decreasing order. What DER stores for a
+    row when it is first seen. Memory per token, storing values as 2-byte floats and indices
+    as int32 (6 bytes per entry), against the full logits in bf16 (2 bytes per entry):
+
+    - V = 32000 (Llama 2): full 64,000 B/token, 131,072,000 B (131 MB, 125 MiB) per
+      2048-token row; top-32: 192 B/token, 393,216 B (384 KiB) per row: 333x less.
+    - V = 128256 (Llama 3): full 256,512 B/token (525 MB per row); top-32: 1336x less.
+
+    So 10,000 stored 2048-token rows take 3.9 GB at k = 32, against 1.3 TB of full logits.
+    """
+    if not 1 <= int(k) <= logits_BLV.shape[-1]:
+        raise ValueError(f"k={k} must be in [1, vocab size {logits_BLV.shape[-1]}].")
+    values, indices = jax.lax.top_k(logits_BLV, int(k))
+    return values, indices.astype(jnp.int32)
+
+
+def der_loss(student_logits_BLV, stored_values_BLK, stored_indices_BLK, mask_BL):
+    """(sum over masked tokens of mean_k (z[idx_k] - v_k)^2, masked token count), float32.
+
+    Dark Experience Replay (Buzzega et al. 2020) adds ``alpha * ||z - h(x)||^2`` on buffer
+    examples, where ``h(x)`` are the logits recorded when the example was first seen and z
+    the current logits; the authors' code computes it as a mean squared error over the
+    logits. DER matches *logits* rather than probabilities on purpose: logits keep the
+    information that softmax removes (their scale and shift).
+
+    Variant here: only the k stored entries are compared: the student's logits gathered at
+    the stored indices against the stored values, squared error averaged over the k entries
+    of a token (so the term's scale does not depend on k), summed over masked tokens. The
+    other V - k logits are unconstrained. (An alternative for top-k storage is a KL between
+    the stored top-k renormalised by softmax and the student's softmax over the same k
+    indices; that ignores logit shifts, which is what DER deliberately does not do.) When
+    the replayed rows also get the ordinary next-token loss, as in this codebase's replay,
+    the combination is DER++ (Buzzega et al.'s variant with the extra label term).
+    """
+    gathered_BLK = jnp.take_along_axis(student_logits_BLV.astype(jnp.float32),
+                                       stored_indices_BLK.astype(jnp.int32), axis=-1)
+    se_BL = jnp.mean(jnp.square(gathered_BLK - stored_values_BLK.astype(jnp.float32)), axis=-1)
+    mask = mask_BL.astype(jnp.float32)
+    return jnp.sum(se_BL * mask), jnp.sum(mask)
 
 
 class DERStore:
@@ -185,7 +228,7 @@ class DERStore:
         return store
 
 
-class DERRecorder:
+class DERRecorder(MethodMemory):
     """Dark Experience Replay's memory (Buzzega et al. 2020) for the task loop.
 
     A fixed, seeded subset of every task's rows (``method.der.rows_per_domain``) gets its
@@ -194,7 +237,7 @@ class DERRecorder:
     when it meets the example). When such a row is later replayed, its stored logits ride
     along in the batch (``der_values``, ``der_indices``, ``der_valid``) and the loss adds
     DER's logit-matching term. Top-k instead of full-vocabulary logits: see
-    ``cpt_jax.train.losses.topk_logits`` for the memory saved.
+    ``topk_logits`` for the memory saved.
 
     With a bounded replay policy (``replay.policy`` other than ``uniform``) DER works on
     the policy's buffer instead (``keep_buffer``): at each task boundary the store keeps
@@ -203,13 +246,14 @@ class DERRecorder:
     boundary), so every replayed row has its logits. ``rows_per_domain`` is then unused.
     """
 
-    def __init__(self, config, mcfg, mesh, rules, shardings: TrainState, train_sources):
+    def __init__(self, config, placement, train_sources):
         der = config.method.der
+        mcfg, mesh = placement.mcfg, placement.mesh
         self.on_buffer = config.replay.policy != "uniform"
         capacity = config.replay.buffer_rows if self.on_buffer else der.rows_per_domain
         self.store = DERStore(der.k, capacity, seed=config.seed)
         self.chunk = config.eval.batch
-        self.sources, self.mesh, self.rules = list(train_sources), mesh, rules
+        self.sources, self.placement = list(train_sources), placement
         self.k, self.seq_len = int(der.k), config.seq_len
         rep = sharding_lib.replicated(mesh)
 
@@ -217,7 +261,7 @@ class DERRecorder:
             logits = model_lib.forward(mcfg, params, tokens[:, :-1], seg[:, :-1])
             return topk_logits(logits, self.k)
 
-        self._topk = jax.jit(topk, in_shardings=(shardings.params, rep, rep),
+        self._topk = jax.jit(topk, in_shardings=(placement.shardings.params, rep, rep),
                              out_shardings=rep)
 
     def _store_rows(self, params, domain: int, rows: np.ndarray) -> int:
@@ -228,12 +272,12 @@ class DERRecorder:
             pad = 1 << int(np.ceil(np.log2(part.size)))  # bucketed sizes: few compiles
             padded = np.concatenate([part, np.full(pad - part.size, part[0])])
             tokens, segs = self.sources[domain].read(padded)
-            with sharding_lib.activate(self.mesh, self.rules):
+            with self.placement.activate():
                 values, indices = jax.device_get(self._topk(params, tokens, segs))
             added += self.store.add(domain, part, values[:part.size], indices[:part.size])
         return added
 
-    def record(self, params, task: int, idx) -> int:
+    def before_step(self, params, task: int, idx) -> int:
         """Store top-k logits of this batch's current-task rows that the store wants (per
         domain the rows come from: a mixture task has several, ``task`` unused)."""
         del task
@@ -246,9 +290,12 @@ class DERRecorder:
             added += self._store_rows(params, d, np.unique(rows[want]))
         return added
 
-    def keep_buffer(self, params, pool, starts) -> None:
+    def task_start(self, params, task: int, pool, starts) -> None:
         """The store holds exactly the rows of ``pool`` (a bounded policy's buffer): rows
         that left it are dropped, rows that entered it are recorded with ``params``."""
+        del task
+        if pool is None:
+            return
         ids = np.unique(pool.all_rows())
         owner = np.searchsorted(starts, ids, side="right") - 1
         for d in range(len(starts) - 1):
@@ -269,6 +316,12 @@ class DERRecorder:
         return {"der_values": values, "der_indices": indices,
                 "der_valid": valid.astype(np.int32)}
 
+    def to_arrays(self) -> dict:
+        return self.store.to_arrays()
+
+    def load_arrays(self, arrays: dict) -> None:
+        self.store = DERStore.from_arrays(arrays)
+
 
 def _replay_loss(config):
     weight = config.method.der.weight
@@ -283,10 +336,17 @@ def _replay_loss(config):
 
 
 def _check(config):
-    d = config.method.der
+    d, r = config.method.der, config.replay
     if not (1 <= d.k <= config.model.vocab_size and d.rows_per_domain >= 1):
         raise ValueError(f"method.der.k={d.k} must be in [1, vocab_size] and rows_per_domain "
                          f"={d.rows_per_domain} >= 1")
+    names = policy_names(config)
+    if r.policy != "uniform" and ("resample" in names or "uniform" in names
+                                  or ("domains" in names and not r.buffer_rows)):
+        raise ValueError(
+            f"DER with replay.policy={r.policy!r}: DER keeps the logits of the buffer's rows, "
+            "and this policy replays rows from outside any buffer; use a bounded policy "
+            "(reservoir, domains with buffer_rows, curriculum, craig, grad_match)")
 
 
 METHOD = Method(name="der", defaults={"weight": 0.0, "k": 32, "rows_per_domain": 1024},

@@ -20,7 +20,7 @@ import optax
 
 from cpt_jax.methods.base import Method
 from cpt_jax.optim.transforms import replace_states
-from cpt_jax.train.losses import token_losses
+from cpt_jax.core.losses import token_losses
 
 
 class EWCState(NamedTuple):

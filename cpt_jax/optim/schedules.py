@@ -268,3 +268,10 @@ def make_lr_schedule(optim_cfg, task_steps: Sequence[int]):
                         min_lr=min_lr)
     raise ValueError(f"optim.schedule={kind!r} is not a known schedule; use one of "
                      f"{list(SCHEDULES)}.")
+
+
+def make_schedule(opt, task_steps):
+    """The learning-rate schedule of ``config.optim`` for tasks of ``task_steps`` steps (an
+    int is one task): cosine over the whole sequence, re-warmed per task, or infinite."""
+    steps = [task_steps] if isinstance(task_steps, int) else list(task_steps)
+    return make_lr_schedule(opt, steps)

@@ -16,7 +16,7 @@ transposed embedding when tied). Row r's gradient of its MEAN next-token loss is
     G_r = (1 / n_r) sum_t m_t h_t (softmax(z_t) - e_{y_t})^T            [d, V]
 
 with ``h_t`` the final hidden state (after ``final_norm``), ``z_t`` the logits, ``y_t``
-the target and ``m_t`` the token mask of ``cpt_jax.train.losses.token_losses`` (target in
+the target and ``m_t`` the token mask of ``cpt_jax.core.losses.token_losses`` (target in
 the same document as the input, not padding), ``n_r = sum_t m_t`` (a row with no token has
 G_r = 0). The mean, not the sum, so that rows of different lengths compare.
 
@@ -163,17 +163,17 @@ def projected_last_layer_grads(mcfg: model_lib.LlamaConfig, params, batch,
 # ----------------------------------------------------------------------------- sharded step
 
 
-def make_feature_step(mcfg: model_lib.LlamaConfig, mesh, shardings, rules, dim: int,
-                      seed: int):
+def make_feature_step(placement, dim: int, seed: int):
     """Jitted ``(params, batch) -> features [B, dim]`` float32 (replicated), for a batch
     ``{"tokens", "segment_ids"}`` of [B, L+1] int32 rows sharded over the batch axes and
-    parameters sharded as ``shardings.params`` (a TrainState of shardings, as
-    ``cpt_jax.train.step`` takes; a params sharding tree also works). The projection of
+    parameters sharded as ``placement.shardings.params`` (``cpt_jax.core.state.Placement``;
+    shardings that are a params sharding tree also work). The projection of
     (``dim``, ``seed``) is built once and passed replicated, so it is not a compile-time
     constant. Rows are independent: a row's features do not depend on the other rows of
     the batch (padding rows give zeros) or on the mesh, up to float rounding."""
+    mcfg, mesh = placement.mcfg, placement.mesh
     projection = make_projection(mcfg.d_model, mcfg.vocab_size, dim, seed)
-    param_shard = getattr(shardings, "params", shardings)
+    param_shard = getattr(placement.shardings, "params", placement.shardings)
     batch_shard = {k: sharding_lib.batch_sharding(mesh, 2) for k in ("tokens", "segment_ids")}
     rep = sharding_lib.replicated(mesh)
     projection = jax.device_put(projection, rep)
@@ -185,12 +185,12 @@ def make_feature_step(mcfg: model_lib.LlamaConfig, mesh, shardings, rules, dim: 
 
     def step(params, batch):
         batch = {k: batch[k] for k in ("tokens", "segment_ids")}
-        with sharding_lib.activate(mesh, rules):
+        with placement.activate():
             return jitted(params, batch, projection)
 
     def lower(params, batch):
         batch = {k: batch[k] for k in ("tokens", "segment_ids")}
-        with sharding_lib.activate(mesh, rules):
+        with placement.activate():
             return jitted.lower(params, batch, projection)
 
     step.lower = lower

@@ -256,12 +256,6 @@ def check(config) -> None:
          f"replay.coreset: candidates={cs.candidates} and feature_dim={cs.feature_dim} must "
          f"be >= 1, random_inits={cs.random_inits} >= 0")
     names = policy_names(config)
-    if config.method.der.weight > 0 and r.policy != "uniform":
-        need("resample" not in names and "uniform" not in names
-             and not ("domains" in names and not r.buffer_rows),
-             f"DER with replay.policy={r.policy!r}: DER keeps the logits of the buffer's "
-             "rows, and this policy replays rows from outside any buffer; use a bounded "
-             "policy (reservoir, domains with buffer_rows, curriculum, craig, grad_match)")
     if r.policy == "hybrid":
         h = r.hybrid
         bad = [p for p in h.policies if p not in POLICIES or p == "hybrid"]

@@ -9,7 +9,8 @@ A **run checkpoint** (``RunCheckpointer``) is a step directory of an orbax Check
     sums/      JSON: two checksums per parameter array, verified when it is restored (a
                mismatch makes the checkpoint damaged: the run falls back to an older one)
     config/    JSON: the run config it was made with
-    der/       DER's stored top-k logits (only for DER runs)
+    methods/   each selected method's memory, by method name (``MethodMemory.to_arrays``;
+               only for methods that keep one)
     pool/      the newest replay pool and its task (only for policies that store one)
 
 There is no RNG state to store: the sampler and every other random choice are functions of
@@ -40,19 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cpt_jax.errors import CheckpointError, ShapeMismatch
 from cpt_jax.model import LlamaConfig, init_params
 
 CONFIG_FILE = "model_config.json"
 META_FILE = "params_meta.json"
 PARAMS_DIR = "params"
-
-
-class CheckpointError(RuntimeError):
-    """A run checkpoint could not be written or read."""
-
-
-class ShapeMismatch(ValueError):
-    """A checkpoint's tensors do not have the shapes the config implies (not damage)."""
 
 
 def _flat(tree) -> dict[str, object]:
@@ -304,6 +298,13 @@ def newest_readable(steps, read):
     return None, None, damaged
 
 
+def _plain(tree):
+    """Nested mappings as nested dicts (orbax may return its own mapping types)."""
+    if hasattr(tree, "items"):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
 def _tree_shapes(tree) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in _flat(tree).items()}
 
@@ -334,7 +335,7 @@ class RunCheckpointer:
         handlers = dict(state=ocp.StandardCheckpointHandler(),
                         progress=ocp.JsonCheckpointHandler(),
                         config=ocp.JsonCheckpointHandler(), sums=ocp.JsonCheckpointHandler(),
-                        der=ocp.StandardCheckpointHandler(),
+                        methods=ocp.StandardCheckpointHandler(),
                         pool=ocp.StandardCheckpointHandler())
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
                                               options=options)
@@ -368,17 +369,20 @@ class RunCheckpointer:
             "is intact and a rerun resumes from it; if the disk is full, free space or point "
             "--workdir elsewhere (checkpoint.keep bounds how many are kept).")
 
-    def save(self, step: int, state, progress: dict, config: dict, der: dict | None = None,
-             pool: dict | None = None, *, wait: bool = False) -> None:
-        """Checkpoint `state` (a TrainState) and the JSON `progress`/`config` at `step`.
+    def save(self, step: int, state, progress: dict, config: dict, *,
+             memory: dict | None = None, pool: dict | None = None,
+             wait: bool = False) -> None:
+        """Checkpoint `state` (a TrainState) and the JSON `progress`/`config` at `step`,
+        with the methods' ``memory`` ({method name: {array name: array}}) and the replay
+        ``pool``'s arrays where given.
 
         An error of an earlier asynchronous save is raised here (as CheckpointError)."""
         items = dict(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress),
                      config=ocp.args.JsonSave(config))
         if hasattr(state, "params"):  # a TrainState (any other tree is saved unchecked)
             items["sums"] = ocp.args.JsonSave(params_checksums(state.params))
-        for name, arrays in (("der", der), ("pool", pool)):
-            if arrays is not None:
+        for name, arrays in (("methods", memory), ("pool", pool)):
+            if arrays:
                 items[name] = ocp.args.StandardSave(arrays)
         try:
             self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
@@ -406,7 +410,7 @@ class RunCheckpointer:
             step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     def read_arrays(self, step: int, item: str = "state") -> dict:
-        """Item 'state', 'der' or 'pool' of checkpoint `step` as nested dicts of host numpy arrays,
+        """Item 'state', 'methods' or 'pool' of checkpoint `step` as nested dicts of host numpy arrays,
         without a target structure: to inspect a checkpoint outside a run."""
         meta = getattr(self._manager.item_metadata(step)[item], "tree", None)
         out = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -415,7 +419,7 @@ class RunCheckpointer:
         return jax.tree.map(np.asarray, out)
 
     def restore(self, step: int, abstract_state):
-        """-> (TrainState, progress, config, {"der", "pool": arrays, where stored}) of
+        """-> (TrainState, progress, config, {"methods", "pool": arrays, where stored}) of
         checkpoint `step`.
 
         Each array is read straight into the sharding ``abstract_state`` gives it (from
@@ -429,7 +433,7 @@ class RunCheckpointer:
                       f"checkpoint {self.directory / str(step)}", "the run's config")
         items = dict(state=ocp.args.StandardRestore(abstract_state),
                      progress=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
-        extra = [name for name in ("der", "pool") if meta.get(name) is not None]
+        extra = [name for name in ("methods", "pool") if meta.get(name) is not None]
         for name in extra:
             items[name] = ocp.args.StandardRestore()
         if "sums" in meta.keys():  # checkpoints written before checksums have none
@@ -442,5 +446,5 @@ class RunCheckpointer:
                 raise CheckpointError(f"checkpoint {self.directory / str(step)}: params {bad[0]} "
                                       "differ from the checksums recorded at save (bit rot or "
                                       "a damaged copy)")
-        arrays = {name: jax.tree.map(np.asarray, dict(out[name])) for name in extra}
+        arrays = {name: jax.tree.map(np.asarray, _plain(out[name])) for name in extra}
         return out["state"], out["progress"], out["config"], arrays

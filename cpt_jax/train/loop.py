@@ -3,12 +3,16 @@
 For each task in order the model trains for the task's budget on batches that mix the
 task's rows with replayed rows of earlier tasks (``cpt_jax.replay``), evaluates
 every domain's validation loss every ``eval.every`` steps and at the end of each task, and
-writes ``results.json`` (schema in DESIGN.md), ``metrics.jsonl`` and ``loss_curves.png``.
+writes ``results.json`` (``cpt_jax.results_file``; every field in docs/results.md),
+``metrics.jsonl`` and ``loss_curves.png``.
 
-``run`` checks the config, the workdir and any checkpoint in it, builds everything
-(``cpt_jax.train.setup``) and hands over to ``Trainer.fit``, the step loop; evaluation,
-logging, the task-end bookkeeping and checkpoints are hooks that run every N steps and at
-every task end. Checkpoints (``cpt_jax.train.checkpoint.RunCheckpointer``) are saved every
+``run`` reads as: check (the config, the workdir and any checkpoint in it:
+``cpt_jax.train.resume.check_resume``), prepare (``cpt_jax.train.setup.prepare_run``),
+start (``run_start``), fit (``Trainer.fit``, the step loop) and write. The loop knows the
+methods only as their composition (``cpt_jax.methods.compose``): a loss, a chain, a
+task-boundary update and their memories. Evaluation, logging, the task-start and task-end
+bookkeeping and checkpoints are hooks (``Trainer.add_hook``), registered the same way as a
+user's: every N steps, at task starts and at task ends. Checkpoints (``cpt_jax.train.checkpoint.RunCheckpointer``) are saved every
 ``checkpoint.every`` steps, at every task end and on SIGTERM, only while the run is
 healthy. Run again with the same workdir and the run resumes from its latest checkpoint:
 the sampler is a function of (seed, task, step, pool), so a resumed run computes exactly
@@ -27,7 +31,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpt_jax import atomic, methods
+from cpt_jax import results_file
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data import tokenizer as tokenizer_lib
 from cpt_jax.data.loader import BatchLoader, eval_batches, process_row_range, to_global
@@ -40,14 +44,13 @@ from cpt_jax.replay.buffer import Boundary, ReplayPool, buffer_bytes
 from cpt_jax.replay.features import make_feature_step
 from cpt_jax.run_config import check_config, check_mesh
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.train.resume import (ConfigMismatch, PreemptionWatch, Preempted, TrainingDiverged,
-                                  check_resume_config, check_same_data, check_workdir,
-                                  data_fingerprints)
+from cpt_jax.errors import CheckpointError, Preempted, TrainingDiverged
+from cpt_jax.train.resume import (CHECKPOINT_DIR, PreemptionWatch, check_position,
+                                  check_resume, check_workdir)
 from cpt_jax.train.results import Progress, make_results, tokens_by_domain
-from cpt_jax.train.workdir_lock import WorkdirLock
-from cpt_jax.train.setup import (CHECKPOINT_DIR, RunParts, check_position, check_val_rows,
-                                 prepare_run, random_init_params, readable_checkpoints,
+from cpt_jax.train.setup import (RunParts, check_val_rows, prepare_run, random_init_params,
                                  run_start, starts_pretrained, warn_replay_without_history)
+from cpt_jax.train.workdir_lock import WorkdirLock
 from cpt_jax.train.step import make_eval_step, make_row_loss_step, make_train_step
 
 
@@ -81,9 +84,10 @@ def check_divergence(metrics: dict, max_bad_steps: int, step: int, ckpt) -> None
             "--workdir (init.checkpoint can start from that checkpoint)")
 
 
-def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+def run(config, workdir: str, *, allow_config_change: bool = False, hooks=()) -> dict:
     """Run the whole task sequence, or resume it from the workdir's latest checkpoint;
-    returns (and writes) the results dictionary.
+    returns (and writes) the results dictionary. ``hooks``: ``Hook``s added to the
+    trainer after the built-in ones (``Trainer.add_hook``).
 
     Raises ConfigMismatch when the workdir's checkpoint was written by a different config
     (unless `allow_config_change`), and Preempted after saving on SIGTERM.
@@ -93,50 +97,30 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     check_mesh(config, jax.device_count())
     workdir = check_workdir(workdir)
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):  # one run per workdir
-        return _run(config, workdir, allow_config_change)
+        return _run(config, workdir, allow_config_change, hooks)
 
 
-def _run(config, workdir: str, allow_config_change: bool) -> dict:
+def _run(config, workdir: str, allow_config_change: bool, hooks) -> dict:
     """``run`` once the config is checked and the workdir is this process's."""
     config_json = json.loads(config.to_json_best_effort())
-    fingerprints = data_fingerprints(config, workdir)
-    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    resume_steps, peek, damaged = [], None, []
-    if os.path.isdir(ckpt_dir):  # check before any data is prepared
-        peek = checkpoint_lib.RunCheckpointer(ckpt_dir, read_only=True)
-        resume_steps, stored_config, stored_progress, damaged = readable_checkpoints(peek)
-        if resume_steps:
-            where = f"workdir {workdir} (checkpoint of step {resume_steps[-1]})"
-            check_resume_config(stored_config, config_json, where, allow_config_change)
-            check_same_data(stored_progress.get("data_fingerprints"), fingerprints, where,
-                            allow_config_change)
-    results_path = os.path.join(workdir, "results.json")
-    if not resume_steps and os.path.exists(results_path):  # results but no checkpoint
-        try:
-            with open(results_path) as f:
-                written_by = json.load(f).get("config", {})
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ConfigMismatch(f"{results_path} is not a valid results.json ({e}); the "
-                                 "workdir holds a damaged run: use a new --workdir, or move "
-                                 "the file away to run here again") from None
-        check_resume_config(written_by, config_json, f"workdir {workdir} (its results.json)",
-                            allow_config_change)
+    start = check_resume(config, workdir, config_json, allow_config_change)
 
     parts = prepare_run(config, workdir)
     check_val_rows(config, parts)
     warn_replay_without_history(config, parts)
-    state, progress, restored = run_start(config, parts, peek, resume_steps, damaged)
+
+    state, progress, restored = run_start(config, parts, start.peek, start.steps,
+                                          start.damaged)
     check_position(progress, parts.steps, f"workdir {workdir}")
-    progress.data_fingerprints = fingerprints
-    ends = [int(e) for e in np.cumsum(parts.steps)]
-    c = config.checkpoint
-    kept_ends = ends if c.keep_task_ends < 0 else ends[len(ends) - c.keep_task_ends:]
-    ckpt = checkpoint_lib.RunCheckpointer(ckpt_dir, keep=c.keep, keep_steps=kept_ends,
-                                          async_save=c.async_save)
+    progress.data_fingerprints = start.fingerprints
+
+    ckpt = run_checkpointer(config, workdir, parts.steps)
     preempt = PreemptionWatch()
     try:
         trainer = Trainer(config, workdir, parts, state, progress, restored, ckpt, preempt,
-                          config_json, resumed=bool(resume_steps))
+                          config_json, resumed=bool(start.steps))
+        for hook in hooks:
+            trainer.add_hook(hook)
         state, progress = trainer.fit()
     finally:
         preempt.close()
@@ -144,7 +128,7 @@ def _run(config, workdir: str, allow_config_change: bool) -> dict:
 
     results = make_results(config, parts, progress, config_json)
     if jax.process_index() == 0:
-        atomic.write_json(results_path, results)
+        results_file.write(workdir, results)
         plot_loss_curves(results, os.path.join(workdir, "loss_curves.png"))
     if config.save_final_params:
         own = tokenizer_lib.load_tokenizer(os.path.join(workdir,
@@ -155,15 +139,30 @@ def _run(config, workdir: str, allow_config_change: bool) -> dict:
     return results
 
 
+def run_checkpointer(config, workdir: str, steps: list) -> checkpoint_lib.RunCheckpointer:
+    """The run's checkpointer: the last ``checkpoint.keep`` checkpoints and the last
+    ``checkpoint.keep_task_ends`` task ends (all of them when negative) are kept."""
+    ends = [int(e) for e in np.cumsum(steps)]
+    c = config.checkpoint
+    kept_ends = ends if c.keep_task_ends < 0 else ends[len(ends) - c.keep_task_ends:]
+    return checkpoint_lib.RunCheckpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=c.keep,
+                                          keep_steps=kept_ends, async_save=c.async_save)
+
+
 @dataclasses.dataclass
 class StepInfo:
-    """What a hook sees after a step: where the run is and the step's (device) metrics."""
+    """What a hook sees: where the run is, the event (``"step"``, ``"task_start"`` or
+    ``"task_end"``: the last step of a task, with its metrics), the step's device metrics
+    ({} at a task start) and ``logged``, the scalars the hooks before this one logged at
+    this event (what metrics.jsonl and TensorBoard got: a tracker logs these)."""
 
     task: int
     name: str
     global_step: int
     end_of_task: bool
     metrics: dict
+    event: str = "step"
+    logged: dict = dataclasses.field(default_factory=dict)
     host: dict | None = None  # the metrics as Python numbers, once a hook fetched them
 
     def host_metrics(self) -> dict:
@@ -174,57 +173,106 @@ class StepInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-    """``fn(info)`` every ``every`` global steps (0: never by count) and at every task end."""
+    """``fn(info)`` every ``every`` global steps (0: never by count), at every task end
+    (``at_task_end``) and at every task start (``at_task_start``). A ``fn`` with a
+    ``close()`` is closed when the loop ends, also on an error."""
 
     fn: Callable[[StepInfo], None]
-    every: int
+    every: int = 0
     at_task_end: bool = True
+    at_task_start: bool = False
 
     def __call__(self, info: StepInfo) -> None:
-        if (self.every and info.global_step % self.every == 0) or (
+        if info.event == "task_start":
+            if self.at_task_start:
+                self.fn(info)
+        elif (self.every and info.global_step % self.every == 0) or (
                 self.at_task_end and info.end_of_task):
             self.fn(info)
 
 
 class Trainer:
     """Trains from ``progress`` to the end of the task sequence. ``fit`` is the step loop;
-    evaluation, logging, the task-end bookkeeping and checkpoints are hooks."""
+    the task-start bookkeeping (boundary update, replay pool, the methods' memories),
+    logging, evaluation, the task-end bookkeeping and checkpoints are hooks, in that
+    order, ahead of any added with ``add_hook``."""
 
     def __init__(self, config, workdir, parts: RunParts, state, progress: Progress, restored,
                  ckpt, preempt, config_json, resumed: bool):
         self.config, self.workdir, self.parts = config, workdir, parts
         self.state, self.progress, self.ckpt, self.preempt = state, progress, ckpt, preempt
         self.config_json = config_json
-        mcfg, mesh, rules, shardings = parts.mcfg, parts.mesh, parts.rules, parts.shardings
-        self.train_step = make_train_step(mcfg, parts.tx, mesh, shardings, rules,
-                                          config.microbatches, parts.schedule,
-                                          loss_fn=methods.make_loss_fn(config, mcfg),
-                                          split_grads=methods.split_grads(config))
-        self.boundary = methods.TaskBoundary(config, mcfg, mesh, rules, shardings,
-                                             rows_by_task(parts))
-        self.eval_step = make_eval_step(mcfg, mesh, shardings, rules)
-        self.row_loss_step = make_row_loss_step(mcfg, mesh, shardings, rules)
-        self.der = methods.memory(config, mcfg, mesh, rules, shardings, parts.train_sources)
-        if self.der and restored.get("der") is not None:
-            self.der.store = methods.der.DERStore.from_arrays(restored["der"])
+        placement, composition = parts.placement, parts.composition
+        self.train_step = make_train_step(placement, composition.tx, config.microbatches,
+                                          parts.schedule, loss_fn=composition.loss_fn,
+                                          split_grads=composition.split_grads)
+        self.boundary = composition.task_boundary(placement, rows_by_task(parts))
+        self.eval_step = make_eval_step(placement)
+        self.row_loss_step = make_row_loss_step(placement)
+        self.memories = composition.memories(placement, parts.train_sources)
+        self._restore_memories(restored.get("methods") or {}, resumed)
         if restored.get("pool") is not None:
             pool = dict(restored["pool"])
             parts.sampler.pools[int(pool.pop("task"))] = ReplayPool.from_arrays(pool)
         self.policy = policies.make_policy(config)
         self.feature_step = None
         if set(policies.policy_names(config)) & set(policies.NEEDS_FEATURES):
-            self.feature_step = make_feature_step(mcfg, mesh, shardings, rules,
-                                                  config.replay.coreset.feature_dim,
+            self.feature_step = make_feature_step(placement, config.replay.coreset.feature_dim,
                                                   config.seed)
-        self.loader = BatchLoader(parts.sampler, parts.train_sources, mesh,
-                                  extras=self.der.extras if self.der else None)
+        self.loader = BatchLoader(parts.sampler, parts.train_sources, placement.mesh,
+                                  extras=self.memory_extras if self.memories else None)
         self.eval_sets = {n: eval_batches(parts.prepared[n]["val"], config.eval.max_rows,
-                                          config.eval.batch, mesh) for n in parts.names}
+                                          config.eval.batch, placement.mesh)
+                          for n in parts.names}
         # metrics.jsonl + TensorBoard; a resumed run drops what came after its checkpoint
         self.logger = MetricsLogger(workdir, active=jax.process_index() == 0,
                                     resume_step=progress.global_step + 1 if resumed else None)
         self.window = (time.perf_counter(), 0)  # (start, tokens) of the logging window
         self.task_start = time.perf_counter()
+        self._logged: dict = {}  # what the current event's hooks logged so far
+        self.hooks: list[Hook] = []
+        for hook in (Hook(self.start_task, 0, at_task_end=False, at_task_start=True),
+                     Hook(self.log, config.log_every), Hook(self.eval_hook, config.eval.every),
+                     Hook(self.end_task), Hook(self.checkpoint, 1)):
+            self.add_hook(hook)
+
+    def add_hook(self, fn, every: int = 0, *, task_end: bool = True,
+                 task_start: bool = False) -> Hook:
+        """Call ``fn(info: StepInfo)`` every ``every`` global steps (0: never by count), at
+        every task end (``task_end``) and every task start (``task_start``), after the
+        hooks added before it. ``fn`` may also be a ``Hook``."""
+        hook = fn if isinstance(fn, Hook) else Hook(fn, every, task_end, task_start)
+        self.hooks.append(hook)
+        return hook
+
+    def record(self, step: int, named: dict) -> None:
+        """Log ``named`` scalars at ``step`` to metrics.jsonl and TensorBoard, and to the
+        current event's ``StepInfo.logged`` (for the hooks after this one)."""
+        self.logger.log(step, named)
+        self._logged.update(scalars({k: v for k, v in named.items() if k != "step"}))
+
+    def fire(self, info: StepInfo) -> None:
+        """Every hook, in order, on one event."""
+        self._logged = info.logged
+        for hook in self.hooks:
+            hook(info)
+
+    def _restore_memories(self, stored: dict, resumed: bool) -> None:
+        for name, memory in self.memories.items():
+            if name in stored:
+                memory.load_arrays(stored[name])
+            elif resumed:
+                raise CheckpointError(
+                    f"the checkpoint this run resumes from holds no memory of method {name!r} "
+                    "(written by an older version); resume with that version, or start a new "
+                    "--workdir with init.checkpoint pointing at it")
+
+    def memory_extras(self, task: int, step: int, idx) -> dict:
+        """The methods' per-row arrays that ride along in a batch."""
+        out = {}
+        for memory in self.memories.values():
+            out.update(memory.extras(task, step, idx))
+        return out
 
     def evaluate(self, params) -> dict:
         """Token-weighted validation loss of every domain."""
@@ -271,27 +319,29 @@ class Trainer:
                   random_init_params(self.config, self.parts, self.config.seed + 1 + init))
         return self._per_row(self.feature_step, params, ids)
 
-    def start_task(self, k: int) -> None:
-        """Task k's boundary: the methods' actions and the replay pool (unless resumed
-        inside the task, whose pool came with the checkpoint)."""
+    def start_task(self, info: StepInfo) -> None:
+        """Task k's start: the methods' boundary update, the replay pool and the methods'
+        memories (unless resumed inside the task, whose pool and memories came with the
+        checkpoint)."""
+        k = info.task
         self.task_start = time.perf_counter()
         if self.progress.step:
             return
         if k:
             self.state = self.boundary(self.state, k)
-        sampler = self.parts.sampler
-        if not sampler.first_slot[k]:  # nothing earlier (task 0 without replay sources)
-            return
-        t0 = time.perf_counter()
-        sampler.pools[k] = pool = self.policy.pool(Boundary(
-            k, sampler, self.parts.steps, previous=sampler.pools.get(k - 1),
-            score_rows=self.score_rows,
-            feature_rows=self.feature_rows if self.feature_step else None))
-        if self.der and pool is not None:
-            self.der.keep_buffer(self.state.params, pool, sampler.starts)
+        sampler, pool = self.parts.sampler, None
+        if sampler.first_slot[k]:  # something earlier to replay
+            t0 = time.perf_counter()
+            sampler.pools[k] = pool = self.policy.pool(Boundary(
+                k, sampler, self.parts.steps, previous=sampler.pools.get(k - 1),
+                score_rows=self.score_rows,
+                feature_rows=self.feature_rows if self.feature_step else None))
+            pool_s = time.perf_counter() - t0
+        for memory in self.memories.values():
+            memory.task_start(self.state.params, k, pool, sampler.starts)
         if pool is not None:
-            self.logger.log(self.progress.global_step, {
-                "task": self.parts.task_names[k], "replay_pool_s": time.perf_counter() - t0,
+            self.record(info.global_step, {
+                "task": self.parts.task_names[k], "replay_pool_s": pool_s,
                 "replay_buffer_rows": pool.memory_rows(),
                 "replay_buffer_bytes": buffer_bytes(pool.memory_rows(), self.config.seq_len)})
 
@@ -302,7 +352,7 @@ class Trainer:
         now = time.perf_counter()
         m.update(step=info.global_step, task=info.name, tokens_per_s=tokens / (now - start))
         self.window = (now, 0)
-        self.logger.log(info.global_step, m)
+        self.record(info.global_step, m)
         self.bar.set_postfix(task=info.name, loss=f"{m['loss']:.3f}",
                              tok_s=f"{m['tokens_per_s']:.0f}")
 
@@ -310,8 +360,8 @@ class Trainer:
         losses = self.evaluate(self.state.params)
         self.progress.eval_curve.append({"step": info.global_step, "task": info.name,
                                          "losses": losses})
-        self.logger.log(info.global_step,
-                        {"task": info.name, **{f"eval/{n}": v for n, v in losses.items()}})
+        self.record(info.global_step,
+                    {"task": info.name, **{f"eval/{n}": v for n, v in losses.items()}})
 
     def end_task(self, info: StepInfo) -> None:
         p, sampler, k = self.progress, self.parts.sampler, info.task
@@ -326,8 +376,8 @@ class Trainer:
             **tokens_by_domain(sampler, k, n, self.parts.slot_names, self.config.seq_len,
                                joint=(self.parts.train_sources[0], self.parts.recipe.trained)
                                if self.config.joint else None)})
-        self.logger.log(info.global_step, {"task": info.name,
-                                           "task_wall_s": time.perf_counter() - self.task_start})
+        self.record(info.global_step, {"task": info.name,
+                                       "task_wall_s": time.perf_counter() - self.task_start})
         p.task, p.step = k + 1, 0
 
     def healthy(self, info: StepInfo) -> bool:
@@ -343,11 +393,12 @@ class Trainer:
         preempted = self.preempt.reached(g)  # every step: multi-host sync needs it
         if (info.end_of_task or preempted or (every and g % every == 0)) and self.healthy(info):
             t0 = time.perf_counter()
+            memory = {n: a for n, a in ((n, m.to_arrays()) for n, m in self.memories.items())
+                      if a}
             self.ckpt.save(g, self.state, dataclasses.asdict(self.progress), self.config_json,
-                           self.der.store.to_arrays() if self.der else None,
-                           self.latest_pool(), wait=preempted)
-            self.logger.log(g, {"task": info.name,
-                                "checkpoint_blocking_s": time.perf_counter() - t0})
+                           memory=memory, pool=self.latest_pool(), wait=preempted)
+            self.record(g, {"task": info.name,
+                            "checkpoint_blocking_s": time.perf_counter() - t0})
         if preempted:
             self.ckpt.wait()
             raise Preempted(self.ckpt.latest_step(), self.workdir)
@@ -370,32 +421,36 @@ class Trainer:
                 self.evaluate(random_init_params(c, self.parts)) if starts_pretrained(c)
                 else p.init_losses)
             p.eval_curve = [{"step": 0, "task": "init", "losses": p.init_losses}]
-        hooks = [Hook(self.log, c.log_every), Hook(self.eval_hook, c.eval.every),
-                 Hook(self.end_task, 0), Hook(self.checkpoint, 1)]
         self.bar = tqdm(total=sum(steps), initial=p.global_step,
                         disable=jax.process_index() != 0, dynamic_ncols=True)
         try:
             for k in range(p.task, len(steps)):
-                self.start_task(k)
+                name = self.parts.task_names[k]
+                self.fire(StepInfo(k, name, p.global_step, False, {}, event="task_start"))
                 for step, batch in enumerate(self.loader.iterate(k, p.step, steps[k]),
                                              start=p.step):
-                    if self.der:
-                        self.der.record(self.state.params, k, self.parts.sampler.batch(k, step))
+                    if self.memories:
+                        idx = self.parts.sampler.batch(k, step)
+                        for memory in self.memories.values():
+                            memory.before_step(self.state.params, k, idx)
                     # the split pass's gradient statistics only where the log hook
                     # reads them (the same condition as Hook(self.log, c.log_every))
                     g = p.global_step + 1
-                    log_step = bool(c.log_every and g % c.log_every == 0) or step == steps[k] - 1
+                    end = step == steps[k] - 1
+                    log_step = bool(c.log_every and g % c.log_every == 0) or end
                     self.state, metrics = self.train_step(self.state, batch.arrays,
                                                           batch.n_replay, stats=log_step)
                     p.step, p.global_step = step + 1, p.global_step + 1
                     start, tokens = self.window
                     self.window = (start, tokens + c.global_batch * c.seq_len)
                     self.bar.update(1)
-                    info = StepInfo(k, self.parts.task_names[k], p.global_step,
-                                    step == steps[k] - 1, metrics)
-                    for hook in hooks:
-                        hook(info)
+                    self.fire(StepInfo(k, name, p.global_step, end, metrics,
+                                       event="task_end" if end else "step"))
         finally:
             self.bar.close()
             self.logger.close()
+            for hook in self.hooks:
+                close = getattr(hook.fn, "close", None)
+                if close is not None:
+                    close()
         return self.state, p

@@ -1,8 +1,11 @@
 """What a run needs to stop and start again safely: a writable workdir, a config and data
-that match the checkpoint it resumes from, and a clean stop on preemption (SIGTERM)."""
+that match the checkpoint it resumes from (``check_resume``, before any data is
+prepared), damaged checkpoints set aside, and a clean stop on preemption (SIGTERM,
+Ctrl-C)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,8 +16,16 @@ import threading
 
 import jax
 
-from cpt_jax import pretrained
+from cpt_jax import pretrained, results_file
+from cpt_jax.data import sources
 from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.errors import (CheckpointError, ConfigMismatch, Preempted, TrainingDiverged,
+                            WorkdirError)
+from cpt_jax.train import checkpoint as checkpoint_lib
+
+__all__ = ["ConfigMismatch", "Preempted", "TrainingDiverged", "WorkdirError"]
+
+CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints: the run's own checkpoints
 
 # Keys that may change between the run that wrote a checkpoint and the one resuming it:
 # where and how the run is placed and logged, not what it computes. (A new mesh or
@@ -23,30 +34,6 @@ from cpt_jax.data import tokenizer as tokenizer_lib
 RESUME_FREE_KEYS = ("mesh", "sharding_rules", "distributed", "microbatches", "log_every",
                     "checkpoint", "data.cache_dir", "data.workers", "save_final_params", "init",
                     "model.remat")
-
-
-class WorkdirError(ValueError):
-    """The workdir cannot be created or written (read-only, full, not a directory)."""
-
-
-class ConfigMismatch(ValueError):
-    """The workdir holds a checkpoint written with a different config."""
-
-
-class TrainingDiverged(FloatingPointError):
-    """The run stopped because its last steps were all skipped (non-finite gradients, a
-    loss spike or an exploding update)."""
-
-
-class Preempted(Exception):
-    """The run got SIGTERM or Ctrl-C (or a multi-host preemption notice), saved and
-    stopped."""
-
-    def __init__(self, step: int, workdir: str):
-        self.step = step
-        saved = (f"the newest checkpoint is step {step} in {workdir}/checkpoints" if step
-                 is not None else "no checkpoint was saved yet")
-        super().__init__(f"preempted: stopped, and {saved}; rerun the same command to resume")
 
 
 def check_workdir(workdir: str) -> str:
@@ -158,8 +145,6 @@ def data_fingerprints(config, workdir: str | None = None) -> dict:
     follows from the domains and the config). File hashes are remembered in the data
     cache (``data.cache_dir``, else ``WORKDIR/data``) by (path, size, mtime): a re-check
     reads nothing."""
-    from cpt_jax.data import sources
-
     data_dir = config.data.cache_dir or (os.path.join(workdir, "data") if workdir else None)
     if data_dir and os.path.isdir(os.path.expanduser(data_dir)):
         sources.use_hash_cache(data_dir)
@@ -181,8 +166,6 @@ _LEGACY: dict = {}
 
 
 def _legacy_fingerprint(domain) -> str | None:
-    from cpt_jax.data import sources
-
     d = sources.normalize_domain(domain)
     if d["kind"] in ("demo", "tfds"):
         return None
@@ -206,3 +189,86 @@ def check_same_data(stored: dict | None, current: dict, where: str, allow: bool)
             f"{where} was trained on other data: {', '.join(changed)} changed since (files "
             "added, removed or their bytes modified, or another tokenizer). Use a new --workdir for the "
             "new data, or pass --allow_config_change to go on with it anyway.")
+
+
+def _damage(damaged) -> str:
+    return "; ".join(f"step {s}: {' '.join(str(e).split())[:200]}" for s, e in damaged)
+
+
+def unreadable(peek, damaged) -> CheckpointError:
+    return CheckpointError(f"no checkpoint in {peek.directory} can be read "
+                           f"({_damage(damaged)}); delete {peek.directory} to start the run "
+                           "over")
+
+
+def set_aside(peek, damaged) -> None:
+    """Move damaged checkpoints out of the way (process 0), saying so."""
+    if jax.process_index() == 0:
+        for step, e in damaged:
+            moved = peek.move_aside(step)
+            print(f"warning: checkpoint {peek.directory / str(step)} is damaged "
+                  f"({' '.join(str(e).split())[:200]}); moved it to {moved} and resumed from "
+                  "the previous one", file=sys.stderr)
+    checkpoint_lib.sync_processes("cpt_jax_damaged_set_aside")
+
+
+def readable_checkpoints(peek) -> tuple[list[int], dict, dict, list]:
+    """The workdir's checkpoint steps up to the newest whose JSON items can be read, that
+    one's config and progress, and the damaged newer ones (set aside once a checkpoint
+    is restored)."""
+    step, items, damaged = checkpoint_lib.newest_readable(
+        peek.step_dirs(), lambda s: (peek.read_json(s, "config"), peek.read_json(s, "progress")))
+    if step is None and damaged:
+        raise unreadable(peek, damaged)
+    if step is None:
+        return [], {}, {}, []
+    return [s for s in peek.step_dirs() if s <= step], items[0], items[1], damaged
+
+
+def check_position(progress, steps: list, where: str) -> None:
+    """A resumed run's position must exist in the (possibly changed) task list."""
+    if progress.task > len(steps) or (progress.task < len(steps)
+                                       and progress.step > steps[progress.task]):
+        raise ConfigMismatch(
+            f"{where} is at step {progress.step} of task {progress.task}, beyond the new task "
+            f"list ({len(steps)} tasks of {steps} steps); use a new --workdir for this task "
+            "list (init.checkpoint can start from that checkpoint)")
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """What a workdir holds to resume from: its readable checkpoint steps (empty for a
+    fresh run), a read-only checkpointer over them, the newer damaged ones and the run's
+    data fingerprints."""
+
+    steps: list
+    peek: object  # checkpoint_lib.RunCheckpointer (read-only) or None
+    damaged: list
+    fingerprints: dict
+
+
+def check_resume(config, workdir: str, config_json: dict, allow: bool) -> ResumePoint:
+    """Before any data is prepared: a checkpoint in ``workdir`` must have been written by
+    this config on this data, and a results.json without checkpoints by this config
+    (ConfigMismatch naming what differs, unless ``allow``)."""
+    fingerprints = data_fingerprints(config, workdir)
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    steps, peek, damaged = [], None, []
+    if os.path.isdir(ckpt_dir):
+        peek = checkpoint_lib.RunCheckpointer(ckpt_dir, read_only=True)
+        steps, stored_config, stored_progress, damaged = readable_checkpoints(peek)
+        if steps:
+            where = f"workdir {workdir} (checkpoint of step {steps[-1]})"
+            check_resume_config(stored_config, config_json, where, allow)
+            check_same_data(stored_progress.get("data_fingerprints"), fingerprints, where,
+                            allow)
+    if not steps and os.path.exists(results_file.path(workdir)):  # results, no checkpoint
+        try:
+            written_by = results_file.read(workdir).get("config", {})
+        except results_file.ResultsError as e:
+            raise ConfigMismatch(f"{e}; the workdir holds a damaged run: use a new "
+                                 "--workdir, or move the file away to run here again"
+                                 ) from None
+        check_resume_config(written_by, config_json, f"workdir {workdir} (its results.json)",
+                            allow)
+    return ResumePoint(steps, peek, damaged, fingerprints)

@@ -17,20 +17,19 @@ import numpy as np
 from cpt_jax import hf, methods, pretrained
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
+from cpt_jax.core.state import (Placement, abstract_train_state, create_train_state,
+                                state_shardings)
 from cpt_jax.data import prepare as prepare_lib
 from cpt_jax.data import tokenizer as tokenizer_lib
 from cpt_jax.data.recipe import Recipe
 from cpt_jax.data.rows import ConcatRows
 from cpt_jax.optim import transforms
-from cpt_jax.optim.builder import make_optimizer, make_schedule
+from cpt_jax.optim.schedules import make_schedule
 from cpt_jax.replay.rates import nominal_steps, replay_rates, task_steps
 from cpt_jax.replay.sampler import ReplaySampler
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.train.resume import ConfigMismatch
+from cpt_jax.train.resume import CHECKPOINT_DIR, set_aside, unreadable
 from cpt_jax.train.results import Progress
-from cpt_jax.train.state import abstract_train_state, create_train_state, state_shardings
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 def load_tokenizer(config, domains, data_dir):
@@ -114,26 +113,40 @@ class RunParts:
     train_sources: list
     prepared: dict
     sampler: ReplaySampler
-    mcfg: model_lib.LlamaConfig
-    mesh: object
-    rules: object
-    tx: object
+    placement: Placement  # model config, mesh, rules, the train state's shardings
+    composition: methods.Composition  # the selected methods, composed once
     schedule: object
-    shardings: object
     recipe: Recipe | None = None  # what each domain is for (cpt_jax.data.recipe)
     slot_names: list | None = None  # the sampler's training-row sets, in order
 
+    @property
+    def mcfg(self) -> model_lib.LlamaConfig:
+        return self.placement.mcfg
 
-def build_model(config, task_steps):
-    """(LlamaConfig, mesh, sharding rules, learning-rate schedule, optimizer chain, state
-    shardings) of a run config whose tasks take ``task_steps`` steps."""
+    @property
+    def mesh(self):
+        return self.placement.mesh
+
+    @property
+    def shardings(self):
+        return self.placement.shardings
+
+    @property
+    def tx(self):
+        return self.composition.tx
+
+
+def build_model(config, task_steps) -> tuple[Placement, methods.Composition, object]:
+    """(placement, composed methods, learning-rate schedule) of a run config whose tasks
+    take ``task_steps`` steps."""
     mcfg = pretrained.model_config(config)
     mesh = sharding_lib.make_mesh(config.mesh.to_dict())
     rules = sharding_lib.rules_from_config(config.sharding_rules)
     schedule = make_schedule(config.optim, task_steps)
-    tx = make_optimizer(config, schedule)
-    shardings = state_shardings(mcfg, tx, mesh, rules, teacher=methods.needs_teacher(config))
-    return mcfg, mesh, rules, schedule, tx, shardings
+    composition = methods.compose(config, mcfg, schedule)
+    shardings = state_shardings(mcfg, composition.tx, mesh, rules,
+                                teacher=composition.teacher)
+    return Placement(mcfg, mesh, rules, shardings), composition, schedule
 
 
 def prepare_data(config, workdir: str, recipe: Recipe | None = None) -> dict:
@@ -191,11 +204,11 @@ def prepare_run(config, workdir: str) -> RunParts:
                             names=task_names, task_slots=task_slots,
                             slot_names=None if config.joint else slot_names)
     steps = task_steps(config, tasks)
-    mcfg, mesh, rules, schedule, tx, shardings = build_model(config, steps)
+    placement, composition, schedule = build_model(config, steps)
     return RunParts(names=names, eval_order=list(recipe.columns),
                     task_names=task_names, steps=steps, train_sources=train_sources,
-                    prepared=prepared, sampler=sampler, mcfg=mcfg, mesh=mesh, rules=rules,
-                    tx=tx, schedule=schedule, shardings=shardings, recipe=recipe,
+                    prepared=prepared, sampler=sampler, placement=placement,
+                    composition=composition, schedule=schedule, recipe=recipe,
                     slot_names=slot_names)
 
 
@@ -238,10 +251,11 @@ def _checkpoint_dir(path: str) -> tuple[str, int | None]:
 
 def run_start(config, parts: RunParts, peek, resume_steps, damaged=()):
     """The state and progress to train from -> (state, progress, the checkpoint's extra
-    arrays: {"der": DER's memory, "pool": the newest replay pool with its task}, when stored).
+    arrays: {"methods": the methods' memory, "pool": the newest replay pool with its task},
+    when stored).
 
     Resuming: the newest of ``resume_steps`` that can be restored (``peek``: the workdir's
-    read-only checkpointer); newer damaged ones (and ``damaged``, found unreadable before)
+    read-only checkpointer, ``cpt_jax.train.resume.check_resume``); newer damaged ones (and ``damaged``, found unreadable before)
     are moved aside with a warning. Otherwise a fresh init, parameters from
     init.hf / init.orbax with a new optimizer state, or the whole state of another run's
     checkpoint (init.checkpoint: optimizer moments, counters and Reptile/EWC state carry
@@ -254,9 +268,7 @@ def run_start(config, parts: RunParts, peek, resume_steps, damaged=()):
             resume_steps, lambda s: peek.restore(s, abstract))
         damaged = [*damaged, *more]
         if step is None:
-            raise checkpoint_lib.CheckpointError(
-                f"no checkpoint in {peek.directory} can be read ({_damage(damaged)}); delete "
-                f"{peek.directory} to start the run over")
+            raise unreadable(peek, damaged)
         set_aside(peek, damaged)
         state, progress, _, arrays = restored
         return state, Progress(**progress), arrays
@@ -284,48 +296,8 @@ def run_start(config, parts: RunParts, peek, resume_steps, damaged=()):
             state = state.replace(step=jnp.zeros_like(state.step),
                                   opt_state=transforms.restart_schedule(state.opt_state))
         return state, Progress(), {}
-    state, _ = create_train_state(parts.mcfg, parts.tx, parts.mesh, parts.rules,
+    state, _ = create_train_state(parts.mcfg, parts.tx, parts.mesh, parts.placement.rules,
                                   jax.random.key(config.seed),
                                   params=initial_params(config, parts.mcfg),
                                   teacher=parts.shardings.teacher is not None)
     return state, Progress(), {}
-
-
-def _damage(damaged) -> str:
-    return "; ".join(f"step {s}: {' '.join(str(e).split())[:200]}" for s, e in damaged)
-
-
-def set_aside(peek, damaged) -> None:
-    """Move damaged checkpoints out of the way (process 0), saying so."""
-    if jax.process_index() == 0:
-        for step, e in damaged:
-            moved = peek.move_aside(step)
-            print(f"warning: checkpoint {peek.directory / str(step)} is damaged "
-                  f"({' '.join(str(e).split())[:200]}); moved it to {moved} and resumed from "
-                  "the previous one", file=sys.stderr)
-    checkpoint_lib.sync_processes("cpt_jax_damaged_set_aside")
-
-
-def readable_checkpoints(peek) -> tuple[list[int], dict, dict, list]:
-    """The workdir's checkpoint steps up to the newest whose JSON items can be read, that
-    one's config and progress, and the damaged newer ones (set aside once a checkpoint
-    is restored)."""
-    step, items, damaged = checkpoint_lib.newest_readable(
-        peek.step_dirs(), lambda s: (peek.read_json(s, "config"), peek.read_json(s, "progress")))
-    if step is None and damaged:
-        raise checkpoint_lib.CheckpointError(
-            f"no checkpoint in {peek.directory} can be read ({_damage(damaged)}); delete "
-            f"{peek.directory} to start the run over")
-    if step is None:
-        return [], {}, {}, []
-    return [s for s in peek.step_dirs() if s <= step], items[0], items[1], damaged
-
-
-def check_position(progress: Progress, steps: list, where: str) -> None:
-    """A resumed run's position must exist in the (possibly changed) task list."""
-    if progress.task > len(steps) or (progress.task < len(steps)
-                                       and progress.step > steps[progress.task]):
-        raise ConfigMismatch(
-            f"{where} is at step {progress.step} of task {progress.task}, beyond the new task "
-            f"list ({len(steps)} tasks of {steps} steps); use a new --workdir for this task "
-            "list (init.checkpoint can start from that checkpoint)")

@@ -21,7 +21,8 @@ efficiently than one. So the split pass runs only where it is needed:
 
 - every step of a run whose methods need the two parts apart (A-GEM's projection, replay
   with explicit ``mix_weights``, the replayed rows' own loss terms of distillation and DER:
-  ``cpt_jax.methods.split_grads``, which ``make_train_step(split_grads=...)`` takes);
+  ``Composition.split_grads`` of ``cpt_jax.methods.compose``, which
+  ``make_train_step(split_grads=...)`` takes);
 - the steps that log gradient statistics (``step(..., stats=True)``: cosines and norms of
   the current and replay gradients, ``gradient_statistics``).
 
@@ -52,8 +53,8 @@ from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.replay.sampler import replay_positions
 from cpt_jax.optim.transforms import GuardState, PerSourceGrads, schedule_count
-from cpt_jax.train.losses import ce_loss_sum, token_losses
-from cpt_jax.train.state import TrainState
+from cpt_jax.core.losses import ce_loss_sum, token_losses
+from cpt_jax.core.state import Placement, TrainState
 
 
 def split_microbatches(batch, n: int, mesh):
@@ -224,19 +225,19 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
     return new_state, metrics
 
 
-def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainState, rules,
-                    microbatches: int = 1, lr_schedule=None, loss_fn=None,
-                    split_grads: bool = True):
+def make_train_step(placement: Placement, tx, microbatches: int = 1, lr_schedule=None,
+                    loss_fn=None, split_grads: bool = True):
     """step(state, batch, n_replay=0, stats=True) -> (state, metrics): jitted per replay
     count and pass, with explicit shardings (every batch array over the batch axes) and the
     state donated. `loss_fn(params, batch, teacher, replay)` defaults to cross-entropy;
     `n_replay` must match the sampler's replay count for the batch.
 
     A step with replay rows takes the split pass (per-source gradients) when
-    ``split_grads`` (the chain combines the two gradients: ``methods.split_grads``) or
+    ``split_grads`` (the chain combines the two gradients: ``Composition.split_grads``) or
     ``stats`` (a log step: the gradient statistics), and otherwise one pass over the whole
     batch. ``split_grads=True`` (the default) splits every replay step."""
-    loss_fn = loss_fn or functools.partial(ce_loss_sum, config)
+    mesh, shardings = placement.mesh, placement.shardings
+    loss_fn = loss_fn or functools.partial(ce_loss_sum, placement.mcfg)
     cache = {}
 
     def jitted(n_replay, batch, stats):
@@ -253,45 +254,46 @@ def make_train_step(config: model_lib.LlamaConfig, tx, mesh, shardings: TrainSta
         return cache[key]
 
     def step(state, batch, n_replay: int = 0, stats: bool = True):
-        with sharding_lib.activate(mesh, rules):
+        with placement.activate():
             return jitted(int(n_replay), batch, stats)(state, batch)
 
     def lower(state, batch, n_replay: int = 0, stats: bool = True):
-        with sharding_lib.activate(mesh, rules):
+        with placement.activate():
             return jitted(int(n_replay), batch, stats).lower(state, batch)
 
     step.lower = lower
     return step
 
 
-def _params_batch_step(fn, mesh, shardings: TrainState, rules):
+def _params_batch_step(fn, placement: Placement):
     """``fn(params, batch)`` jitted with the parameters' shardings and the batch's rows over
     the batch axes; its outputs replicated."""
+    mesh, shardings = placement.mesh, placement.shardings
     batch_shard = {k: sharding_lib.batch_sharding(mesh, 2) for k in ("tokens", "segment_ids")}
     jitted = jax.jit(fn, in_shardings=(shardings.params, batch_shard),
                      out_shardings=sharding_lib.replicated(mesh))
 
     def step(params, batch):
-        with sharding_lib.activate(mesh, rules):
+        with placement.activate():
             return jitted(params, batch)
 
     return step
 
 
-def make_eval_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, rules):
+def make_eval_step(placement: Placement):
     """Jitted (params, batch) -> (sum of token losses, token count): token-weighted eval."""
     def eval_sums(params, batch):
-        losses, mask, _ = token_losses(config, params, batch)
+        losses, mask, _ = token_losses(placement.mcfg, params, batch)
         return (losses * mask).sum(), mask.sum()
 
-    return _params_batch_step(eval_sums, mesh, shardings, rules)
+    return _params_batch_step(eval_sums, placement)
 
 
-def make_row_loss_step(config: model_lib.LlamaConfig, mesh, shardings: TrainState, rules):
+def make_row_loss_step(placement: Placement):
     """Jitted (params, batch) -> (loss sum [B], token count [B]) per row: how a replay
     policy scores rows with the current model (``cpt_jax.replay.buffer``)."""
     def row_sums(params, batch):
-        losses, mask, _ = token_losses(config, params, batch)
+        losses, mask, _ = token_losses(placement.mcfg, params, batch)
         return (losses * mask).sum(axis=1), mask.sum(axis=1)
 
-    return _params_batch_step(row_sums, mesh, shardings, rules)
+    return _params_batch_step(row_sums, placement)
