@@ -53,7 +53,6 @@ def _config(**logging):
     c.seed = 7
     c.optim = ml_collections.ConfigDict(dict(lr=3e-4, schedule="cosine"))
     c.tasks = [{"name": "prose", "steps": 3}, {"name": "code", "steps": 4}]
-    c.name = ""
     c.logging = wandb_logger.default_config()
     c.logging.update(dict(wandb=True, mode="offline", project="cpt_test"), **logging)
     return c
@@ -195,30 +194,34 @@ def test_resume_rewinds_the_same_run(tmp_path):
     assert wandb_logger.read_run_id(workdir) == fresh.run_id
 
 
-def test_resume_without_rewind_falls_back(tmp_path, monkeypatch):
-    """A server that refuses the rewind: the run is resumed with resume="allow"."""
+@pytest.mark.parametrize("how", ["refused", "rewind_off"])
+def test_resume_without_rewind(tmp_path, monkeypatch, how):
+    """A server that refuses the rewind, or logging.rewind=False: resume="allow"."""
     workdir = str(tmp_path / "run_f")
     first = WandbLogger(_config(), workdir)
     run_id = first.run_id
-    _drive(first, [(1, "step", {"loss": 1.0})])
+    _drive(first, [(1, "step", {"loss": 1.0}), (2, "step", {"loss": 2.0})])
     first.close()
 
-    init = wandb.init
+    if how == "refused":
+        init = wandb.init
 
-    def no_rewind(**kwargs):
-        if kwargs.get("resume_from"):
-            raise wandb.errors.CommError("rewinding is not enabled")
-        return init(**kwargs)
+        def no_rewind(**kwargs):
+            if kwargs.get("resume_from"):
+                raise wandb.errors.CommError("rewinding is not enabled")
+            return init(**kwargs)
 
-    monkeypatch.setattr(wandb, "init", no_rewind)
+        monkeypatch.setattr(wandb, "init", no_rewind)
     _next_second()
-    second = WandbLogger(_config(), workdir, resume_step=2)
+    second = WandbLogger(_config(rewind=how != "rewind_off"), workdir, resume_step=2)
     assert second.run_id == run_id
-    _drive(second, [(1, "step", {"loss": 9.0}), (2, "step", {"loss": 2.0})])
+    _drive(second, [(1, "step", {"loss": 9.0}), (2, "step", {"loss": 2.5}),
+                    (3, "step", {"loss": 3.0})])
     second.close()
     run2, hist2 = _read(_fragments(workdir, run_id)[1])
     assert run2.resume and not run2.HasField("branch_point")
-    assert hist2 == {2: {"loss": 2.0}}
+    # offline, wandb knows no earlier steps: this attempt's rows from resume_step on
+    assert hist2 == {2: {"loss": 2.5}, 3: {"loss": 3.0}}
 
 
 @pytest.mark.parametrize("how", ["disabled", "inactive"])
@@ -247,6 +250,7 @@ def test_missing_wandb_is_one_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("key, value, message", [
     ("mode", "x", "logging.mode='x': use 'online', 'offline' or 'disabled'"),
     ("wandb", "yes", "logging.wandb='yes': use True or False"),
+    ("rewind", 1, "logging.rewind=1: use True or False"),
     ("project", "a/b", "logging.project='a/b': use a name of 1 to 128 characters"),
     ("project", "", "logging.project='': use a name"),
     ("entity", 3, "logging.entity=3: use a string"),

@@ -45,11 +45,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.wandb = False       # make a WandbLogger (needs the wandb package)
     c.project = "cpt_jax"
     c.entity = ""         # "" = wandb's default entity (WANDB_ENTITY, or the user's)
-    c.name = ""           # "" = config.name, else the workdir's basename
+    c.name = ""           # "" = the workdir's basename
     # "online", "offline" (upload later with `wandb sync`), "disabled" (log nothing), or
     # "" = wandb's own choice (WANDB_MODE, `wandb offline`, else online)
     c.mode = ""
     c.tags = []           # list of strings
+    # on resuming from a checkpoint, rewind the wandb run to the checkpoint's step (the
+    # killed attempt's later rows are replaced); False: resume="allow" (for servers
+    # without rewinding; see WandbLogger)
+    c.rewind = True
     return c
 
 
@@ -66,8 +70,9 @@ def check(config) -> None:
     unknown = sorted(set(lg) - known)
     if unknown:
         _fail(f"logging.{unknown[0]} is not a logging key: use one of {sorted(known)}")
-    if not isinstance(lg.wandb, bool):
-        _fail(f"logging.wandb={lg.wandb!r}: use True or False")
+    for key in ("wandb", "rewind"):
+        if not isinstance(lg[key], bool):
+            _fail(f"logging.{key}={lg[key]!r}: use True or False")
     if lg.mode not in MODES:
         _fail(f"logging.mode={lg.mode!r}: use 'online', 'offline' or 'disabled' "
               "(or '' for WANDB_MODE, else online)")
@@ -123,18 +128,22 @@ class WandbLogger:
     ``MetricsLogger``'s: None for a fresh run (a new id, replacing any stored one); else
     the first step this attempt logs again (the checkpoint's step + 1). wandb keeps a
     run's history steps increasing and refuses a step lower than the last one logged,
-    while the killed attempt may have logged past its last checkpoint. So a resumed
-    logger *rewinds* the run: ``wandb.init(resume_from=f"{id}?_step={resume_step - 1}")``
-    (wandb >= 0.17.1) keeps the history through step ``resume_step - 1``, drops the
-    killed attempt's later rows and continues at ``resume_step``. In offline mode the
-    rewind point is written into the new offline fragment (its run record's
-    ``branch_point``) and done when ``wandb sync`` uploads the fragments, in the order they
-    were started. If the server refuses the rewind (rewinding is a feature a W&B server
-    may not offer), the logger falls back to ``id=..., resume="allow"``: the run goes on,
-    and the steps the killed attempt logged already keep its values (the same ones, up
-    to timings, as a run resumes bit-exactly). Scalars a resumed attempt logs below the
-    run's starting step (e.g. a task start at the checkpoint's own step) are skipped
-    without wandb's per-step warning: the killed attempt logged them.
+    while the killed attempt may have logged past its last checkpoint. So, as
+    metrics.jsonl drops those lines and TensorBoard purges those events, a resumed logger
+    *rewinds* the run (``logging.rewind=True``, the default):
+    ``wandb.init(resume_from=f"{id}?_step={resume_step - 1}")`` (wandb >= 0.17.1) keeps
+    the history through step ``resume_step - 1``, drops the killed attempt's later rows
+    and continues at ``resume_step``. In offline mode the rewind point is written into the
+    new offline run (the run record's ``branch_point``) and done by ``wandb sync``, which
+    uploads the offline runs of one id in the order they started. Rewinding is a W&B
+    server feature (in preview; not on every server): if ``wandb.init`` refuses it, the
+    logger warns and resumes with ``id=..., resume="allow"``, as it does with
+    ``logging.rewind=False`` (the choice for offline runs synced to such a server). Then
+    the steps the killed attempt logged keep its values (the same ones, up to timings, as
+    a run resumes bit-exactly), and this attempt's scalars below the run's starting step
+    (which wandb reports online) are skipped without wandb's per-step warning. Scalars
+    below ``resume_step`` (e.g. of a task start at the checkpoint's own step) are always
+    skipped: the killed attempt logged them.
 
     Args:
       config: the run config; settings from ``config.logging`` (see ``default_config``).
@@ -162,11 +171,11 @@ class WandbLogger:
         run_id = read_run_id(workdir) if resume_step is not None else None
         kwargs = dict(
             project=lg.project, entity=lg.entity or None,
-            name=lg.name or config.get("name") or os.path.basename(os.path.abspath(workdir)),
+            name=lg.name or os.path.basename(os.path.abspath(workdir)),
             tags=list(lg.tags) or None, mode=lg.mode or None, dir=workdir,
             config=json.loads(config.to_json_best_effort()))
         run = None
-        if run_id is not None and resume_step > 0:
+        if run_id is not None and resume_step > 0 and lg.rewind:
             try:
                 run = wandb.init(resume_from=f"{run_id}?_step={resume_step - 1}", **kwargs)
             except Exception as e:  # e.g. a server without rewinding
