@@ -119,6 +119,11 @@ def _next_second():
     time.sleep(math.ceil(t) - t + 0.01)
 
 
+def _exit_code(path):
+    (code,) = [r.exit.exit_code for r in _records(path) if r.WhichOneof("record_type") == "exit"]
+    return code
+
+
 def _drive(logger, events):
     for step, event, logged in events:
         logger(FakeInfo(task=0, name="prose", global_step=step, end_of_task=event == "task_end",
@@ -158,6 +163,7 @@ def test_history_matches_what_was_logged(tmp_path):
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert config["seed"] == 7 and config["optim"] == {"lr": 3e-4, "schedule": "cosine"}
     assert config["logging"]["project"] == "cpt_test"
+    assert _exit_code(path) == 0
     with open(os.path.join(workdir, "wandb_id")) as f:
         assert f.read().strip() == run_id
 
@@ -224,11 +230,27 @@ def test_resume_without_rewind(tmp_path, monkeypatch, how):
     assert hist2 == {2: {"loss": 2.5}, 3: {"loss": 3.0}}
 
 
-@pytest.mark.parametrize("how", ["disabled", "inactive"])
+def test_close_on_an_error_marks_the_run_failed(tmp_path):
+    workdir = str(tmp_path / "run_e")
+    logger = WandbLogger(_config(), workdir)
+    with pytest.raises(FloatingPointError):
+        try:
+            _drive(logger, [(1, "step", {"loss": 1.0})])
+            raise FloatingPointError("loss diverged")
+        finally:
+            logger.close()  # as the trainer's finally calls it
+    (path,) = _fragments(workdir, logger.run_id)
+    assert _exit_code(path) == 1 and _read(path)[1] == {1: {"loss": 1.0}}
+
+
+@pytest.mark.parametrize("how", ["disabled", "inactive", "WANDB_MODE=disabled"])
 def test_noop_logger_writes_nothing(tmp_path, monkeypatch, how):
     monkeypatch.setitem(sys.modules, "wandb", None)  # a no-op logger needs no wandb
     workdir = tmp_path / "run_n"
     config = _config(mode="disabled") if how == "disabled" else _config()
+    if how == "WANDB_MODE=disabled":
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        config.logging.mode = ""
     logger = WandbLogger(config, str(workdir), active=how != "inactive", resume_step=3)
     _drive(logger, [(3, "step", {"loss": 1.0})])
     logger.close()

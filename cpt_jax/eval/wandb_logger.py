@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import string
+import sys
 
 import ml_collections
 
@@ -160,36 +161,37 @@ class WandbLogger:
         self.run_id: str | None = None  # kept after close()
         self.first_step = 0
         lg = config.logging
-        self.active = bool(active) and lg.mode != "disabled"
+        mode = lg.mode or os.environ.get("WANDB_MODE", "")
+        self.active = bool(active) and mode != "disabled"
         if not self.active:
             return
         try:
             import wandb
         except ImportError:
             raise ImportError(INSTALL_HINT) from None
-        os.makedirs(workdir, exist_ok=True)
         run_id = read_run_id(workdir) if resume_step is not None else None
+        rewind = run_id is not None and resume_step > 0 and lg.rewind
+        if run_id is None:  # stored before the run starts: a resume finds it in any case
+            run_id = _new_id()
+            atomic.write_text(os.path.join(workdir, ID_FILE), run_id + "\n")
         kwargs = dict(
             project=lg.project, entity=lg.entity or None,
             name=lg.name or os.path.basename(os.path.abspath(workdir)),
             tags=list(lg.tags) or None, mode=lg.mode or None, dir=workdir,
             config=json.loads(config.to_json_best_effort()))
         run = None
-        if run_id is not None and resume_step > 0 and lg.rewind:
+        if rewind:
             try:
                 run = wandb.init(resume_from=f"{run_id}?_step={resume_step - 1}", **kwargs)
             except Exception as e:  # e.g. a server without rewinding
                 _log.warning("wandb could not rewind run %s to step %d (%s); resuming it "
                              "without a rewind", run_id, resume_step - 1, e)
         if run is None:
-            run_id = run_id or _new_id()
             run = wandb.init(id=run_id, resume="allow", **kwargs)
-        if getattr(run, "disabled", False):  # WANDB_MODE=disabled
+        if getattr(run, "disabled", False):  # disabled by wandb's own settings
             run.finish()
             self.active = False
             return
-        if read_run_id(workdir) != run.id:
-            atomic.write_text(os.path.join(workdir, ID_FILE), run.id + "\n")
         self.run, self.run_id = run, run.id
         self.first_step = max(int(run.starting_step or 0), resume_step or 0)
 
@@ -200,11 +202,22 @@ class WandbLogger:
         if values:
             self.run.log(values, step=int(info.global_step))
 
-    def close(self, exit_code: int = 0) -> None:
-        """Finish the run (flushing its last row); later calls do nothing."""
+    def close(self, exit_code: int | None = None) -> None:
+        """Finish the run (flushing its last row); later calls do nothing. Called while an
+        exception propagates (the trainer's ``finally``), the run is marked failed unless
+        ``exit_code`` is given; wandb's own errors here are warnings, not raised."""
         run, self.run = self.run, None
-        if run is not None:
+        if run is None:
+            return
+        if exit_code is None:
+            exc = sys.exc_info()[1]
+            exit_code = 0 if exc is None else 1
+            if isinstance(exc, SystemExit):
+                exit_code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        try:
             run.finish(exit_code=exit_code)
+        except Exception as e:  # an upload error must not hide the run's own outcome
+            _log.warning("wandb could not finish run %s: %s", self.run_id, e)
 
     def __enter__(self):
         return self
