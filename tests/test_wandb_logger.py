@@ -289,7 +289,8 @@ def test_missing_wandb_is_one_line(tmp_path, monkeypatch):
     ("project", "a/b", "logging.project='a/b': use a name of 1 to 128 characters"),
     ("project", "", "logging.project='': use a name"),
     ("entity", 3, "logging.entity=3: use a string"),
-    ("tags", ["ok", ""], "logging.tags=['ok', '']: use a list of strings"),
+    ("tags", ["ok", ""], "logging.tags=['ok', '']: use strings of 1 to 64 characters"),
+    ("tags", "replay", "logging.tags='replay': use strings"),
     ("colour", "red", "logging.colour is not a logging key: use one of"),
 ])
 def test_bad_key_is_one_line(key, value, message):
@@ -306,5 +307,5 @@ def test_bad_key_is_one_line(key, value, message):
 
 def test_default_config_is_off():
     c = wandb_logger.default_config()
-    assert c.wandb is False and c.project == "cpt_jax" and list(c.tags) == []
+    assert c.wandb is False and c.project == "cpt_jax" and c.tags == ()
     wandb_logger.check(ml_collections.ConfigDict({"logging": c}))

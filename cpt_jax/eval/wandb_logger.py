@@ -50,7 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
     # "online", "offline" (upload later with `wandb sync`), "disabled" (log nothing), or
     # "" = wandb's own choice (WANDB_MODE, `wandb offline`, else online)
     c.mode = ""
-    c.tags = []           # list of strings
+    # strings; a tuple, as ml_collections' flags override tuples (not lists):
+    # --config.logging.tags="('replay','99m')" or --config.logging.tags=replay (one)
+    c.tags = ()
     # on resuming from a checkpoint, rewind the wandb run to the checkpoint's step (the
     # killed attempt's later rows are replaced); False: resume="allow" (for servers
     # without rewinding; see WandbLogger)
@@ -88,8 +90,8 @@ def check(config) -> None:
     tags = lg.tags
     if not isinstance(tags, (list, tuple)) or not all(
             isinstance(t, str) and 0 < len(t) <= 64 for t in tags):
-        _fail(f"logging.tags={tags!r}: use a list of strings of 1 to 64 characters, "
-              "e.g. --config.logging.tags=\"['replay','99m']\"")
+        _fail(f"logging.tags={tags!r}: use strings of 1 to 64 characters, e.g. "
+              "--config.logging.tags=\"('replay','99m')\"")
     if lg.wandb and lg.mode != "disabled" and importlib.util.find_spec("wandb") is None:
         _fail(INSTALL_HINT)
 
