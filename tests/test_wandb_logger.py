@@ -18,6 +18,7 @@ import time
 import zlib
 
 import ml_collections
+import numpy as np
 import pytest
 
 from cpt_jax.eval import wandb_logger
@@ -62,6 +63,7 @@ def _config(**logging):
     c.seed = 7
     c.optim = ml_collections.ConfigDict(dict(lr=3e-4, schedule="cosine"))
     c.tasks = [{"name": "prose", "steps": 3}, {"name": "code", "steps": 4}]
+    c.param_dtype = np.float32  # not JSON: to_json() would fail
     c.logging = wandb_logger.default_config()
     c.logging.update(dict(wandb=True, mode="offline", project="cpt_test"), **logging)
     return c
@@ -172,7 +174,7 @@ def test_history_matches_what_was_logged(tmp_path):
     assert run.display_name == "run_a" and list(run.tags) == ["replay", "tiny"]
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert config["seed"] == 7 and config["optim"] == {"lr": 3e-4, "schedule": "cosine"}
-    assert config["logging"]["project"] == "cpt_test"
+    assert config["logging"]["project"] == "cpt_test" and "float32" in config["param_dtype"]
     assert _exit_code(path) == 0
     with open(os.path.join(workdir, "wandb_id")) as f:
         assert f.read().strip() == run_id

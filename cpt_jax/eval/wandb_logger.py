@@ -34,7 +34,7 @@ from cpt_jax import atomic
 ID_FILE = "wandb_id"
 MODES = ("", "online", "offline", "disabled")
 INSTALL_HINT = "logging.wandb=True needs the wandb package: pip install 'cpt_jax[wandb]'"
-_ID_RE = re.compile(r"[a-z0-9_-]{1,64}")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PROJECT_BAD = set("/\\#?%:")
 
 _log = logging.getLogger(__name__)
