@@ -108,6 +108,10 @@ def test_a_missing_file_or_directory_is_one_line_naming_it(tmp_path):
     with pytest.raises(ResultsMissing) as e:
         results_file.read(str(tmp_path / "other.json"))
     _one_line_error(e, tmp_path / "other.json")
+    (tmp_path / "a_file").write_text("{}")
+    with pytest.raises(ResultsMissing) as e:
+        results_file.read(str(tmp_path / "a_file"))
+    assert "is not a directory" in _one_line_error(e, tmp_path / "a_file")
 
 
 def test_required_keys_and_a_config_that_is_not_an_object(tmp_path):
