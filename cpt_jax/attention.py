@@ -11,9 +11,8 @@ with scores and softmax in float32 whatever the compute dtype (as Hugging Face's
   (Dao 2023, "FlashAttention-2", section 2.3: ``dS = P * (dP - rowsum(dO * O))``) instead of
   differentiating through the softmax. Stacked over layers by ``nn.scan``, the probabilities
   of every layer are then never held at once (16 x 32 MB at 99M, 4 x 512; 16 x 512 MB at
-  seq 2048), and the softmax backward is one fused pass. On a 2-core CPU, 16 layers at
-  B 4, L 512, H 8 under ``lax.scan``: 2.69 s -> 1.20 s forward + backward against
-  differentiating the plain softmax, and 1.41 s -> 0.77 s with 8 query blocks.
+  seq 2048), and the softmax backward is one fused pass (its CPU timings, and the query
+  blocks', are in README "Sharding and speed").
 - ``"cudnn"`` (NVIDIA GPU, bfloat16/float16): cuDNN's fused flash attention through
   ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, with the same-document
   mask passed as its boolean mask (cuDNN adds it as a bias, so packed rows stay exact).
@@ -61,9 +60,8 @@ def _block_mask(segment_ids_BLq, segment_ids_BS, offset: int):
 
 
 # Query blocks of the xla path: up to MAX_QUERY_BLOCKS blocks of at least MIN_QUERY_BLOCK
-# queries. Measured on a 2-core CPU, 16 layers forward + backward at B 4, L 512, 8 heads of
-# 64: one block 1.41 s, 2 blocks 0.94, 4 blocks 0.86, 8 blocks 0.77, 16 blocks 0.88; 4
-# layers at B 16, L 128, 4 heads of 32: 0.037 s -> 0.020 (4 blocks) and 0.016 (8 blocks).
+# queries. More blocks skip more of the causal square but make smaller matmuls; the
+# bounds were chosen by the sweep of block counts in README "Sharding and speed".
 MIN_QUERY_BLOCK = 32
 MAX_QUERY_BLOCKS = 8
 
@@ -177,8 +175,8 @@ def attention_block(x_BLD, wq_DHK, wk_DKK, wv_DKK, wo_HKD, cos_BL1D, sin_BL1D, s
     rotary embedding's as the inverse rotation, and the three input projections' as one
     matmul with the concatenated [W_q | W_k | W_v] for d x and one with x for their
     weights. Autodiff of the same forward left XLA CPU with transposed copies around every
-    projection and rotation; this form took the train step from 8.42 to 8.14 s at llama_99m
-    4 x 512 and from 0.184 to 0.178 s on the demo model (2-core CPU, interleaved A/B)."""
+    projection and rotation, which this form avoids (the step's timings are in README
+    "Sharding and speed")."""
     return _block_fwd(x_BLD, wq_DHK, wk_DKK, wv_DKK, wo_HKD, cos_BL1D, sin_BL1D,
                       segment_ids_BL)[0]
 

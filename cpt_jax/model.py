@@ -308,11 +308,10 @@ def swiglu(x_BLD, w_gate_DF, w_up_DF, w_down_FD):
     once with the concatenated [W_gate | W_up] for d x and once with x for the weight
     gradients, and computes ``silu'`` from the saved gate pre-activation. Differentiating
     the forward formula instead left XLA CPU with the silu gradient fused into transposed
-    copies of the [B L, F] activations; this form took the whole train step from 0.221 to
-    0.183 s on the demo model and from 9.25 to 7.82 s at llama_99m 4 x 512 (2-core CPU,
-    interleaved A/B). Giving XLA CPU the weights and dy already transposed (``pinned``)
-    removed the last transposed [B L, F] copy (demo 18.8 -> 1.9 ms of thread time)
-    and took the step from 0.180 to 0.175 s (demo) and 7.93 to 7.79 s (99M)."""
+    copies of the [B L, F] activations. Giving XLA CPU the weights and dy already
+    transposed (``pinned``) removes the last transposed [B L, F] copy: the one layout copy
+    left is of dy [B L, D]. Both made the CPU train step faster (README, "Sharding and
+    speed", has the measurements)."""
     return (nn.silu(x_BLD @ w_gate_DF) * (x_BLD @ w_up_DF)) @ w_down_FD
 
 

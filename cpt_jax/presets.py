@@ -7,7 +7,7 @@ config, since they follow its tokenizer and data.
 
 Demo scale (2-core CPU, the demo's 2048-piece tokenizer and 16 x 128 batches): ``tiny``,
 ``small`` (the demo's own model) and ``base``, 0.15M / 0.79M / 2.66M non-embedding
-parameters (18x from tiny to base), about 0.12 / 0.25 / 0.60 s per train step.
+parameters (18x from tiny to base); their step times are in README "Scaling studies".
 
 Paper scale (Abbes et al. 2025, for accelerators): ``99m``, ``560m``, ``1b``.
 """
@@ -21,9 +21,9 @@ MODEL_PRESETS = {
     "small": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
     "base": dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=3, d_ff=576),
     "99m": dict(d_model=512, n_layers=16, n_heads=8, n_kv_heads=8, d_ff=1280),
-    # remat "dots" (keep matmul outputs, recompute the rest): on one H100 at 16 x 2048,
-    # "1b" ran 57.5k tok/s at 48 GiB, against 52.0k at 28 GiB with "full" and out of
-    # memory with "none" (README "Accelerator step", with the command)
+    # remat "dots" (keep matmul outputs, recompute the rest): at "1b" on one H100 at
+    # 16 x 2048 it was faster than "full" at more memory, and "none" ran out of memory
+    # (README "Accelerator step" has the figures and the command)
     "560m": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=2560,
                  remat="dots"),
     "1b": dict(d_model=1792, n_layers=24, n_heads=28, n_kv_heads=28, d_ff=5120,

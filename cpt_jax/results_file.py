@@ -85,8 +85,9 @@ def read(run_dir_or_file: str, require: Sequence[str] = ()) -> dict:
     file = _file_of(given)
     run_dir = os.path.dirname(file) or "."
     if file != given and not os.path.isdir(given):
-        raise ResultsMissing(f"run directory {given} does not exist; pass the --workdir of "
-                             "a finished scripts/train.py run")
+        what = "is not a directory" if os.path.exists(given) else "does not exist"
+        raise ResultsMissing(f"run directory {given} {what}; pass the --workdir of a "
+                             "finished scripts/train.py run")
     if not os.path.isfile(file):
         raise ResultsMissing(
             f"{file} not found: it is written when `scripts/train.py --workdir {run_dir}` "

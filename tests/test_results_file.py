@@ -108,6 +108,10 @@ def test_a_missing_file_or_directory_is_one_line_naming_it(tmp_path):
     with pytest.raises(ResultsMissing) as e:
         results_file.read(str(tmp_path / "other.json"))
     _one_line_error(e, tmp_path / "other.json")
+    (tmp_path / "a_file").write_text("{}")
+    with pytest.raises(ResultsMissing) as e:
+        results_file.read(str(tmp_path / "a_file"))
+    assert "is not a directory" in _one_line_error(e, tmp_path / "a_file")
 
 
 def test_required_keys_and_a_config_that_is_not_an_object(tmp_path):
@@ -120,3 +124,18 @@ def test_required_keys_and_a_config_that_is_not_an_object(tmp_path):
     assert "config is a JSON list" in _one_line_error(e, tmp_path / "results.json")
     (tmp_path / "results.json").write_text(json.dumps({"tasks": []}))
     assert results_file.read_config(str(tmp_path)) == {}
+
+
+def test_the_tokenizer_lookup_reads_the_run_config_through_the_owner(tmp_path):
+    from cpt_jax.data.tokenizer import TokenizerError, find_run_tokenizer
+
+    ckpt = tmp_path / "run" / "final_params"
+    ckpt.mkdir(parents=True)
+    assert find_run_tokenizer(str(ckpt)) is None                   # no results.json: none
+    (tmp_path / "run" / "results.json").write_text(json.dumps(
+        {"config": {"tokenizer": {"path": "/models/tok.model"}}}))
+    assert find_run_tokenizer(str(ckpt)) == "/models/tok.model"
+    (tmp_path / "run" / "results.json").write_text('{"config": {')  # truncated
+    with pytest.raises(TokenizerError) as e:
+        find_run_tokenizer(str(ckpt))
+    assert "not valid JSON" in _one_line_error(e, tmp_path / "run" / "results.json")

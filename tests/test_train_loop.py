@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from cpt_jax import results_file
 from cpt_jax.train.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +54,7 @@ def test_run_writes_results(tmp_path):
     res = run(c, str(tmp_path / "work"))
     on_disk = json.load(open(tmp_path / "work" / "results.json"))
     assert on_disk["loss_matrix"] == res["loss_matrix"]
+    assert on_disk["schema_version"] == res["schema_version"] == results_file.SCHEMA_VERSION
     assert res["domains"] == ["en", "num", "sym"] and res["tasks"] == ["en", "num", "sym"]
     assert len(res["loss_matrix"]) == 3 and all(len(r) == 3 for r in res["loss_matrix"])
     # the first task is learned: its loss after task 0 is below the random-init loss

@@ -51,9 +51,9 @@ Opening a prepared folder (``PackedRows``, so also a cache hit of ``prepare_doma
 checks that every file exists with its recorded size: a deleted or truncated file is
 reported at once. A same-length overwrite is caught by array_record's own per-chunk
 checksums when a damaged row is read (and by the record count when the file is first
-opened), or at open time with ``verify_sha256=True``, which re-hashes the files (about
-1.2 GB/s on one core with SHA-NI: milliseconds for test data, minutes for a 100B-token
-domain, hence off by default). Every such failure raises ``CorruptDataError`` naming the
+opened), or at open time with ``verify_sha256=True``, which re-hashes every file: a full
+read of the domain, so it is off by default (README "Preparing data at scale" gives the
+hashing rate). Every such failure raises ``CorruptDataError`` naming the
 file and the folder to delete. A damaged folder is never repaired in place: delete it and
 prepare again (preparation is deterministic, so the same rows come back).
 """
@@ -110,7 +110,7 @@ def _corrupt(path: str, problem: str) -> CorruptDataError:
 
 
 def _file_integrity(path: str) -> dict:
-    """{"bytes": size, "sha256": hex digest} of a file (sha256: ~1.2 GB/s with SHA-NI)."""
+    """{"bytes": size, "sha256": hex digest} of a file."""
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
         return {"bytes": os.fstat(f.fileno()).st_size, "sha256": digest}

@@ -35,8 +35,8 @@ from typing import Sequence
 from cpt_jax import atomic, results_file
 from cpt_jax.eval import metrics as metrics_lib
 from cpt_jax.eval import plots
-from cpt_jax.eval.run_info import (method_label, model_config, replay_rate_done,
-                                   training_flops_of)
+from cpt_jax.eval.run_info import (  # also this module's public names, as before
+    method_label, model_config, replay_rate_done, training_flops_of)
 
 RESULTS_FILE = results_file.FILE
 REQUIRED_KEYS = ("domains", "tasks", "loss_matrix", "eval_curve")  # what a report reads
