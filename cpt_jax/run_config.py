@@ -10,8 +10,15 @@ import os
 
 import ml_collections
 
-from cpt_jax import pretrained
+from cpt_jax import methods, pretrained
 from cpt_jax import sharding as sharding_lib
+from cpt_jax.data import sources as sources_lib
+from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.eval import wandb_logger
+from cpt_jax.model import LlamaConfig
+from cpt_jax.optim.schedules import SCHEDULES
+from cpt_jax.replay import policies
+from cpt_jax.replay.rates import RATE_SCHEDULES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -96,7 +103,6 @@ def default_config() -> ml_collections.ConfigDict:
     # Continual-learning methods (cpt_jax.methods): method.name selects them, joined with
     # "+" ("replay", "replay+reptile" = MER, "agem", "replay+ewc", ...); their keys live under
     # method.<name> (e.g. method.reptile.periods, method.ewc.lam).
-    from cpt_jax import methods
     c.method = methods.default_config()
     c.eval = ml_collections.ConfigDict(dict(every=100, max_rows=64, batch=16))
     # Starting point: fresh init; parameters from a Hugging Face directory (hf) or a params
@@ -113,6 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, keep_task_ends=-1,
                                                   async_save=True))
     c.name = ""
+    # Trackers beside metrics.jsonl and TensorBoard: Weights & Biases (logging.wandb=True,
+    # cpt_jax.eval.wandb_logger), off by default.
+    c.logging = wandb_logger.default_config()
     c.log_every = 10
     c.save_final_params = False
     return c
@@ -126,12 +135,6 @@ def _need(ok: bool, message: str) -> None:
 def check_config(c) -> None:
     """Reject a config that cannot run, naming the key and the fix, before any work is
     done (no tokenizer trained, no data prepared, no workdir written)."""
-    from cpt_jax.data import sources
-    from cpt_jax.replay import policies
-    from cpt_jax.replay.rates import RATE_SCHEDULES
-    from cpt_jax.model import LlamaConfig
-    from cpt_jax.optim.schedules import SCHEDULES
-
     pretrained.resolve_model(c)
     try:
         LlamaConfig.from_dict(c.model.to_dict())
@@ -167,7 +170,7 @@ def check_config(c) -> None:
           f"optim.max_update_ratio={o.max_update_ratio} must be >= 0 (0 turns the guard off)")
 
     for d in c.data.domains:
-        sources.normalize_domain(d)  # names the domain and the missing or unknown key
+        sources_lib.normalize_domain(d)  # names the domain and the missing or unknown key
     names = [d["name"] for d in c.data.domains]
     dup = sorted({n for n in names if names.count(n) > 1})
     _need(not dup, f"data.domains: duplicate domain name(s) {dup}; names must be unique")
@@ -190,8 +193,6 @@ def check_config(c) -> None:
           "(the pretrained checkpoint's own tokenizer, or one trained on the domains)")
     tok_path = pretrained.tokenizer_path(c)
     if tok_path is not None:  # refused now, before any data is prepared
-        from cpt_jax.data import tokenizer as tokenizer_lib
-
         tokenizer_lib.check_vocab(tokenizer_lib.load_tokenizer(tok_path), c.model.vocab_size)
 
     _need(bool(c.tasks), "tasks is empty: list the domains to train on, in order")
@@ -206,8 +207,8 @@ def check_config(c) -> None:
         _need(isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1,
               f"task {t}: its budget must be a positive integer")
 
-    from cpt_jax import methods
     methods.check(c)
+    wandb_logger.check(c)
 
     _need(c.checkpoint.every >= 0 and c.checkpoint.keep >= 1,
           f"checkpoint.every={c.checkpoint.every} must be >= 0 (0: only at task ends) and "
@@ -245,10 +246,6 @@ def _check_replay_sources(c, names, trained) -> None:
         _need(d not in trained, f"replay.sources: {d!r} is trained by a task; a replay "
               "source is replayed only (remove it from the tasks or from replay.sources)")
     _need(len(set(sources)) == len(sources), f"replay.sources {sources} lists a domain twice")
-    _need(not (sources and c.method.der.weight > 0 and c.replay.policy == "uniform"),
-          "DER with replay.sources and replay.policy='uniform' would replay source rows that "
-          "have no stored logits; use a bounded policy (e.g. replay.policy=reservoir with "
-          "replay.buffer_rows), whose buffer rows get the start model's logits")
 
 
 def check_mesh(c, n_devices: int) -> None:

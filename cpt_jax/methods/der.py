@@ -340,6 +340,11 @@ def _check(config):
     if not (1 <= d.k <= config.model.vocab_size and d.rows_per_domain >= 1):
         raise ValueError(f"method.der.k={d.k} must be in [1, vocab_size] and rows_per_domain "
                          f"={d.rows_per_domain} >= 1")
+    if r.get("sources") and r.policy == "uniform":
+        raise ValueError(
+            "DER with replay.sources and replay.policy='uniform' would replay source rows "
+            "that have no stored logits; use a bounded policy (e.g. replay.policy=reservoir "
+            "with replay.buffer_rows), whose buffer rows get the start model's logits")
     names = policy_names(config)
     if r.policy != "uniform" and ("resample" in names or "uniform" in names
                                   or ("domains" in names and not r.buffer_rows)):

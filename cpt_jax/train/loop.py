@@ -38,6 +38,7 @@ from cpt_jax.data.loader import BatchLoader, eval_batches, process_row_range, to
 from cpt_jax.data.rows import ConcatRows
 from cpt_jax.eval.logging import MetricsLogger, scalars
 from cpt_jax.eval.plots import plot_loss_curves
+from cpt_jax.eval.wandb_logger import WandbLogger
 from cpt_jax.optim import transforms
 from cpt_jax.replay import policies
 from cpt_jax.replay.buffer import Boundary, ReplayPool, buffer_bytes
@@ -119,6 +120,10 @@ def _run(config, workdir: str, allow_config_change: bool, hooks) -> dict:
     try:
         trainer = Trainer(config, workdir, parts, state, progress, restored, ckpt, preempt,
                           config_json, resumed=bool(start.steps))
+        if config.logging.wandb:  # the same scalars as metrics.jsonl, at every event
+            trainer.add_hook(WandbLogger(config, workdir, resume_step=trainer.resume_step,
+                                         active=jax.process_index() == 0),
+                             every=1, task_start=True)
         for hook in hooks:
             trainer.add_hook(hook)
         state, progress = trainer.fit()
@@ -225,8 +230,9 @@ class Trainer:
                                           config.eval.batch, placement.mesh)
                           for n in parts.names}
         # metrics.jsonl + TensorBoard; a resumed run drops what came after its checkpoint
+        self.resume_step = progress.global_step + 1 if resumed else None
         self.logger = MetricsLogger(workdir, active=jax.process_index() == 0,
-                                    resume_step=progress.global_step + 1 if resumed else None)
+                                    resume_step=self.resume_step)
         self.window = (time.perf_counter(), 0)  # (start, tokens) of the logging window
         self.task_start = time.perf_counter()
         self._logged: dict = {}  # what the current event's hooks logged so far

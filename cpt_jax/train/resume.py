@@ -32,8 +32,8 @@ CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints: the run's own checkpoints
 # microbatch split changes float reduction order, so results then match to rounding, not
 # bit for bit.)
 RESUME_FREE_KEYS = ("mesh", "sharding_rules", "distributed", "microbatches", "log_every",
-                    "checkpoint", "data.cache_dir", "data.workers", "save_final_params", "init",
-                    "model.remat")
+                    "checkpoint", "logging", "data.cache_dir", "data.workers",
+                    "save_final_params", "init", "model.remat")
 
 
 def check_workdir(workdir: str) -> str:
