@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from cpt_jax import atomic
+from cpt_jax.data.tokenizer import check_vocab, load_tokenizer
 from cpt_jax.model import LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -540,8 +541,6 @@ def save_hf_llama(config: LlamaConfig, params, path, dtype: str | None = None, *
 def _tokenizer(tokenizer, config: LlamaConfig):
     """The tokenizer to export (a ``cpt_jax.data.tokenizer.Tokenizer`` or the path of a
     .model, a tokenizer.json or a folder holding either), checked to fit the embedding."""
-    from cpt_jax.data.tokenizer import check_vocab, load_tokenizer
-
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
     check_vocab(tokenizer, config.vocab_size)

@@ -20,7 +20,10 @@ import json
 import math
 import os
 
+from cpt_jax import hf
 from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.model import LlamaConfig
+from cpt_jax.train import checkpoint as checkpoint_lib
 
 # config.model keys a checkpoint determines, and their values for a fresh model.
 MODEL_DEFAULTS = dict(vocab_size=32000, d_model=512, n_layers=16, n_heads=8, n_kv_heads=8,
@@ -40,9 +43,6 @@ def init_source(config) -> tuple[str, str] | None:
 
 def checkpoint_model(key: str, path: str) -> dict:
     """The model fields (``MODEL_DEFAULTS`` keys) of the checkpoint at ``path``."""
-    from cpt_jax import hf
-    from cpt_jax.train import checkpoint as checkpoint_lib
-
     if key == "init.hf":
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
@@ -67,8 +67,6 @@ def checkpoint_model(key: str, path: str) -> dict:
 def _run_checkpoint_model(path: str) -> dict:
     """The ``config.model`` of the run whose checkpoint (workdir, checkpoints/ or one step
     directory) ``path`` is, from the newest readable checkpoint's stored config."""
-    from cpt_jax.train import checkpoint as checkpoint_lib
-
     path = os.path.abspath(path)
     directory, step = path, None
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -125,8 +123,6 @@ def resolve_model(config) -> None:
 def model_config(config):
     """The run's ``LlamaConfig``: ``config.model`` with its unset keys resolved
     (``resolve_model``; idempotent)."""
-    from cpt_jax.model import LlamaConfig
-
     resolve_model(config)
     return LlamaConfig.from_dict(config.model.to_dict())
 

@@ -132,7 +132,7 @@ def parse_args(argv):
                          "of this many MB (a single document)")
     ap.add_argument("--loader", action="store_true",
                     help="time the input pipeline instead: rows/s the run's loader delivers "
-                         "(cpt_jax.data.throughput) against rows/s the train step consumes")
+                         "(cpt_jax.eval.loader_throughput) against rows/s the train step consumes")
     args = ap.parse_args(rest)
     args.config = cli.load_config(args.config, overrides)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -590,7 +590,7 @@ def loader_vs_step(config, steps: int, warmup: int) -> dict:
     on the same batch shape; the ratio should be well above 1 (the issue's target: 20)."""
     import tempfile
 
-    from cpt_jax.data.throughput import loader_rows_per_s
+    from cpt_jax.eval.loader_throughput import loader_rows_per_s
 
     with tempfile.TemporaryDirectory() as tmp:
         loader = loader_rows_per_s(config, tmp, steps=max(steps, 50))

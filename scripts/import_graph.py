@@ -141,8 +141,9 @@ def mutual_folders(edges) -> list[tuple[str, str]]:
 
 
 def local_imports(edges) -> list[str]:
-    return [f"{m}:{line} -> {t}" for m, e in sorted(edges.items())
-            for t, local, line in e if local]
+    """One entry per import statement inside a function (``from a import b, c`` is one)."""
+    return sorted({f"{m}:{line} -> {t}" for m, e in edges.items() for t, local, line in e
+                   if local})
 
 
 def summary(edges) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import cli
-from cpt_jax.data import throughput
+from cpt_jax.eval import loader_throughput as throughput
 from cpt_jax.data.prepare import PackedRows
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")

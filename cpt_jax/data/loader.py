@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -18,7 +18,9 @@ import numpy as np
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.rows import read_rows
 from cpt_jax.data.prepare import PackedRows
-from cpt_jax.replay.sampler import ReplaySampler
+
+if TYPE_CHECKING:  # the loader reads what a sampler picks; it needs no sampler code
+    from cpt_jax.replay.sampler import ReplaySampler
 
 
 def process_row_range(mesh, global_batch: int) -> tuple[int, int]:
@@ -69,7 +71,7 @@ class BatchLoader:
       mesh: the device mesh; batches are sharded over its (data, fsdp) axes.
     """
 
-    def __init__(self, sampler: ReplaySampler, sources: Sequence[PackedRows], mesh,
+    def __init__(self, sampler: "ReplaySampler", sources: Sequence[PackedRows], mesh,
                  extras=None):
         self.sampler, self.sources, self.mesh = sampler, list(sources), mesh
         # extras(task, step, BatchIndex of this process's rows) -> {name: [n, ...] array}:

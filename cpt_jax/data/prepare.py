@@ -85,7 +85,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cpt_jax.data import sources
-from cpt_jax.data.tokenizer import Tokenizer
+from cpt_jax.data import tokenizer as tokenizer_lib
+from cpt_jax.data.tokenizer import HFJsonTokenizer, SentencePieceTokenizer, Tokenizer
 
 FORMAT_VERSION = 2  # 2: sharded files, content fingerprints
 WRITER_OPTIONS = "group_size:1"  # one row per chunk: cheap random access to single rows
@@ -629,8 +630,6 @@ def _stop_on_signals():
 
 def _tokenizer_state(tok: Tokenizer):
     """What a worker process rebuilds the tokenizer from (None: not possible)."""
-    from cpt_jax.data.tokenizer import (  # pylint: disable=import-outside-toplevel
-        HFJsonTokenizer, SentencePieceTokenizer)
     if isinstance(tok, SentencePieceTokenizer):
         return ("sentencepiece", tok.proto, tok.path, tok.sha256)
     if isinstance(tok, HFJsonTokenizer) and tok.path:
@@ -694,7 +693,6 @@ def _init_worker(state) -> None:
     global _worker_encoder  # pylint: disable=global-statement
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool
     try:
-        from cpt_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
         if state[0] == "sentencepiece":
             tok = tokenizer_lib.SentencePieceTokenizer(state[1], path=state[2])
         elif state[0] == "hf_json":

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from cpt_jax.data.recipe import task_name
+
 ACCOUNTINGS = ("additive", "compute_equivalent")
 Rate = float | Callable[[int], float]
 
@@ -271,7 +273,6 @@ class ReplayCounts:
 def task_steps(config, tasks) -> list[int]:
     """Optimizer steps of each task of ``tasks`` as a run takes them: its budget under
     ``replay.accounting`` at the run's replay rates (needs no data)."""
-    from cpt_jax.data.recipe import task_name  # pylint: disable=import-outside-toplevel
     counts = ReplayCounts(len(tasks), config.global_batch, replay_rates(config, tasks),
                           config.replay.accounting,
                           [task_name(t) if ("domain" in t or "domains" in t) else "joint"

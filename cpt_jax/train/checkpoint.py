@@ -3,8 +3,8 @@
 A **run checkpoint** (``RunCheckpointer``) is a step directory of an orbax CheckpointManager,
 ``WORKDIR/checkpoints/STEP/`` with four items:
 
-    state/     the whole TrainState: step, params, optimizer state (Adam moments, Reptile
-               slow weights, EWC Fisher and anchors, skip counters) and the teacher snapshot
+    state/     the whole TrainState: step, params, optimizer state (Adam moments, the
+               methods' slow weights, anchors and Fisher, skip counters) and any teacher
     progress/  JSON: position in the task sequence and every result measured so far
     sums/      JSON: two checksums per parameter array, verified when it is restored (a
                mismatch makes the checkpoint damaged: the run falls back to an older one)

@@ -25,6 +25,8 @@ import os
 import threading
 from collections.abc import Iterator
 
+from cpt_jax import atomic
+
 
 class DomainError(ValueError):
     """A domain spec or its source is unusable; the message names the domain and the fix."""
@@ -151,7 +153,6 @@ def save_hash_cache() -> None:
     with _lock:
         if not (_cache["path"] and _cache["dirty"]):
             return
-        from cpt_jax import atomic  # pylint: disable=import-outside-toplevel
         try:
             atomic.write_json(_cache["path"], {"files": _cache["loaded"]}, sort_keys=True)
             _cache["dirty"] = False

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import sentencepiece as spm
 
-from cpt_jax import atomic
+from cpt_jax import atomic, hf_tokenizer
 from cpt_jax.data.tokenizer.base import CheckpointSpecials, Tokenizer, TokenizerError
 
 FILE = "tokenizer.model"
@@ -99,8 +99,6 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, out_dir: str, *, model_max_length: int) -> list[str]:
         """``tokenizer.model`` plus a ``tokenizer.json`` that encodes exactly as it
         (``cpt_jax.hf_tokenizer``), so AutoTokenizer gives the training ids."""
-        from cpt_jax import hf_tokenizer
-
         return hf_tokenizer.save_hf_tokenizer(self.proto, out_dir,
                                               model_max_length=model_max_length)
 
