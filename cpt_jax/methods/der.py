@@ -240,7 +240,7 @@ class DERRecorder(MethodMemory):
     ``topk_logits`` for the memory saved.
 
     With a bounded replay policy (``replay.policy`` other than ``uniform``) DER works on
-    the policy's buffer instead (``keep_buffer``): at each task boundary the store keeps
+    the policy's buffer instead (``task_start``): at each task boundary the store keeps
     exactly the buffer's rows, the finished task's rows getting the logits of the model
     that has just trained on them (the end-of-task model: the buffer is chosen at the
     boundary), so every replayed row has its logits. ``rows_per_domain`` is then unused.
