@@ -344,3 +344,47 @@ def test_a_truncated_results_json_is_named(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"results.json is not a valid results.json"):
         run(c, str(work))
     assert sorted(os.listdir(work)) == ["results.json"]
+
+
+def test_a_full_disk_during_preparation_is_one_line_and_keeps_what_was_done(tmp_path):
+    """A write that fails for lack of room (here a real one: the child's file size limit,
+    ``ulimit -f``, makes the kernel refuse the write with EFBIG, as a full disk does with
+    ENOSPC) used to end in array_record's RuntimeError traceback. Now: one line naming
+    the domain and the cause, the domain prepared before it kept, nothing half-written."""
+    import textwrap
+
+    from tiny_runs import demo_tokenizer, tiny_run_config
+
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    for name, n_docs in (("en", 3), ("num", 3000)):  # prepared rows: 256 KiB, 7.6 MiB
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for d in range(n_docs):
+                text = " ".join(words[(d * 3 + i) % 8] + str(i % 7) for i in range(60))
+                f.write(json.dumps({"text": text}) + "\n")
+    tok = demo_tokenizer(tmp_path, 400)
+    domains = [{"name": n, "kind": "jsonl", "pattern": str(tmp_path / f"{n}.jsonl")}
+               for n in ("en", "num")]
+    cache = tmp_path / "cache"
+    text = tiny_run_config(json.dumps(domains), str(cache), vocab_size=400, steps=2, keep=1)
+    (tmp_path / "cfg.py").write_text(text.replace(
+        "    return c\n", f"    c.tokenizer.path = {tok.path!r}\n    c.data.workers = 1\n"
+                         "    return c\n"))
+    child = textwrap.dedent(f"""
+        import resource, runpy, signal, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        sys.argv = ["prepare_data.py", "--config", {str(tmp_path / "cfg.py")!r},
+                    "--no_progress"]
+        runpy.run_path({str(HERE.parent / "scripts" / "prepare_data.py")!r},
+                       run_name="__main__")
+        """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = _one_line(proc.stderr)
+    assert "Domain 'num'" in line and "size limit" in line and "File too large" in line
+    names = os.listdir(cache)
+    assert not [n for n in names if n.startswith((".tmp-", ".parts-"))], names
+    (en,) = [n for n in names if n.startswith("en-")]
+    assert (cache / en / "meta.json").is_file()  # the domain before it: complete, kept
+    assert not [n for n in names if n.startswith("num-")]

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -325,6 +326,24 @@ _BATCH_DOCS, _BATCH_CHARS = 256, 1_000_000  # one tokenization job
 _SPILL_BLOCK = 1 << 22  # bytes of a long document's spilled ids read back at a time
 
 
+# Write failures that are the disk's state, not a bug: errno -> what to tell the user.
+_NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+             errno.EFBIG: "a file reached the size limit (ulimit -f)",
+             errno.EROFS: "the file system is read-only"}
+
+
+def _out_of_space(e: BaseException) -> str | None:
+    """What a failed write says about the disk (``_NO_SPACE``), or None: an OSError's
+    errno, or the strerror text inside the RuntimeError array_record's writer raises."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return f"{_NO_SPACE[e.errno]} ({os.strerror(e.errno)})"
+    if isinstance(e, (OSError, RuntimeError)):
+        for code, what in _NO_SPACE.items():
+            if os.strerror(code) in str(e):
+                return f"{what} ({os.strerror(code)})"
+    return None
+
+
 class PreparationStopped(PrepareError):
     """SIGTERM or Ctrl-C during preparation; nothing half-written was kept."""
 
@@ -411,8 +430,15 @@ def prepare_domain(domain: Any, tokenizer: Tokenizer, data_dir: str, seq_len: in
             try:
                 job.run(staging, (0, 1))
                 _assemble(job, staging, final, key)
-            except BaseException:
+            except BaseException as e:
                 shutil.rmtree(staging, ignore_errors=True)
+                full = _out_of_space(e)
+                if full:
+                    raise PrepareError(
+                        f"Domain {d['name']!r}: writing its rows under {data_dir} failed: "
+                        f"{full}. Its partial output was removed; the domains prepared "
+                        "before it are complete and will be reused. Free space, or set "
+                        "data.cache_dir to another disk, and run again") from None
                 raise
         else:
             job.run(staging_dir(final), _check_shard(shard))
