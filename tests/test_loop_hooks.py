@@ -103,7 +103,7 @@ def test_a_method_with_memory_resumes_bit_exactly(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(wandb is None, reason="needs wandb: pip install -e '.[test]'")
 def test_wandb_hook_logs_what_metrics_jsonl_got(tmp_path, monkeypatch):
-    from test_wandb_logger import _fragments, _offline_env, _read  # noqa: F401
+    from test_wandb_logger import _fragments, _read
 
     for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))

@@ -5,7 +5,6 @@ token count it also returns). The methods' own terms live with each method
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 

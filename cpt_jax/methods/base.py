@@ -64,7 +64,9 @@ class MethodMemory:
         return {}
 
     def to_arrays(self) -> dict:
-        """The memory as named numpy arrays (a checkpoint item)."""
+        """The memory as named numpy arrays (a checkpoint item), at least one even when
+        nothing is remembered yet (e.g. a count of 0): a resumed run whose checkpoint
+        holds no memory of a method is refused."""
         raise NotImplementedError
 
     def load_arrays(self, arrays: dict) -> None:

@@ -255,7 +255,6 @@ def check(config) -> None:
     need(cs.candidates >= 1 and cs.feature_dim >= 1 and cs.random_inits >= 0,
          f"replay.coreset: candidates={cs.candidates} and feature_dim={cs.feature_dim} must "
          f"be >= 1, random_inits={cs.random_inits} >= 0")
-    names = policy_names(config)
     if r.policy == "hybrid":
         h = r.hybrid
         bad = [p for p in h.policies if p not in POLICIES or p == "hybrid"]

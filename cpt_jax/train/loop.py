@@ -36,6 +36,7 @@ from cpt_jax import sharding as sharding_lib
 from cpt_jax.data import tokenizer as tokenizer_lib
 from cpt_jax.data.loader import BatchLoader, eval_batches, process_row_range, to_global
 from cpt_jax.data.rows import ConcatRows
+from cpt_jax.errors import CheckpointError, Preempted, TrainingDiverged
 from cpt_jax.eval.logging import MetricsLogger, scalars
 from cpt_jax.eval.plots import plot_loss_curves
 from cpt_jax.eval.wandb_logger import WandbLogger
@@ -45,14 +46,13 @@ from cpt_jax.replay.buffer import Boundary, ReplayPool, buffer_bytes
 from cpt_jax.replay.features import make_feature_step
 from cpt_jax.run_config import check_config, check_mesh
 from cpt_jax.train import checkpoint as checkpoint_lib
-from cpt_jax.errors import CheckpointError, Preempted, TrainingDiverged
 from cpt_jax.train.resume import (CHECKPOINT_DIR, PreemptionWatch, check_position,
                                   check_resume, check_workdir)
 from cpt_jax.train.results import Progress, make_results, tokens_by_domain
 from cpt_jax.train.setup import (RunParts, check_val_rows, prepare_run, random_init_params,
                                  run_start, starts_pretrained, warn_replay_without_history)
-from cpt_jax.train.workdir_lock import WorkdirLock
 from cpt_jax.train.step import make_eval_step, make_row_loss_step, make_train_step
+from cpt_jax.train.workdir_lock import WorkdirLock
 
 
 def rows_by_task(parts: RunParts) -> list:

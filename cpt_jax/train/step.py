@@ -49,7 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.replay.sampler import replay_positions
 from cpt_jax.optim.transforms import GuardState, PerSourceGrads, schedule_count
