@@ -242,10 +242,17 @@ def test_bad_policy_settings_are_refused(edit, message):
 
 
 def test_der_with_a_policy_that_replays_outside_its_buffer_is_refused():
+    """DER's own check (``methods.der``), run with the selected methods' checks."""
+    from cpt_jax import methods
+
     c = _config("resample", buffer_rows=8)
+    c.model.vocab_size = 256
+    c.method.name = "replay+der"
     c.method.der.weight = 0.5
-    with pytest.raises(ValueError, match="DER"):
-        policies.check(c)
+    with pytest.raises(ValueError, match="DER with replay.policy='resample'"):
+        methods.check(c)
+    c.replay.update(dict(policy="reservoir"))  # a bounded buffer: DER keeps its logits
+    methods.check(c)
 
 
 def test_row_weights_scale_each_rows_loss_and_token_count():

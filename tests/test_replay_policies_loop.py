@@ -49,9 +49,9 @@ def test_kill_after_a_boundary_resumes_bit_identically_and_der_keeps_the_buffer(
     started = {}
     start_task, checkpoint = loop.Trainer.start_task, loop.Trainer.checkpoint
 
-    def watch_start(self, k):
-        start_task(self, k)
-        started[k] = True
+    def watch_start(self, info):
+        start_task(self, info)
+        started[info.task] = True
 
     def die(self, info):
         if started.get(2):
@@ -76,7 +76,7 @@ def test_kill_after_a_boundary_resumes_bit_identically_and_der_keeps_the_buffer(
     pool = ReplayPool.from_arrays(pool_arrays)
     assert pool.memory_rows() <= 8 and pool.weighted  # the coreset half has weights
     starts = prepare_run(c, str(tmp_path / "ref")).sampler.starts
-    der = _final(tmp_path / "ref", "der")
+    der = _final(tmp_path / "ref", "methods")["der"]
     stored = {int(starts[d]) + int(r) for d in range(3) for r in np.asarray(
         der.get(f"rows_{d}", []))}
     assert stored == set(pool.all_rows().tolist())
