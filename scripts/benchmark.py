@@ -65,6 +65,7 @@ from absl import logging
 from cpt_jax import atomic, cli, pretrained
 from cpt_jax import model as model_lib
 from cpt_jax.eval.decode_speed import decode_speed
+from cpt_jax.eval.step_profile import profile_step
 from cpt_jax.train import checkpoint as checkpoint_lib
 from cpt_jax.replay import coresets, features
 from cpt_jax.replay.buffer import buffer_bytes
@@ -130,6 +131,10 @@ def parse_args(argv):
     ap.add_argument("--prepare_memory_mb", type=float, default=0,
                     help="with --prepare, also the peak memory of preparing one text file "
                          "of this many MB (a single document)")
+    ap.add_argument("--profile", action="store_true",
+                    help="where the train step's time goes, op by op, from JAX's profiler "
+                         "(cpt_jax.eval.step_profile): ms per step by kind of work "
+                         "(matmul, copy, reduce, elementwise) and the top ops")
     ap.add_argument("--loader", action="store_true",
                     help="time the input pipeline instead: rows/s the run's loader delivers "
                          "(cpt_jax.eval.loader_throughput) against rows/s the train step consumes")
@@ -623,6 +628,22 @@ def prepare_speed(args) -> dict:
     return result
 
 
+def step_profile(config, steps: int, warmup: int) -> dict:
+    """``profile_step`` of the config's train step (no replay, a step that does not log),
+    after ``warmup`` untraced steps."""
+    r = prepare(config)
+    state, _, _ = timed_steps(r["compiled"], r["state"], r["batch"], max(warmup, 1))
+    box = [state]
+
+    def one():
+        box[0], metrics = r["compiled"](box[0], r["batch"])
+        jax.block_until_ready((box[0], metrics))
+
+    out = profile_step(one, r["compiled"].as_text(), steps=max(steps, 1))
+    return {"params": r["mcfg"].num_params(), "global_batch": config.global_batch,
+            "seq_len": config.seq_len, "devices": jax.device_count(), **out}
+
+
 def main(argv) -> int:
     if argv[:1] == ["--peer_worker"]:  # compare_peer's timed process of our step
         job, steps, warmup, out = argv[1:5]
@@ -640,6 +661,9 @@ def main(argv) -> int:
         result = compare_peer(args.config, args.steps, args.warmup, args.peer_rounds)
     elif args.prepare:
         result = prepare_speed(args)
+        print(json.dumps(result, indent=1))
+    elif args.profile:
+        result = step_profile(args.config, args.steps, args.warmup)
         print(json.dumps(result, indent=1))
     elif args.loader:  # prints its own line
         result = loader_vs_step(args.config, args.steps, args.warmup)

@@ -1,0 +1,67 @@
+"""Where a step's time goes: traced XLA ops matched to their HLO instructions and kinds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpt_jax.eval.step_profile import hlo_instructions, profile_step
+
+HLO = """HloModule m, entry_computation_layout={(f32[4,4]{1,0})->f32[4]{0}}
+
+%inner_dot (a: f32[4,4], b: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %b = f32[4,4]{1,0} parameter(1)
+  ROOT %d = f32[4,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%outer (p: f32[4,4]) -> f32[4,4] {
+  %p = f32[4,4]{1,0} parameter(0)
+  ROOT %f = f32[4,4]{1,0} fusion(%p, %p), kind=kOutput, calls=%inner_dot
+}
+
+%moves (q: f32[4,4]) -> f32[4,4] {
+  %q = f32[4,4]{1,0} parameter(0)
+  ROOT %t = f32[4,4]{0,1} transpose(%q), dimensions={1,0}
+}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+ENTRY %main (arg: f32[4,4]) -> f32[4] {
+  %arg = f32[4,4]{1,0} parameter(0)
+  %nested = f32[4,4]{1,0} fusion(%arg), kind=kLoop, calls=%outer
+  %moved = f32[4,4]{0,1} fusion(%nested), kind=kLoop, calls=%moves
+  %ew = f32[4,4]{1,0} multiply(%moved, %moved)
+  %zero = f32[] constant(0)
+  %loop = (s32[], f32[4,4]{1,0}) while(%tup), condition=%cond, body=%outer
+  ROOT %r = f32[4]{0} reduce(%ew, %zero), dimensions={1}, to_apply=%add
+}
+"""
+
+
+def test_instructions_get_their_kind_from_what_they_compute():
+    table = hlo_instructions(HLO)
+    assert table["nested"] == ("fusion", "matmul")  # a dot two computations down
+    assert table["moved"] == ("fusion", "copy")  # a fusion of a transpose only
+    assert table["ew"] == ("multiply", "elementwise")
+    assert table["r"] == ("reduce", "reduce")  # its to_apply adds, but it reduces
+    assert table["loop"] == ("while", "container")
+    assert table["d"] == ("dot", "matmul") and table["t"] == ("transpose", "copy")
+
+
+def test_a_matmul_bound_step_is_attributed_to_its_matmul():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((384, 384)), jnp.float32)
+    f = jax.jit(lambda a: jnp.tanh(a @ a @ a) + 1.0)
+    compiled = f.lower(x).compile()
+    jax.block_until_ready(compiled(x))
+    out = profile_step(lambda: jax.block_until_ready(compiled(x)), compiled.as_text(), steps=3)
+    table = hlo_instructions(compiled.as_text())
+    assert out["op_ms"] > 0 and out["step_ms"] > 0
+    assert all(t["op"] in table for t in out["top"])
+    assert abs(sum(out["by_kind"].values()) - out["op_ms"]) < 1e-6
+    # two 384^3 matmuls dominate one tanh over 384^2 elements
+    assert out["by_kind"]["matmul"] > out["by_kind"]["elementwise"]
+    assert out["top"][0]["kind"] == "matmul"
