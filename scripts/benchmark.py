@@ -491,7 +491,7 @@ def replay_selection(config, steps: int, warmup: int, feature_dim: int = 256,
         raise cli.UserError(f"--coreset_size={coreset_size} must be in [1, --candidates="
                             f"{candidates}]")
     placement, composition, schedule, state = build_state(config)
-    mcfg, mesh = placement.mcfg, placement.mesh
+    mcfg = placement.mcfg
     step = make_train_step(placement, composition.tx, config.microbatches, schedule,
                            loss_fn=composition.loss_fn)
     try:
