@@ -86,3 +86,13 @@ def test_peer_torch_without_torch_says_how_to_install_it(bench, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     with pytest.raises(ValueError, match=r'pip install -e "\.\[peer\]"'):
         bench.compare_peer(bench.config, steps=1, warmup=0)
+
+
+def test_profile_attributes_the_train_steps_ops(bench):
+    """--profile on the tiny config: the traced ops are the compiled train step's, and the
+    step's matmuls (its q/k/v/o, MLP and head projections and their gradients) are there."""
+    r = bench.step_profile(bench.config, steps=2, warmup=1)
+    assert r["params"] > 0 and r["op_ms"] > 0
+    assert r["by_kind"]["matmul"] > 0
+    assert abs(sum(r["by_kind"].values()) - r["op_ms"]) < 1e-6
+    assert all(0 < t["share"] <= 1 for t in r["top"])
