@@ -111,11 +111,67 @@ def time_alone(job_dir: str, steps: int, warmup: int) -> dict:
             "threads": cpu_threads()}
 
 
+# aten ops by the kind of work, as cpt_jax.eval.step_profile sorts XLA's
+_MATMUL = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul",
+           "aten::linear", "aten::_scaled_dot_product", "aten::scaled_dot_product")
+_COPY = ("aten::copy_", "aten::contiguous", "aten::clone", "aten::cat", "aten::_to_copy",
+         "aten::to", "aten::index", "aten::embedding", "aten::transpose", "aten::t",
+         "aten::expand", "aten::reshape", "aten::view", "aten::slice", "aten::select",
+         "aten::stack", "aten::empty", "aten::zeros", "aten::new_zeros", "aten::fill_",
+         "aten::zero_", "aten::gather", "aten::scatter", "aten::index_add_",
+         "aten::embedding_dense_backward")
+_REDUCE = ("aten::sum", "aten::mean", "aten::norm", "aten::linalg_vector_norm", "aten::amax",
+           "aten::max", "aten::_foreach_norm")
+
+
+def op_kind(name: str) -> str:
+    """matmul, copy, reduce, elementwise (other aten ops) or other (framework code)."""
+    if not name.startswith("aten::"):
+        return "other"
+    for kind, prefixes in (("matmul", _MATMUL), ("copy", _COPY), ("reduce", _REDUCE)):
+        if any(name == p or name.startswith(p + "_") or name.startswith(p + ".")
+               or (p.endswith("product") and name.startswith(p)) for p in prefixes):
+            return kind
+    return "elementwise"
+
+
+def profile_alone(job_dir: str, steps: int, warmup: int, top: int = 15) -> dict:
+    """The peer's step under torch's profiler, in a process of its own (``python -m
+    cpt_jax.peer_torch --profile JOB STEPS WARMUP OUT``): each op's self time (its own
+    work, children excluded) per step, by kind, as ``step_profile`` reports ours."""
+    import json
+    import types
+
+    torch, _ = require()
+    with open(os.path.join(job_dir, "optim.json")) as f:
+        config = types.SimpleNamespace(optim=types.SimpleNamespace(**json.load(f)))
+    tokens = np.load(os.path.join(job_dir, "tokens.npy"))
+    step = TorchStep(config, None, None, tokens, hf_dir=os.path.join(job_dir, "model"))
+    for _ in range(warmup + 1):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t0
+    per_op = {e.key: e.self_cpu_time_total / 1000.0 / steps for e in prof.key_averages()}
+    by_kind = {k: 0.0 for k in ("matmul", "copy", "reduce", "elementwise", "other")}
+    for name, ms in per_op.items():
+        by_kind[op_kind(name)] += ms
+    op_ms = sum(per_op.values())
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return {"step_ms": wall / steps * 1000.0, "op_ms": op_ms, "by_kind": by_kind,
+            "threads": cpu_threads(),
+            "top": [{"op": n, "kind": op_kind(n), "ms": ms, "share": ms / op_ms}
+                    for n, ms in ranked]}
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    job, n_steps, n_warmup, out = sys.argv[1:5]
-    result = time_alone(job, int(n_steps), int(n_warmup))
+    profiling = sys.argv[1:2] == ["--profile"]
+    job, n_steps, n_warmup, out = sys.argv[2:6] if profiling else sys.argv[1:5]
+    result = (profile_alone if profiling else time_alone)(job, int(n_steps), int(n_warmup))
     with open(out, "w") as f:
         json.dump(result, f)

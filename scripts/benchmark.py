@@ -52,6 +52,7 @@ Model FLOPs per token = 6 x (weight-matmul parameters, output projection include
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -266,6 +267,19 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     }
 
 
+def write_peer_job(config, mcfg, params, tokens, job: str) -> None:
+    """What the peer's own process reads (``cpt_jax.peer_torch``): our weights as a Hugging
+    Face checkpoint ``JOB/model``, the batch ``JOB/tokens.npy``, the optimizer
+    ``JOB/optim.json``."""
+    from cpt_jax.hf import save_hf_llama
+
+    save_hf_llama(mcfg, jax.device_get(params), os.path.join(job, "model"), dtype="float32")
+    np.save(os.path.join(job, "tokens.npy"), tokens)
+    o = config.optim
+    atomic.write_json(os.path.join(job, "optim.json"), {
+        k: float(o[k]) for k in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm")})
+
+
 def compare_peer(config, steps: int, warmup: int, rounds: int = 2) -> dict:
     """Our train step against the PyTorch peer (``cpt_jax.peer_torch``) on the same batch,
     from the same initial weights, with the same thread count.
@@ -277,13 +291,11 @@ def compare_peer(config, steps: int, warmup: int, rounds: int = 2) -> dict:
     ``warmup + 1`` untimed steps and reports the median of ``steps`` timed ones. Reported:
     the median and range over the rounds of each side's tokens/s and of the per-round ratio
     ours / peer. (Sharing one process slowed both sides by 15-25%, unevenly.)"""
-    import os
     import pickle
     import subprocess
     import tempfile
 
     from cpt_jax import peer_torch
-    from cpt_jax.hf import save_hf_llama
 
     if rounds < 2:
         raise cli.UserError(f"--peer_rounds={rounds}: alternate at least 2 rounds")
@@ -300,12 +312,7 @@ def compare_peer(config, steps: int, warmup: int, rounds: int = 2) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(peer_torch.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in [env.get("PYTHONPATH")] if x])
     with tempfile.TemporaryDirectory() as job:
-        save_hf_llama(mcfg, jax.device_get(state.params), os.path.join(job, "model"),
-                      dtype="float32")
-        np.save(os.path.join(job, "tokens.npy"), batch["tokens"])
-        o = config.optim
-        atomic.write_json(os.path.join(job, "optim.json"), {
-            k: float(o[k]) for k in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm")})
+        write_peer_job(config, mcfg, state.params, batch["tokens"], job)
         with open(os.path.join(job, "config.pkl"), "wb") as f:
             pickle.dump(config, f)
         peer = peer_torch.TorchStep(config, mcfg, None, batch["tokens"],
@@ -628,10 +635,27 @@ def prepare_speed(args) -> dict:
     return result
 
 
-def step_profile(config, steps: int, warmup: int) -> dict:
+def step_profile(config, steps: int, warmup: int, peer: str | None = None) -> dict:
     """``profile_step`` of the config's train step (no replay, a step that does not log),
-    after ``warmup`` untraced steps."""
+    after ``warmup`` untraced steps; with ``peer="torch"`` also the PyTorch peer's step
+    profiled by torch's profiler in a process of its own, by the same kinds of work
+    (``cpt_jax.peer_torch.profile_alone``), from the same weights and batch."""
+    import subprocess
+    import tempfile
+
+    from cpt_jax import peer_torch
+
     r = prepare(config)
+    theirs = None
+    if peer:
+        peer_torch.require()
+        with tempfile.TemporaryDirectory() as job:
+            write_peer_job(config, r["mcfg"], r["state"].params, r["batch"]["tokens"], job)
+            out = os.path.join(job, "profile.json")
+            subprocess.run([sys.executable, "-m", "cpt_jax.peer_torch", "--profile", job,
+                            str(max(steps, 1)), str(warmup), out], check=True)
+            with open(out) as f:
+                theirs = json.load(f)
     state, _, _ = timed_steps(r["compiled"], r["state"], r["batch"], max(warmup, 1))
     box = [state]
 
@@ -640,8 +664,11 @@ def step_profile(config, steps: int, warmup: int) -> dict:
         jax.block_until_ready((box[0], metrics))
 
     out = profile_step(one, r["compiled"].as_text(), steps=max(steps, 1))
-    return {"params": r["mcfg"].num_params(), "global_batch": config.global_batch,
-            "seq_len": config.seq_len, "devices": jax.device_count(), **out}
+    result = {"params": r["mcfg"].num_params(), "global_batch": config.global_batch,
+              "seq_len": config.seq_len, "devices": jax.device_count(), **out}
+    if theirs is not None:
+        result = {"ours": result, "torch": theirs}
+    return result
 
 
 def main(argv) -> int:
@@ -657,13 +684,13 @@ def main(argv) -> int:
                               new_tokens=args.new_tokens, repeats=max(1, args.steps // 3),
                               peer=args.peer)
         print(json.dumps(result, indent=1))
-    elif args.peer:  # prints its own table
+    elif args.peer and not args.profile:  # prints its own table
         result = compare_peer(args.config, args.steps, args.warmup, args.peer_rounds)
     elif args.prepare:
         result = prepare_speed(args)
         print(json.dumps(result, indent=1))
     elif args.profile:
-        result = step_profile(args.config, args.steps, args.warmup)
+        result = step_profile(args.config, args.steps, args.warmup, args.peer)
         print(json.dumps(result, indent=1))
     elif args.loader:  # prints its own line
         result = loader_vs_step(args.config, args.steps, args.warmup)
