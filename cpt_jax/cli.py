@@ -26,7 +26,7 @@ import sys
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from cpt_jax import pretrained
+from cpt_jax import hostmem, pretrained
 from cpt_jax.errors import USER_ERRORS, TrainingDiverged, UserError
 
 __all__ = ["USER_ERRORS", "UserError"]  # the scripts raise and catch these through cli
@@ -190,7 +190,9 @@ def one_line(e: BaseException) -> str:
 
 def run_main(main, argv: list[str] | None = None) -> int:
     """Call ``main(argv)`` and turn user errors into one line on stderr and an exit status
-    (the traceback only with ``--debug`` or ``CPT_JAX_DEBUG=1``)."""
+    (the traceback only with ``--debug`` or ``CPT_JAX_DEBUG=1``). The process first keeps
+    the host memory XLA frees (``cpt_jax.hostmem``)."""
+    hostmem.keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     debug = debug_requested(argv)
     try:

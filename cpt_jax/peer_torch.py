@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from cpt_jax import hostmem  # ctypes only: no JAX in the peer's process
+
 
 def require():
     """Import torch and transformers, or say how to install them.
@@ -166,10 +168,15 @@ def profile_alone(job_dir: str, steps: int, warmup: int, top: int = 15) -> dict:
                     for n, ms in ranked]}
 
 
+# "keep": the peer's process takes cpt_jax.hostmem's malloc setting, as our scripts do
+MALLOC_ENV = "CPT_JAX_PEER_MALLOC"
+
 if __name__ == "__main__":
     import json
     import sys
 
+    if os.environ.get(MALLOC_ENV) == "keep":
+        hostmem.keep_freed_memory()
     profiling = sys.argv[1:2] == ["--profile"]
     job, n_steps, n_warmup, out = sys.argv[2:6] if profiling else sys.argv[1:5]
     result = (profile_alone if profiling else time_alone)(job, int(n_steps), int(n_warmup))

@@ -112,6 +112,10 @@ def parse_args(argv):
                          "\".[peer]\")")
     ap.add_argument("--peer_rounds", type=int, default=2,
                     help="alternating rounds (ours, peer) of --peer, at least 2")
+    ap.add_argument("--peer_malloc", choices=["system", "keep"], default="system",
+                    help="the peer's process malloc: as PyTorch users run it (system), or "
+                         "with the setting every cpt_jax script takes (keep: "
+                         "cpt_jax.hostmem), to see what it does for the peer")
     ap.add_argument("--generate", action="store_true",
                     help="time decoding instead (cpt_jax.generate): new tokens/s of greedy "
                          "generate at the config's model, --decode_batch prompts of "
@@ -280,7 +284,8 @@ def write_peer_job(config, mcfg, params, tokens, job: str) -> None:
         k: float(o[k]) for k in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm")})
 
 
-def compare_peer(config, steps: int, warmup: int, rounds: int = 2) -> dict:
+def compare_peer(config, steps: int, warmup: int, rounds: int = 2,
+                 peer_malloc: str = "system") -> dict:
     """Our train step against the PyTorch peer (``cpt_jax.peer_torch``) on the same batch,
     from the same initial weights, with the same thread count.
 
@@ -311,6 +316,7 @@ def compare_peer(config, steps: int, warmup: int, rounds: int = 2) -> dict:
         env["OMP_WAIT_POLICY"] = user_omp
     root = os.path.dirname(os.path.dirname(os.path.abspath(peer_torch.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in [env.get("PYTHONPATH")] if x])
+    peer_env = {**env, peer_torch.MALLOC_ENV: peer_malloc}
     with tempfile.TemporaryDirectory() as job:
         write_peer_job(config, mcfg, state.params, batch["tokens"], job)
         with open(os.path.join(job, "config.pkl"), "wb") as f:
@@ -328,7 +334,8 @@ def compare_peer(config, steps: int, warmup: int, rounds: int = 2) -> dict:
             out = os.path.join(job, "times.json")
             cmd = ([sys.executable, os.path.abspath(__file__), "--peer_worker"]
                    if side == "ours" else [sys.executable, "-m", "cpt_jax.peer_torch"])
-            subprocess.run(cmd + [job, str(steps), str(warmup), out], env=env, check=True)
+            subprocess.run(cmd + [job, str(steps), str(warmup), out], check=True,
+                           env=env if side == "ours" else peer_env)
             with open(out) as f:
                 r = json.load(f)
             os.remove(out)
@@ -350,6 +357,7 @@ def compare_peer(config, steps: int, warmup: int, rounds: int = 2) -> dict:
            "seq_len": config.seq_len, "threads": peer_torch.cpu_threads(),
            "first_step_loss": first, "matmul_peak_tflops_per_s": peak / 1e12,
            "mode": "separate processes, alternating", "rounds": per_round,
+           "peer_malloc": peer_malloc,
            "steps_per_round": steps, "warmup": warmup}
     for name in ("ours", "torch"):
         tok_s = [r[name]["tokens_per_s"] for r in per_round]
@@ -685,7 +693,8 @@ def main(argv) -> int:
                               peer=args.peer)
         print(json.dumps(result, indent=1))
     elif args.peer and not args.profile:  # prints its own table
-        result = compare_peer(args.config, args.steps, args.warmup, args.peer_rounds)
+        result = compare_peer(args.config, args.steps, args.warmup, args.peer_rounds,
+                              args.peer_malloc)
     elif args.prepare:
         result = prepare_speed(args)
         print(json.dumps(result, indent=1))
