@@ -20,13 +20,16 @@ import numpy as np
 from cpt_jax import hostmem  # ctypes only: no JAX in the peer's process
 
 
-def require():
+def require(shared: bool = True):
     """Import torch and transformers, or say how to install them.
 
+    ``shared``: the process also runs our step (the benchmark's first-step check).
     OpenMP threads that busy-wait after each torch op would take the cores from our step
-    when the two are interleaved, so they are made to sleep (``OMP_WAIT_POLICY=PASSIVE``,
-    read when torch loads its OpenMP runtime; an explicit setting is kept)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    there, so they are made to sleep (``OMP_WAIT_POLICY=PASSIVE``, read when torch loads
+    its OpenMP runtime; an explicit setting is kept). A process of the peer's own
+    (``shared=False``) keeps OpenMP's default, as a PyTorch user runs it."""
+    if shared:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
         import transformers
@@ -47,11 +50,13 @@ def cpu_threads() -> int:
 class TorchStep:
     """One AdamW train step of ``LlamaForCausalLM`` on a fixed [B, L + 1] token batch."""
 
-    def __init__(self, config, mcfg, params, tokens: np.ndarray, hf_dir: str | None = None):
+    def __init__(self, config, mcfg, params, tokens: np.ndarray, hf_dir: str | None = None,
+                 shared: bool = True):
         """From our ``params`` (exported to a scratch directory), or with ``hf_dir`` from a
         checkpoint already exported there (``params`` and ``mcfg`` unused: a process that
-        times the peer alone need not run JAX). ``config`` needs only ``optim``."""
-        torch, transformers = require()
+        times the peer alone need not run JAX). ``config`` needs only ``optim``;
+        ``shared``: see ``require``."""
+        torch, transformers = require(shared)
 
         self.torch = torch
         torch.set_num_threads(cpu_threads())
@@ -105,7 +110,8 @@ def time_alone(job_dir: str, steps: int, warmup: int) -> dict:
     with open(os.path.join(job_dir, "optim.json")) as f:
         config = types.SimpleNamespace(optim=types.SimpleNamespace(**json.load(f)))
     tokens = np.load(os.path.join(job_dir, "tokens.npy"))
-    step = TorchStep(config, None, None, tokens, hf_dir=os.path.join(job_dir, "model"))
+    step = TorchStep(config, None, None, tokens, hf_dir=os.path.join(job_dir, "model"),
+                     shared=False)
     for _ in range(warmup + 1):
         step()
     times = [step.timed()[0] for _ in range(steps)]
@@ -144,11 +150,12 @@ def profile_alone(job_dir: str, steps: int, warmup: int, top: int = 15) -> dict:
     import json
     import types
 
-    torch, _ = require()
+    torch, _ = require(shared=False)
     with open(os.path.join(job_dir, "optim.json")) as f:
         config = types.SimpleNamespace(optim=types.SimpleNamespace(**json.load(f)))
     tokens = np.load(os.path.join(job_dir, "tokens.npy"))
-    step = TorchStep(config, None, None, tokens, hf_dir=os.path.join(job_dir, "model"))
+    step = TorchStep(config, None, None, tokens, hf_dir=os.path.join(job_dir, "model"),
+                     shared=False)
     for _ in range(warmup + 1):
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -78,7 +78,7 @@ def _torch_decode(mcfg, params, prompts, new_tokens, repeats, ours_out):
 def _torch_worker(job_path: str) -> None:
     with open(job_path) as f:
         job = json.load(f)
-    torch, transformers = peer_torch.require()
+    torch, transformers = peer_torch.require(shared=False)  # a process of its own
     torch.set_num_threads(peer_torch.cpu_threads())
     transformers.utils.logging.disable_progress_bar()
     model = transformers.LlamaForCausalLM.from_pretrained(job["model"],
