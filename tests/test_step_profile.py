@@ -65,3 +65,16 @@ def test_a_matmul_bound_step_is_attributed_to_its_matmul():
     # two 384^3 matmuls dominate one tanh over 384^2 elements
     assert out["by_kind"]["matmul"] > out["by_kind"]["elementwise"]
     assert out["top"][0]["kind"] == "matmul"
+
+
+def test_the_peers_aten_ops_are_sorted_into_the_same_kinds():
+    from cpt_jax.peer_torch import op_kind
+
+    want = {"aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "matmul",
+            "aten::copy_": "copy", "aten::t": "copy", "aten::index_select": "copy",
+            "aten::sum": "reduce", "aten::_foreach_norm": "reduce",
+            "aten::tanh": "elementwise", "aten::mul": "elementwise", "aten::topk":
+            "elementwise", "aten::_log_softmax": "elementwise",
+            "autograd::engine::evaluate_function: MmBackward0": "other"}
+    assert {name: op_kind(name) for name in want} == want
