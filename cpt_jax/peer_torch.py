@@ -98,13 +98,11 @@ class TorchStep:
         return time.perf_counter() - t0, loss
 
 
-def time_alone(job_dir: str, steps: int, warmup: int) -> dict:
-    """The peer's step timed in a process of its own (``python -m cpt_jax.peer_torch JOB
-    STEPS WARMUP``, run by ``benchmark.py --peer torch``): the checkpoint ``JOB/model``, the
-    batch ``JOB/tokens.npy`` and the optimizer ``JOB/optim.json`` that process wrote. JAX is
-    never imported here. ``warmup + 1`` untimed steps, then ``steps`` timed ones."""
+def _warm_step(job_dir: str, warmup: int) -> TorchStep:
+    """The peer's step of a job the benchmark wrote (the checkpoint ``JOB/model``, the
+    batch ``JOB/tokens.npy``, the optimizer ``JOB/optim.json``), in a process of its own
+    that never imports JAX, after ``warmup + 1`` untimed steps."""
     import json
-    import statistics
     import types
 
     with open(os.path.join(job_dir, "optim.json")) as f:
@@ -114,6 +112,16 @@ def time_alone(job_dir: str, steps: int, warmup: int) -> dict:
                      shared=False)
     for _ in range(warmup + 1):
         step()
+    return step
+
+
+def time_alone(job_dir: str, steps: int, warmup: int) -> dict:
+    """The peer's step timed in a process of its own (``python -m cpt_jax.peer_torch JOB
+    STEPS WARMUP OUT``, run by ``benchmark.py --peer torch``): ``steps`` timed steps after
+    ``_warm_step``."""
+    import statistics
+
+    step = _warm_step(job_dir, warmup)
     times = [step.timed()[0] for _ in range(steps)]
     return {"step_s_median": statistics.median(times), "step_s": times,
             "threads": cpu_threads()}
@@ -147,17 +155,8 @@ def profile_alone(job_dir: str, steps: int, warmup: int, top: int = 15) -> dict:
     """The peer's step under torch's profiler, in a process of its own (``python -m
     cpt_jax.peer_torch --profile JOB STEPS WARMUP OUT``): each op's self time (its own
     work, children excluded) per step, by kind, as ``step_profile`` reports ours."""
-    import json
-    import types
-
-    torch, _ = require(shared=False)
-    with open(os.path.join(job_dir, "optim.json")) as f:
-        config = types.SimpleNamespace(optim=types.SimpleNamespace(**json.load(f)))
-    tokens = np.load(os.path.join(job_dir, "tokens.npy"))
-    step = TorchStep(config, None, None, tokens, hf_dir=os.path.join(job_dir, "model"),
-                     shared=False)
-    for _ in range(warmup + 1):
-        step()
+    step = _warm_step(job_dir, warmup)
+    torch = step.torch
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
