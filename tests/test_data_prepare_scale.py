@@ -252,8 +252,9 @@ def test_sigterm_and_ctrl_c_stop_preparation_cleanly(tok, tmp_path):
     folder left behind."""
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(4):
-        (src / f"{i}.txt").write_text("\n".join(_text(200, seed=j) for j in range(1500)))
+    body = "\n".join(_text(200, seed=j) for j in range(1500))
+    for i in range(40):  # 12 MB: enough work that the signal lands mid-preparation
+        (src / f"{i}.txt").write_text(f"file {i}\n{body}")
     domain = {"name": "big", "kind": "text_glob", "pattern": str(src / "*.txt")}
     config = _config(tmp_path, domain, tok)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH",

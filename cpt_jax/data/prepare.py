@@ -429,6 +429,7 @@ def prepare_domain(domain: Any, tokenizer: Tokenizer, data_dir: str, seq_len: in
             staging = _temp_dir(final)
             try:
                 job.run(staging, (0, 1))
+                _check_stopped()
                 _assemble(job, staging, final, key)
             except BaseException as e:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -442,6 +443,7 @@ def prepare_domain(domain: Any, tokenizer: Tokenizer, data_dir: str, seq_len: in
                 raise
         else:
             job.run(staging_dir(final), _check_shard(shard))
+            _check_stopped()
             if not finalize:
                 return None
             finalize_domain(d, tokenizer, data_dir, seq_len, val_fraction, seed, val_only,
@@ -620,6 +622,20 @@ def remove_dead_temps(data_dir: str) -> list[str]:
     return removed
 
 
+def _check_stopped() -> None:
+    """PreparationStopped if a stop signal came (``_stop_on_signals``): checked between
+    chunks of documents, while waiting for the tokenizer workers, before a domain is
+    assembled and when the guarded block ends."""
+    if _STOPPED:
+        name = signal.Signals(_STOPPED[-1]).name
+        raise PreparationStopped(
+            f"preparation stopped by {name}; nothing half-written was kept (complete "
+            f"domains and shards stay in the cache), run it again to go on.")
+
+
+_STOPPED: list[int] = []  # the stop signals received inside _stop_on_signals
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
     """SIGTERM and SIGINT raise PreparationStopped (the main thread only, and only for a
@@ -629,10 +645,10 @@ def _stop_on_signals():
         return
 
     def stop(signum, frame):
-        raise PreparationStopped(
-            f"preparation stopped by {signal.Signals(signum).name}; nothing half-written "
-            f"was kept (complete domains and shards stay in the cache), run it again to "
-            f"go on.")
+        # Recorded, not raised here: the signal may land in a GC callback or under a
+        # broad ``except``, which would swallow the exception (or print it). The
+        # preparation loop checks between chunks of documents (``_check_stopped``).
+        _STOPPED.append(signum)
 
     # A handler installed outside Python could not be restored afterwards: such a signal
     # is left alone (getsignal is None), and so is SIGTERM in a jax.distributed run, whose
@@ -640,6 +656,7 @@ def _stop_on_signals():
     jax = sys.modules.get("jax")
     distributed = jax is not None and getattr(getattr(jax, "distributed", None),
                                               "is_initialized", lambda: False)()
+    _STOPPED.clear()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)
                 if signal.getsignal(s) is not None
                 and not (s == signal.SIGTERM and distributed)}
@@ -648,6 +665,7 @@ def _stop_on_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    _check_stopped()  # a signal that came after the last check
 
 
 # ---------------------------------------------------------------------------------------
@@ -795,6 +813,7 @@ class _Tokenizing:
             handle = job.pop("async")
             while handle is not None and not handle.ready():
                 handle.wait(0.5)
+                _check_stopped()
                 dead = [p.exitcode for p in self.procs if p.exitcode is not None]
                 if dead:  # a lost job would never finish: say why instead of waiting
                     raise PrepareError(
@@ -1082,6 +1101,7 @@ class _Job:
         self.capped = False
         state = {"tokens": 0, "units": 0}
         for job in self._jobs(owns, only):
+            _check_stopped()
             tokenizing.submit(job)
             while tokenizing.full():
                 self._consume(tokenizing.pop(), staging, only, units, bar, state)
