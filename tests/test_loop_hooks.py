@@ -12,6 +12,9 @@ import tally_method
 from cpt_jax import methods
 from cpt_jax.train.loop import Hook, run
 from test_train_loop import _config
+# autouse in this module too: wandb offline and silent, its files under tmp_path, and
+# sys.exit / sys.excepthook given back after each test (wandb.init replaces them)
+from test_wandb_logger import _offline_env  # noqa: F401
 
 try:
     import wandb  # noqa: F401
@@ -102,16 +105,9 @@ def test_a_method_with_memory_resumes_bit_exactly(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(wandb is None, reason="needs wandb: pip install -e '.[test]'")
-def test_wandb_hook_logs_what_metrics_jsonl_got(tmp_path, monkeypatch):
+def test_wandb_hook_logs_what_metrics_jsonl_got(tmp_path):
     from test_wandb_logger import _fragments, _read
 
-    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / name.lower()))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    import sys
-    for name in ("exit", "excepthook"):
-        monkeypatch.setattr(sys, name, getattr(sys, name))
-    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     c = _small(tmp_path)
     c.tasks = c.tasks[:2]
     c.logging.update(dict(wandb=True, mode="offline", project="cpt_test"))

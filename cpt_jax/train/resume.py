@@ -265,10 +265,8 @@ def check_resume(config, workdir: str, config_json: dict, allow: bool) -> Resume
     if not steps and os.path.exists(results_file.path(workdir)):  # results, no checkpoint
         try:
             written_by = results_file.read(workdir).get("config", {})
-        except results_file.ResultsError as e:
-            raise ConfigMismatch(f"{e}; the workdir holds a damaged run: use a new "
-                                 "--workdir, or move the file away to run here again"
-                                 ) from None
+        except results_file.ResultsError as e:  # names the file and the fix
+            raise ConfigMismatch(str(e)) from None
         check_resume_config(written_by, config_json, f"workdir {workdir} (its results.json)",
                             allow)
     return ResumePoint(steps, peek, damaged, fingerprints)
