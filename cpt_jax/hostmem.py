@@ -9,8 +9,9 @@ so that after the first steps a step reuses the pages it had. The process's peak
 stays what it was; it just is not given back between steps. Measured speeds are in the
 README ("Sharding and speed"); ``CPT_JAX_MALLOC=system`` leaves malloc as it is.
 
-Every entry script sets it when it starts (``cpt_jax.cli.run_main``), so a run, a sweep
-and the benchmark's timed process of our step all train the same way.
+The scripts that train, prepare or time a step set it when they start
+(``cpt_jax.cli.run_main``: train, sweep, prepare_data, benchmark, generate, modules), so
+a run, a sweep and the benchmark's timed process of our step all train the same way.
 """
 
 from __future__ import annotations

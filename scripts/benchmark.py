@@ -114,7 +114,7 @@ def parse_args(argv):
                     help="alternating rounds (ours, peer) of --peer, at least 2")
     ap.add_argument("--peer_malloc", choices=["system", "keep"], default="system",
                     help="the peer's process malloc: as PyTorch users run it (system), or "
-                         "with the setting every cpt_jax script takes (keep: "
+                         "with the setting cpt_jax's training scripts take (keep: "
                          "cpt_jax.hostmem), to see what it does for the peer")
     ap.add_argument("--generate", action="store_true",
                     help="time decoding instead (cpt_jax.generate): new tokens/s of greedy "
