@@ -36,10 +36,9 @@ runs once over all rows; the logits, the teacher forward and the terms cover the
 rows only). The gradient is again the split pass's: the loss sums of both parts, terms
 included, over all loss tokens. Its metrics leave out the per-source ones
 (``loss_current``, ``loss_replay``, the terms' ``*_replay``, the gradient statistics).
-Both go to the optax chain as a
-``PerSourceGrads`` (the one-pass gradient as ``current`` with ``replay=None``); its first
-transform (replay_mix, agem) combines them. Each distinct (``n_replay``, pass) compiles
-once.
+Both passes go to the optax chain as a ``PerSourceGrads`` (the one-pass gradient as
+``current`` with ``replay=None``); its first transform (replay_mix, agem) combines them.
+Each distinct (``n_replay``, pass) compiles once.
 
 Gradients are accumulated over microbatches inside the step with ``lax.scan``: the update
 of a global batch does not depend on how many microbatches it is split into.
