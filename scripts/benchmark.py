@@ -240,8 +240,7 @@ def prepare(config, n_replay: int = 0, stats: bool = False) -> dict:
     placement, composition, schedule, state = build_state(config)
     step = make_train_step(placement, composition.tx, config.microbatches, schedule,
                            loss_fn=composition.loss_fn,  # the loss a run trains with
-                           split_grads=composition.split_grads,
-                           replay_terms=composition.replay_terms)
+                           split_grads=composition.split_grads)
     batch = random_batch(config, jax.random.key(1))
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, n_replay, stats=stats).compile()

@@ -69,8 +69,7 @@ def _step(tx, split_grads, microbatches=1, schedule=None, loss_fn=None, teacher=
     if teacher is not None:
         state = state.replace(teacher=jax.device_put(teacher, shardings.teacher))
     step = make_train_step(Placement(TINY, mesh, rules, shardings), tx, microbatches, schedule,
-                           loss_fn=loss_fn, split_grads=split_grads,
-                           replay_terms=loss_fn is not None)
+                           loss_fn=loss_fn, split_grads=split_grads)
     return step, state
 
 

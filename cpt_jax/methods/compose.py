@@ -70,7 +70,9 @@ def make_loss_fn(config, mcfg, chosen: list[Method] | None = None):
     ``replay_rows`` (static) rows are (one pass over a batch ordered current rows first,
     ``cpt_jax.train.step``): the fused cross-entropy over every row, and the logits, the
     teacher forward and the terms of those rows only, so the model body runs once and the
-    whole batch's [B, L, V] logits are never held."""
+    whole batch's [B, L, V] logits are never held. ``loss_fn.replay_terms``: it has such
+    terms, so a one-pass step must order the batch and pass ``replay_rows``
+    (``make_train_step`` reads it off the function, so no caller can drop the terms)."""
     chosen = selected(config) if chosen is None else chosen
     terms = [m.replay_loss(config) for m in chosen if m.replay_loss]
     teacher_needed = any(m.teacher for m in chosen)
@@ -100,6 +102,7 @@ def make_loss_fn(config, mcfg, chosen: list[Method] | None = None):
         part = {k: v[rows] for k, v in batch.items()}
         return with_terms(ce, mask, logits, part, mask[rows], teacher)
 
+    loss_fn.replay_terms = bool(terms)  # read by make_train_step: where the terms ride
     return loss_fn
 
 
@@ -152,8 +155,7 @@ class Composition:
     replay step needs the current-task and replay gradients apart (``Method.split_grads``:
     A-GEM, explicit ``mix_weights``; otherwise a step takes one pass over the whole batch
     and the split pass runs at log steps only); ``teacher``: the state carries a teacher
-    snapshot. ``replay_terms``: a method adds a loss term on replayed rows (distillation,
-    DER), so a one-pass step tells ``loss_fn`` which rows those are.
+    snapshot.
     """
 
     config: object
@@ -162,10 +164,6 @@ class Composition:
     loss_fn: Callable
     split_grads: bool
     teacher: bool
-
-    @property
-    def replay_terms(self) -> bool:
-        return any(m.replay_loss is not None for m in self.methods)
 
     @property
     def names(self) -> list[str]:

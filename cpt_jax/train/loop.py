@@ -210,8 +210,7 @@ class Trainer:
         placement, composition = parts.placement, parts.composition
         self.train_step = make_train_step(placement, composition.tx, config.microbatches,
                                           parts.schedule, loss_fn=composition.loss_fn,
-                                          split_grads=composition.split_grads,
-                                          replay_terms=composition.replay_terms)
+                                          split_grads=composition.split_grads)
         self.boundary = composition.task_boundary(placement, rows_by_task(parts))
         self.eval_step = make_eval_step(placement)
         self.row_loss_step = make_row_loss_step(placement)

@@ -29,7 +29,7 @@ Every other step with replay takes one forward/backward pass over the whole batc
 plain training does: the gradient of the mixed batch's mean loss, which is the
 token-weighted sum of the per-source mean gradients (the default ``replay_mix``) up to
 float rounding. A loss term on replayed rows only (distillation's, DER's:
-``make_train_step(replay_terms=True)``) rides along in that pass: the batch is reordered
+``make_loss_fn``'s ``loss_fn.replay_terms``) rides along in that pass: the batch is reordered
 current rows first (``replay_last``), so that every microbatch ends with the same static
 number of replay rows, and the loss takes its terms on those rows alone (the model body
 runs once over all rows; the logits, the teacher forward and the terms cover the replay
@@ -258,7 +258,7 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
 
 
 def make_train_step(placement: Placement, tx, microbatches: int = 1, lr_schedule=None,
-                    loss_fn=None, split_grads: bool = True, replay_terms: bool = False):
+                    loss_fn=None, split_grads: bool = True):
     """step(state, batch, n_replay=0, stats=True) -> (state, metrics): jitted per replay
     count and pass, with explicit shardings (every batch array over the batch axes) and the
     state donated. `loss_fn(params, batch, teacher, replay, replay_rows)` defaults to
@@ -267,11 +267,12 @@ def make_train_step(placement: Placement, tx, microbatches: int = 1, lr_schedule
     A step with replay rows takes the split pass (per-source gradients) when
     ``split_grads`` (the chain combines the two gradients: ``Composition.split_grads``) or
     ``stats`` (a log step: the gradient statistics), and otherwise one pass over the whole
-    batch. ``split_grads=True`` (the default) splits every replay step. ``replay_terms``
-    (``Composition.replay_terms``): the loss adds terms on replayed rows, which the one
-    pass must point it to; without it the one pass is plain cross-entropy."""
+    batch. ``split_grads=True`` (the default) splits every replay step. A loss with terms on
+    replayed rows (``loss_fn.replay_terms``, set by ``methods.compose.make_loss_fn``) is
+    pointed to them in the one pass."""
     mesh, shardings = placement.mesh, placement.shardings
     loss_fn = loss_fn or functools.partial(ce_loss_sum, placement.mcfg)
+    replay_terms = bool(getattr(loss_fn, "replay_terms", False))
     cache = {}
 
     def jitted(n_replay, batch, stats):
