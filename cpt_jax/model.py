@@ -468,6 +468,15 @@ def output_matrix(config: LlamaConfig, params) -> Array:
     return params["lm_head"]["kernel"]
 
 
+def project_hidden(config: LlamaConfig, params, hidden_BLD) -> Array:
+    """Logits [B, L, V] float32 of ``final_hidden``'s states, computed as ``forward``
+    computes them (the matmul in the hidden states' dtype): the logits of a few rows whose
+    body already ran with the rest of the batch (a loss term on replayed rows only)."""
+    w = output_matrix(config, params).astype(hidden_BLD.dtype)
+    logits = (hidden_BLD @ w).astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
 def forward_hidden(config: LlamaConfig, params, tokens, segment_ids=None,
                    positions=None) -> tuple[Array, Array]:
     """(final hidden states [B, L, D], logits [B, L, V]), both float32, for tokens [B, L].

@@ -3,15 +3,17 @@
     python scripts/benchmark.py --config configs/llama_99m.py --config.global_batch=8 \
         --config.seq_len=512 [--steps 10 --warmup 2] [--json OUT.json]
     python scripts/benchmark.py --config configs/demo.py --methods plain,replay,agem,reptile
+    python scripts/benchmark.py --config configs/demo.py --methods plain,replay,distill,der
 
 With --methods, each method's median step time and train-state memory are reported
 relative to plain training (no replay, no method) on the same global batch, in one run,
 with the dot/convolution op count of each method's compiled step (between log steps, the
 step timed, and at a log step): "replay" replays 25% of the rows in one pass over the
 batch (the split into per-source gradients only at log steps); "agem" takes the split
-pass at every step and projects; "reptile" adds the meta-update, whose
-meta step is timed separately and amortised over --reptile_every steps; "mer" is
-replay + reptile.
+pass at every step and projects; "distill" and "der" add their loss terms on the
+replayed rows in that one pass (a teacher forward on those rows; stored top-k logits for
+every replayed row); "reptile" adds the meta-update, whose meta step is timed separately
+and amortised over --reptile_every steps; "mer" is replay + reptile.
 
 With --generate, it instead times decoding (cpt_jax.eval.decode_speed): new tokens/s of
 greedy ``cpt_jax.generate`` and its prefill time, and with --peer torch the same for
@@ -75,7 +77,7 @@ from cpt_jax.train.setup import build_model
 from cpt_jax.core.state import create_train_state
 from cpt_jax.train.step import count_dot_ops, make_train_step
 
-METHODS = ("plain", "replay", "agem", "reptile", "mer")
+METHODS = ("plain", "replay", "agem", "distill", "der", "reptile", "mer")
 
 
 def parse_args(argv):
@@ -87,7 +89,7 @@ def parse_args(argv):
     ap.add_argument("--methods", default="", help="compare methods against plain training: "
                     "a comma-separated list of " + ", ".join(METHODS))
     ap.add_argument("--replay_rate", type=float, default=0.25,
-                    help="replay fraction for the replay/agem/mer methods")
+                    help="replay fraction for the replay/agem/distill/der/mer methods")
     ap.add_argument("--reptile_every", type=int, default=500,
                     help="Reptile period to amortise the meta step over")
     ap.add_argument("--checkpoint_dir", default=None,
@@ -194,9 +196,16 @@ def peak_memory_bytes(compiled) -> dict:
 
 
 def random_batch(config, key):
+    """Random token rows, with DER's stored top-k logits (valid on every row) when DER is
+    selected: the arrays a DER run's batch carries."""
     B, L = config.global_batch, config.seq_len
     tokens = jax.random.randint(key, (B, L + 1), 0, config.model.vocab_size, jnp.int32)
-    return {"tokens": np.asarray(tokens), "segment_ids": np.ones((B, L + 1), np.int32)}
+    batch = {"tokens": np.asarray(tokens), "segment_ids": np.ones((B, L + 1), np.int32)}
+    if "der" in [n.strip() for n in str(config.method.name).split("+")]:
+        k = config.method.der.k
+        batch.update(der_values=np.zeros((B, L, k), np.float32),
+                     der_indices=np.zeros((B, L, k), np.int32), der_valid=np.ones(B, np.int32))
+    return batch
 
 
 def tree_bytes(tree) -> int:
@@ -219,7 +228,8 @@ def build_state(config):
     (``setup.build_model``) for tasks of any length: only speed counts."""
     placement, composition, schedule = build_model(config, [1000])
     state, _ = create_train_state(placement.mcfg, composition.tx, placement.mesh,
-                                  placement.rules, jax.random.key(config.seed))
+                                  placement.rules, jax.random.key(config.seed),
+                                  teacher=composition.teacher)
     return placement, composition, schedule, state
 
 
@@ -407,6 +417,14 @@ def method_config(config, method: str, rate: float, reptile_every: int = 500):
     if method == "agem":
         c.method.name = "agem"
         return c, n_replay, None
+    if method == "distill":
+        c.method.name = "replay+distill"
+        c.method.distill.weight = 1.0
+        return c, n_replay, None
+    if method == "der":
+        c.method.name = "replay+der"
+        c.method.der.weight = 0.5
+        return c, n_replay, None
     if method in ("reptile", "mer"):
         c.method.name = "replay+reptile"
         c.method.reptile.periods = [{"every": 2, "meta_lr": 0.1}]  # period 2: time both kinds
@@ -444,6 +462,7 @@ def compare_methods(config, methods, steps, warmup, replay_rate: float = 0.25,
         r, times = runs[m], runs[m]["times"]
         out = {"compile_s": r["compile_s"], "param_bytes": tree_bytes(r["state"].params),
                "opt_state_bytes": tree_bytes(r["state"].opt_state),
+               "teacher_bytes": tree_bytes(r["state"].teacher),  # distillation's snapshot
                "n_replay": r["n_replay"], "dot_ops": r["dot_ops"],
                "dot_ops_log_step": r["dot_ops_log_step"]}
         if r["every"]:  # steps done+1, done+2, ...: even counts are meta steps (period 2)
@@ -461,9 +480,11 @@ def compare_methods(config, methods, steps, warmup, replay_rate: float = 0.25,
           f"{'extra_param_copies':>18} {'dot_ops':>7} {'dot_ops_log_step':>16}")
     for m, r in results.items():
         r["time_ratio"] = r["step_s_median"] / base["step_s_median"]
-        r["extra_param_copies"] = (r["opt_state_bytes"] - base["opt_state_bytes"]) / r["param_bytes"]
+        extra = r["opt_state_bytes"] + r["teacher_bytes"] - base["opt_state_bytes"]
+        r["extra_param_copies"] = extra / r["param_bytes"]
         print(f"{m:<9} {r['step_s_median']:>9.4f} {r['time_ratio']:>10.3f} "
-              f"{r['opt_state_bytes'] + r['param_bytes']:>12d} {r['extra_param_copies']:>18.2f}"
+              f"{r['opt_state_bytes'] + r['param_bytes'] + r['teacher_bytes']:>12d} "
+              f"{r['extra_param_copies']:>18.2f}"
               f" {r['dot_ops']:>7d} {r['dot_ops_log_step']:>16d}")
     print("dot_ops: dot/convolution instructions in the compiled HLO of the timed step (a "
           "step between log steps); dot_ops_log_step: of a log step (the split pass, with "

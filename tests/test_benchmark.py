@@ -38,10 +38,12 @@ def test_single_benchmark_reports_mfu(bench):
 
 
 def test_method_memory_in_parameter_copies(bench):
-    r = bench.compare_methods(bench.config, ["replay", "agem", "reptile"], steps=1,
-                              warmup=0)
+    r = bench.compare_methods(bench.config, ["replay", "agem", "reptile", "distill", "der"],
+                              steps=1, warmup=0)
     assert r["replay"]["extra_param_copies"] == 0.0
     assert r["agem"]["extra_param_copies"] == 0.0
+    assert r["der"]["extra_param_copies"] == 0.0  # DER's logits live on the host
+    assert r["distill"]["extra_param_copies"] == 1.0  # the teacher snapshot
     # the slow weights plus a 4-byte step counter
     assert r["reptile"]["extra_param_copies"] == pytest.approx(1.0, abs=1e-3)
     assert r["reptile"]["meta_step_s"] > 0 and r["reptile"]["amortised_over"] == 500
@@ -52,6 +54,10 @@ def test_method_memory_in_parameter_copies(bench):
     assert plain > 0 and dots["plain"] == (plain, plain) and dots["reptile"] == (plain, plain)
     assert dots["replay"][0] == plain < dots["replay"][1]
     assert dots["agem"][0] == dots["agem"][1] == dots["replay"][1]
+    # distillation and DER between log steps: one pass plus their terms' logits (and the
+    # teacher's forward) on the replayed rows, fewer dots than their (split) log step
+    assert plain < dots["der"][0] < dots["der"][1] == dots["replay"][1]
+    assert dots["der"][0] < dots["distill"][0] < dots["distill"][1]
 
 
 def test_checkpoint_timing_saves_the_whole_state(bench, tmp_path):

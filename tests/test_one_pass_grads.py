@@ -57,13 +57,19 @@ def _params0():
     return jax.device_get(model_lib.init_params(TINY, jax.random.key(0)))
 
 
-def _step(tx, split_grads, microbatches=1, schedule=None):
+def _step(tx, split_grads, microbatches=1, schedule=None, loss_fn=None, teacher=None):
+    """(step, state) from the shared parameters; with a ``loss_fn`` that has replay terms,
+    the state carries ``teacher`` (parameters) and the step points the loss to the replay
+    rows."""
     mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
     rules = sharding_lib.DEFAULT_RULES
     state, shardings = create_train_state(TINY, tx, mesh, rules, None,
-                                          params=jax.tree.map(jnp.array, _params0()))
+                                          params=jax.tree.map(jnp.array, _params0()),
+                                          teacher=teacher is not None)
+    if teacher is not None:
+        state = state.replace(teacher=jax.device_put(teacher, shardings.teacher))
     step = make_train_step(Placement(TINY, mesh, rules, shardings), tx, microbatches, schedule,
-                           split_grads=split_grads)
+                           loss_fn=loss_fn, split_grads=split_grads)
     return step, state
 
 
@@ -149,8 +155,9 @@ def test_count_dot_ops_reads_hlo_text():
 
 @pytest.mark.parametrize("name,extra,split", [
     ("replay", {}, False), ("agem", {}, True), ("replay+reptile", {}, False),
-    ("replay+l2", {}, False), ("replay+ewc", {}, False), ("replay+distill", {}, True),
-    ("replay+der", {}, True), ("replay", {"mix_weights": [0.5, 0.5]}, True)])
+    ("replay+l2", {}, False), ("replay+ewc", {}, False), ("replay+distill", {}, False),
+    ("replay+der", {}, False), ("agem+distill", {}, True),
+    ("replay", {"mix_weights": [0.5, 0.5]}, True)])
 def test_which_methods_need_the_split_pass(name, extra, split):
     c = default_config()
     c.method.name = name
@@ -190,3 +197,104 @@ def test_the_loop_splits_at_log_steps_only(tmp_path, monkeypatch):
     steps = {m["step"]: m for m in logged if "loss" in m}
     assert sorted(steps) == log_steps
     assert all("grad_cos" in steps[s] and "loss_replay" in steps[s] for s in log_steps[1:])
+
+
+# ---------------------------------------------------------------------------------------
+# Loss terms on replayed rows (distillation, DER) in the one pass
+
+K_DER, T_DISTILL = 3, 2.0
+
+
+def _teacher():
+    """Parameters other than the student's, so the KL is not zero on any row."""
+    return jax.device_get(model_lib.init_params(TINY, jax.random.key(1)))
+
+
+def _der_batch():
+    """_batch() with DER's stored top-k logits on EVERY row (valid on all rows but one
+    replay row): only the replay rows may use them."""
+    batch = _batch()
+    rng = np.random.default_rng(3)
+    batch["der_values"] = rng.normal(size=(B, L, K_DER)).astype(np.float32) * 2
+    batch["der_indices"] = np.stack([rng.permutation(TINY.vocab_size)[:K_DER]
+                                     for _ in range(B * L)]).reshape(B, L, K_DER).astype(np.int32)
+    valid = np.ones(B, np.int32)
+    valid[replay_positions(B, N_REPLAY)[0]] = 0
+    batch["der_valid"] = valid
+    return batch
+
+
+def _term_reference(kind, weight, params, batch):
+    """(CE sum over all rows + weight * the term summed over the replay rows, token count),
+    by hand: full logits, explicit log-softmax, the replay rows picked by position."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    logits = model_lib.forward(TINY, params, tokens[:, :-1], seg[:, :-1])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    mask = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
+    rep = replay_positions(B, N_REPLAY)
+    z, m = logits[rep], mask[rep]
+    if kind == "distill":
+        t = model_lib.forward(TINY, _teacher(), tokens[rep, :-1], seg[rep, :-1])
+        log_p = jax.nn.log_softmax(t / T_DISTILL, -1)
+        log_q = jax.nn.log_softmax(z / T_DISTILL, -1)
+        per_token = T_DISTILL ** 2 * jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+    else:
+        got = jnp.take_along_axis(z, jnp.asarray(batch["der_indices"][rep]), -1)
+        per_token = jnp.mean((got - batch["der_values"][rep]) ** 2, -1)
+        m = m * batch["der_valid"][rep][:, None]
+    return (nll * mask).sum() + weight * (per_token * m).sum(), mask.sum()
+
+
+def _term_setup(kind):
+    """(loss_fn, teacher or None, batch, expected gradient) of a replay+``kind`` run."""
+    c = default_config()
+    c.method.name = f"replay+{kind}"
+    if kind == "distill":
+        c.method.distill.update(weight=0.7, temperature=T_DISTILL)
+        weight, teacher, batch = 0.7, _teacher(), _batch()
+    else:
+        c.method.der.update(weight=0.5, k=K_DER)
+        weight, teacher, batch = 0.5, None, _der_batch()
+    assert not methods.compose(c, TINY, lambda step: 1e-3).split_grads
+    (_, n), g = jax.value_and_grad(functools.partial(_term_reference, kind, weight),
+                                   has_aux=True)(_params0(), batch)
+    return methods.make_loss_fn(c, TINY), teacher, batch, _flat(g) / float(n)
+
+
+@pytest.mark.parametrize("kind", ["distill", "der"])
+def test_replay_terms_take_one_pass_with_the_split_pass_gradient(kind):
+    """Distillation and DER between log steps: one forward/backward pass (also in 2
+    microbatches) gives the split pass's update, the gradient of CE over all rows plus the
+    term on the replay rows only, over all loss tokens (a hand-written reference); the
+    same loss metric; and fewer dot ops than the split pass (the body runs once)."""
+    loss_fn, teacher, batch, expected = _term_setup(kind)
+    tx = optax.chain(replay_mix(), optax.scale(-1.0))
+    got, dots, logged = {}, {}, {}
+    for name, micro, stats in (("one_pass", 1, False), ("one_pass_micro2", 2, False),
+                               ("split", 1, True)):
+        step, state = _step(tx, split_grads=False, microbatches=micro, loss_fn=loss_fn,
+                            teacher=teacher)
+        compiled = step.lower(state, batch, N_REPLAY, stats=stats).compile()
+        dots[name] = count_dot_ops(compiled)
+        new, logged[name] = jax.device_get(compiled(state, batch))
+        got[name] = _flat(_params0()) - _flat(new.params)
+        np.testing.assert_allclose(got[name], expected, rtol=2e-4, atol=2e-7, err_msg=name)
+    scale = np.abs(expected).max()
+    assert np.abs(got["one_pass"] - got["split"]).max() < 1e-5 * scale
+    assert np.abs(got["one_pass_micro2"] - got["split"]).max() < 1e-5 * scale
+    for name in ("one_pass", "one_pass_micro2"):
+        np.testing.assert_allclose(logged[name]["loss"], logged["split"]["loss"], rtol=1e-6)
+        assert f"{kind}_replay" not in logged[name] and "loss_replay" not in logged[name]
+    assert f"{kind}_replay" in logged["split"]
+    assert dots["one_pass"] < dots["split"], dots
+
+
+def test_replay_terms_one_pass_refuses_uneven_microbatches():
+    """The one pass with replay terms needs both parts divisible by the microbatches, as
+    the split pass does, and says so in the split pass's words."""
+    loss_fn, teacher, batch, _ = _term_setup("distill")
+    step, state = _step(optax.chain(replay_mix(), optax.scale(-1.0)), split_grads=False,
+                        microbatches=2, loss_fn=loss_fn, teacher=teacher)
+    with pytest.raises(ValueError, match="batch part of 5 rows is not divisible by microbatches=2"):
+        step.lower(state, batch, 3, stats=False)

@@ -35,17 +35,27 @@ def loss_mask(batch):
     return mask
 
 
-def ce_loss_sum(config, params, batch, teacher=None, replay=False):
-    """(sum of masked token losses, {"tokens", "ce_sum"}) for one (micro)batch.
+def fused_ce_sum(config, params, batch):
+    """(sum of masked token losses, mask [B, L], final hidden states [B, L, D]) for one
+    (micro)batch.
 
     The same sum as ``token_losses``' but with the output projection fused into the
     cross-entropy (``cpt_jax.core.cross_entropy``): the batch's [B, L, V] logits are never
-    materialised."""
-    del teacher, replay
+    materialised. The hidden states let a caller project a few rows itself (a loss term on
+    replayed rows only, ``cpt_jax.methods.compose``)."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
     hidden = model_lib.final_hidden(config, params, tokens[:, :-1], seg[:, :-1])
     mask = loss_mask(batch)
     B, L, D = hidden.shape
     total = weighted_ce_sum(hidden.reshape(B * L, D), model_lib.output_matrix(config, params),
                             tokens[:, 1:].reshape(-1), mask.reshape(-1))
+    return total, mask, hidden
+
+
+def ce_loss_sum(config, params, batch, teacher=None, replay=False, replay_rows=0):
+    """(sum of masked token losses, {"tokens", "ce_sum"}) for one (micro)batch, by
+    ``fused_ce_sum``. Takes (and ignores) the arguments every train loss takes: the
+    teacher and which rows are replayed matter only to the methods' terms."""
+    del teacher, replay, replay_rows
+    total, mask, _ = fused_ce_sum(config, params, batch)
     return total, {"tokens": mask.sum(), "ce_sum": total}

@@ -10,7 +10,8 @@ optional and is called with the run config:
 - ``wrap_base``: wraps the base optimizer (e.g. resetting Adam's moments);
 - ``outer``: transforms after the base optimizer (Reptile's meta-update);
 - ``replay_loss``: a loss term on replayed rows, ``fn(logits, batch, mask, teacher_logits)
-  -> (sum over tokens, name)``;
+  -> (sum over tokens, name, raw sum)``, given those rows only (their logits, batch
+  arrays and mask), in the split pass and in the one pass over the whole batch alike;
 - ``teacher``: the method needs a frozen parameter snapshot in the train state;
 - ``boundary(config, model config)``: ``fn(state, rows) -> state`` (or None) run at
   each task boundary, inside one jitted update; ``boundary_rows`` says how many rows of
@@ -20,9 +21,10 @@ optional and is called with the run config:
   logits); the loop and the checkpointer know it only through that interface;
 - ``split_grads``: whether the method needs the current-task and replay gradients
   separately at every step (A-GEM's projection does; a loss term on replayed rows only,
-  distillation's and DER's, is taken on those rows' own pass). Without it a step takes
-  one forward/backward pass over the whole batch, like plain training, and the split
-  pass runs only at log steps, for the gradient statistics (``cpt_jax.train.step``);
+  distillation's and DER's, does not: the one pass takes it on the replayed rows of the
+  whole batch). Without it a step takes one forward/backward pass over the whole batch,
+  like plain training, and the split pass runs only at log steps, for the gradient
+  statistics (``cpt_jax.train.step``);
 - ``active``: whether the config asks for the method's effect (a weight > 0): a method
   configured but not selected is an error, never a silent no-op;
 - ``check``: raises ValueError naming a bad key of the method.

@@ -30,7 +30,7 @@ import optax
 
 from cpt_jax import model as model_lib
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.core.losses import ce_loss_sum, token_losses
+from cpt_jax.core.losses import ce_loss_sum, fused_ce_sum, token_losses
 from cpt_jax.core.state import Placement, TrainState
 from cpt_jax.methods.base import Method, MethodMemory
 from cpt_jax.methods.registry import selected
@@ -62,19 +62,25 @@ def make_optimizer(config, schedule, chosen: list[Method] | None = None
 
 def make_loss_fn(config, mcfg, chosen: list[Method] | None = None):
     """Loss sum of a (micro)batch: cross-entropy, plus the selected methods' terms on
-    replayed rows (a teacher forward once, if any method needs the teacher's logits)."""
+    replayed rows (a teacher forward once, on those rows, if any method needs the teacher's
+    logits).
+
+    ``loss_fn(params, batch, teacher, replay, replay_rows)``: with ``replay`` every row is
+    replayed (the split pass's replay part: the rows' full logits); otherwise the last
+    ``replay_rows`` (static) rows are (one pass over a batch ordered current rows first,
+    ``cpt_jax.train.step``): the fused cross-entropy over every row, and the logits, the
+    teacher forward and the terms of those rows only, so the model body runs once and the
+    whole batch's [B, L, V] logits are never held. ``loss_fn.replay_terms``: it has such
+    terms, so a one-pass step must order the batch and pass ``replay_rows``
+    (``make_train_step`` reads it off the function, so no caller can drop the terms)."""
     chosen = selected(config) if chosen is None else chosen
     terms = [m.replay_loss(config) for m in chosen if m.replay_loss]
     teacher_needed = any(m.teacher for m in chosen)
 
-    def loss_fn(params, batch, teacher=None, replay=False):
-        if not (replay and terms):  # no term needs the logits: the fused cross-entropy
-            return ce_loss_sum(mcfg, params, batch)
-        losses, mask, logits = token_losses(mcfg, params, batch)
-        ce = (losses * mask).sum()
-        aux = {"tokens": mask.sum(), "ce_sum": ce}
-        total = ce
-        t_logits = None
+    def with_terms(ce, mask_all, logits, batch, mask, teacher):
+        """ce + the terms on the replayed rows (``batch``, ``logits``, ``mask``)."""
+        aux = {"tokens": mask_all.sum(), "ce_sum": ce}
+        total, t_logits = ce, None
         if teacher_needed and teacher is not None:
             tokens, seg = batch["tokens"], batch["segment_ids"]
             t_logits = jax.lax.stop_gradient(
@@ -84,6 +90,19 @@ def make_loss_fn(config, mcfg, chosen: list[Method] | None = None):
             total, aux[name] = total + value, raw
         return total, aux
 
+    def loss_fn(params, batch, teacher=None, replay=False, replay_rows=0):
+        if replay and terms:
+            losses, mask, logits = token_losses(mcfg, params, batch)
+            return with_terms((losses * mask).sum(), mask, logits, batch, mask, teacher)
+        if not (replay_rows and terms):  # no term needs logits: the fused cross-entropy
+            return ce_loss_sum(mcfg, params, batch)
+        ce, mask, hidden = fused_ce_sum(mcfg, params, batch)
+        rows = slice(batch["tokens"].shape[0] - replay_rows, None)
+        logits = model_lib.project_hidden(mcfg, params, hidden[rows])
+        part = {k: v[rows] for k, v in batch.items()}
+        return with_terms(ce, mask, logits, part, mask[rows], teacher)
+
+    loss_fn.replay_terms = bool(terms)  # read by make_train_step: where the terms ride
     return loss_fn
 
 
@@ -131,12 +150,12 @@ class TaskBoundary:
 class Composition:
     """What the selected methods add to a run, built once at setup (``compose``).
 
-    ``tx``: the optax chain; ``loss_fn(params, batch, teacher, replay)``: the loss sum of
-    a (micro)batch; ``split_grads``: whether every replay step needs the current-task and
-    replay gradients apart (``Method.split_grads``: A-GEM, explicit ``mix_weights``; or a
-    loss term on replayed rows only, distillation's and DER's, which ``loss_fn`` takes on
-    those rows' own pass; otherwise a step takes one pass over the whole batch and the
-    split pass runs at log steps only); ``teacher``: the state carries a teacher snapshot.
+    ``tx``: the optax chain; ``loss_fn(params, batch, teacher, replay, replay_rows)``:
+    the loss sum of a (micro)batch (``make_loss_fn``); ``split_grads``: whether every
+    replay step needs the current-task and replay gradients apart (``Method.split_grads``:
+    A-GEM, explicit ``mix_weights``; otherwise a step takes one pass over the whole batch
+    and the split pass runs at log steps only); ``teacher``: the state carries a teacher
+    snapshot.
     """
 
     config: object
@@ -171,5 +190,5 @@ def compose(config, mcfg: model_lib.LlamaConfig, schedule) -> Composition:
     return Composition(
         config=config, methods=tuple(chosen), tx=make_optimizer(config, schedule, chosen),
         loss_fn=make_loss_fn(config, mcfg, chosen),
-        split_grads=any(m.split_grads(config) or m.replay_loss is not None for m in chosen),
+        split_grads=any(m.split_grads(config) for m in chosen),
         teacher=any(m.teacher for m in chosen))

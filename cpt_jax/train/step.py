@@ -20,20 +20,25 @@ over the mixed batch in FLOPs, but as two smaller passes, which an accelerator r
 efficiently than one. So the split pass runs only where it is needed:
 
 - every step of a run whose methods need the two parts apart (A-GEM's projection, replay
-  with explicit ``mix_weights``, the replayed rows' own loss terms of distillation and DER:
-  ``Composition.split_grads`` of ``cpt_jax.methods.compose``, which
-  ``make_train_step(split_grads=...)`` takes);
+  with explicit ``mix_weights``: ``Composition.split_grads`` of
+  ``cpt_jax.methods.compose``, which ``make_train_step(split_grads=...)`` takes);
 - the steps that log gradient statistics (``step(..., stats=True)``: cosines and norms of
   the current and replay gradients, ``gradient_statistics``).
 
 Every other step with replay takes one forward/backward pass over the whole batch, as
 plain training does: the gradient of the mixed batch's mean loss, which is the
 token-weighted sum of the per-source mean gradients (the default ``replay_mix``) up to
-float rounding. Its metrics leave out the per-source ones (``loss_current``,
-``loss_replay``, the gradient statistics). Both go to the optax chain as a
-``PerSourceGrads`` (the one-pass gradient as ``current`` with ``replay=None``); its first
-transform (replay_mix, agem) combines them. Each distinct (``n_replay``, pass) compiles
-once.
+float rounding. A loss term on replayed rows only (distillation's, DER's:
+``make_loss_fn``'s ``loss_fn.replay_terms``) rides along in that pass: the batch is reordered
+current rows first (``replay_last``), so that every microbatch ends with the same static
+number of replay rows, and the loss takes its terms on those rows alone (the model body
+runs once over all rows; the logits, the teacher forward and the terms cover the replay
+rows only). The gradient is again the split pass's: the loss sums of both parts, terms
+included, over all loss tokens. Its metrics leave out the per-source ones
+(``loss_current``, ``loss_replay``, the terms' ``*_replay``, the gradient statistics).
+Both passes go to the optax chain as a ``PerSourceGrads`` (the one-pass gradient as
+``current`` with ``replay=None``); its first transform (replay_mix, agem) combines them.
+Each distinct (``n_replay``, pass) compiles once.
 
 Gradients are accumulated over microbatches inside the step with ``lax.scan``: the update
 of a global batch does not depend on how many microbatches it is split into.
@@ -56,13 +61,18 @@ from cpt_jax.core.losses import ce_loss_sum, token_losses
 from cpt_jax.core.state import Placement, TrainState
 
 
+def check_part(rows: int, n: int) -> None:
+    """A batch part (current or replay rows) must split evenly into n microbatches."""
+    if rows % n:
+        raise ValueError(f"a batch part of {rows} rows is not divisible by microbatches={n}; "
+                         "choose microbatches dividing both the replay and current rows")
+
+
 def split_microbatches(batch, n: int, mesh):
     """[B, ...] -> [n, B/n, ...] taking strided rows, so every microbatch keeps all shards."""
     def split(x):
         B = x.shape[0]
-        if B % n:
-            raise ValueError(f"a batch part of {B} rows is not divisible by microbatches={n}; "
-                             "choose microbatches dividing both the replay and current rows")
+        check_part(B, n)
         shards = sharding_lib.batch_divisor(mesh)
         if (B // n) % shards:
             # Uneven microbatches are refused: XLA's partitioner produced NaN embedding
@@ -113,6 +123,20 @@ def take_rows(batch, idx: np.ndarray, mesh):
     return jax.tree.map(take, batch)
 
 
+def replay_last(batch, n_replay: int, microbatches: int, mesh):
+    """(the batch reordered [current rows..., replay rows...], replay rows per microbatch).
+
+    ``split_microbatches`` sends row r to microbatch r % n; with both parts divisible by n
+    (as the split pass requires), every microbatch then holds its current rows first and
+    its ``n_replay / n`` replay rows last: a static count the loss can slice."""
+    B = batch["tokens"].shape[0]
+    check_part(B - n_replay, microbatches)
+    check_part(n_replay, microbatches)
+    rep_idx = replay_positions(B, n_replay)
+    order = np.concatenate([np.setdiff1d(np.arange(B), rep_idx), rep_idx])
+    return take_rows(batch, order, mesh), n_replay // microbatches
+
+
 def gradient_statistics(g_cur, g_rep) -> dict:
     """Norms of the current-task and replay gradients and their cosine: global, per layer
     and of the embeddings (the quantity MER's objective rewards, Riemer et al. 2019).
@@ -158,11 +182,13 @@ def count_dot_ops(compiled) -> int:
 
 
 def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
-               n_replay: int, state: TrainState, batch, split: bool = True):
+               n_replay: int, state: TrainState, batch, split: bool = True,
+               replay_terms: bool = False):
     """One optimizer step on a global batch with `n_replay` replay rows (static).
 
     ``split`` (static): per-source gradients (the split pass, with gradient statistics);
-    otherwise one forward/backward pass over the whole batch (see the module doc)."""
+    otherwise one forward/backward pass over the whole batch, which tells the loss where
+    the replay rows are when it has ``replay_terms`` (see the module doc)."""
     B = batch["tokens"].shape[0]
     if not 0 <= n_replay < B:
         raise ValueError(f"n_replay={n_replay} must be in [0, {B}): a batch needs current rows")
@@ -179,6 +205,13 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
     if n_replay == 0:
         g_cur, aux_c = grads_of(cur_loss, batch)
         metrics["grad_norm_current"] = optax.tree.norm(g_cur)
+        aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
+        g_rep = None
+    elif not split and replay_terms:
+        # one pass, the loss's replay terms on the replay rows each microbatch ends with
+        ordered, per_micro = replay_last(batch, n_replay, microbatches, mesh)
+        g_cur, aux_c = grads_of(functools.partial(loss_fn, teacher=state.teacher,
+                                                  replay=False, replay_rows=per_micro), ordered)
         aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
         g_rep = None
     elif not split:
@@ -228,15 +261,18 @@ def make_train_step(placement: Placement, tx, microbatches: int = 1, lr_schedule
                     loss_fn=None, split_grads: bool = True):
     """step(state, batch, n_replay=0, stats=True) -> (state, metrics): jitted per replay
     count and pass, with explicit shardings (every batch array over the batch axes) and the
-    state donated. `loss_fn(params, batch, teacher, replay)` defaults to cross-entropy;
-    `n_replay` must match the sampler's replay count for the batch.
+    state donated. `loss_fn(params, batch, teacher, replay, replay_rows)` defaults to
+    cross-entropy; `n_replay` must match the sampler's replay count for the batch.
 
     A step with replay rows takes the split pass (per-source gradients) when
     ``split_grads`` (the chain combines the two gradients: ``Composition.split_grads``) or
     ``stats`` (a log step: the gradient statistics), and otherwise one pass over the whole
-    batch. ``split_grads=True`` (the default) splits every replay step."""
+    batch. ``split_grads=True`` (the default) splits every replay step. A loss with terms on
+    replayed rows (``loss_fn.replay_terms``, set by ``methods.compose.make_loss_fn``) is
+    pointed to them in the one pass."""
     mesh, shardings = placement.mesh, placement.shardings
     loss_fn = loss_fn or functools.partial(ce_loss_sum, placement.mcfg)
+    replay_terms = bool(getattr(loss_fn, "replay_terms", False))
     cache = {}
 
     def jitted(n_replay, batch, stats):
@@ -246,7 +282,8 @@ def make_train_step(placement: Placement, tx, microbatches: int = 1, lr_schedule
             batch_shard = {k: sharding_lib.batch_sharding(mesh, v.ndim)
                            for k, v in batch.items()}
             fn = functools.partial(train_step, tx, mesh, shardings.params,
-                                   microbatches, lr_schedule, loss_fn, n_replay, split=split)
+                                   microbatches, lr_schedule, loss_fn, n_replay, split=split,
+                                   replay_terms=replay_terms)
             cache[key] = jax.jit(fn, in_shardings=(shardings, batch_shard),
                                  out_shardings=(shardings, sharding_lib.replicated(mesh)),
                                  donate_argnums=0)
