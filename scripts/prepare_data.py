@@ -30,7 +30,7 @@ import threading
 import time
 
 from cpt_jax import cli
-from cpt_jax.data import prepare
+from cpt_jax.data import prepare, stop_signals
 from cpt_jax.data.recipe import Recipe
 from cpt_jax.train.setup import load_tokenizer
 
@@ -105,7 +105,7 @@ def main(argv) -> dict:
     prepare.sources.use_hash_cache(data_dir)
     domains = [dict(d) for d in config.data.domains]
     start = time.time()
-    with prepare._stop_on_signals(), _heartbeat(  # pylint: disable=protected-access
+    with stop_signals.stop_on_signals(), _heartbeat(
             f"tokenizer: loading, or training on a sample of {len(domains)} domains",
             not args.no_progress):
         tok = load_tokenizer(config, domains, data_dir)

@@ -17,7 +17,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from cpt_jax import cli, sharding  # noqa: E402
-from cpt_jax.data import prepare  # noqa: E402
+from cpt_jax.data import prepare, prepare_units  # noqa: E402
 from cpt_jax.train import setup  # noqa: E402
 
 
@@ -36,13 +36,13 @@ def main():
     sharding.maybe_initialize_distributed(c)
     prepare.SHARD_CHARS = int(a.shard_chars)
     written = []
-    real = prepare._Unit.__init__  # pylint: disable=protected-access
+    real = prepare_units.Unit.__init__
 
     def counting(self, job, staging, u, *args):
         written.append(u)
         real(self, job, staging, u, *args)
 
-    prepare._Unit.__init__ = counting  # pylint: disable=protected-access
+    prepare_units.Unit.__init__ = counting
     prepared = setup.prepare_data(c, a.workdir)
     with open(a.out, "w") as f:
         json.dump({"dirs": {n: os.path.dirname(s["train"].path) for n, s in prepared.items()},

@@ -17,7 +17,7 @@ import numpy as np
 
 from cpt_jax import sharding as sharding_lib
 from cpt_jax.data.rows import read_rows
-from cpt_jax.data.prepare import PackedRows
+from cpt_jax.data.packed_rows import PackedRows
 
 if TYPE_CHECKING:  # the loader reads what a sampler picks; it needs no sampler code
     from cpt_jax.replay.sampler import ReplaySampler

@@ -7,7 +7,7 @@ time can be compared with the rate at which the loader can feed it.
 
 The data is synthetic but the pipeline is not: two sources of random token ids, packed
 from documents of random lengths into rows with segment ids and written as array_record
-by the writer that data preparation uses (``cpt_jax.data.prepare``), are opened as
+by the writer that data preparation uses (``cpt_jax.data.packed_rows``), are opened as
 ``PackedRows``, sampled by a ``ReplaySampler`` built with the run's seed and accounting,
 and read by the run's ``BatchLoader`` on the mesh of ``config.mesh``. The timed batches
 are those of the second task, which replays rows of the first at ``replay.rate`` (0.25
@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from cpt_jax import sharding as sharding_lib
-from cpt_jax.data import prepare
+from cpt_jax.data import packed_rows
 from cpt_jax.data.loader import BatchLoader
 from cpt_jax.replay.sampler import ReplaySampler
 
@@ -115,23 +115,23 @@ def rows_per_source(global_batch: int, seq_len: int) -> int:
 
 
 def synthetic_source(folder: str, rows: int, seq_len: int, vocab_size: int,
-                     seed=0) -> prepare.PackedRows:
+                     seed=0) -> packed_rows.PackedRows:
     """A train split of exactly ``rows`` packed rows of random token ids in
     ``[0, vocab_size)``, written to the new folder ``folder`` as data preparation lays out
     a domain (scratch data: the caller gives a fresh directory)."""
     os.makedirs(folder)
-    spec = {"format": prepare.FORMAT_VERSION, "writer": prepare.WRITER_OPTIONS,
+    spec = {"format": packed_rows.FORMAT_VERSION, "writer": packed_rows.WRITER_OPTIONS,
             "rows": int(rows), "seq_len": int(seq_len), "vocab_size": int(vocab_size),
             "seed": [int(s) for s in np.atleast_1d(seed)]}
     _write_split(folder, os.path.basename(folder), spec)
-    return prepare.PackedRows(os.path.join(folder, "train.array_record"))
+    return packed_rows.PackedRows(os.path.join(folder, "train.array_record"))
 
 
 def _write_split(folder: str, name: str, spec: dict) -> None:
-    """train.array_record of random documents, through prepare's split writer, and a
+    """train.array_record of random documents, through preparation's split writer, and a
     meta.json (written last) that ``PackedRows`` reads and checks."""
     row_len = spec["seq_len"] + 1
-    writer = prepare._SplitWriter(  # pylint: disable=protected-access
+    writer = packed_rows.SplitWriter(
         os.path.join(folder, "train.array_record"), row_len, pad_id=0)
     try:
         for doc in random_documents(spec["rows"] * row_len, row_len, spec["vocab_size"],
@@ -139,7 +139,7 @@ def _write_split(folder: str, name: str, spec: dict) -> None:
             writer.add(doc, 0)
     finally:
         stats = writer.close()
-    files = {"train.array_record": prepare._file_integrity(  # pylint: disable=protected-access
+    files = {"train.array_record": packed_rows.file_integrity(
         os.path.join(folder, "train.array_record"))}
     meta = {**spec, "name": name, "synthetic": True, "row_len": row_len,
             "record": "int32 [2, seq_len + 1]: tokens, segment_ids (0 = padding)",
