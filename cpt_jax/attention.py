@@ -12,7 +12,11 @@ with scores and softmax in float32 whatever the compute dtype (as Hugging Face's
   differentiating through the softmax. Stacked over layers by ``nn.scan``, the probabilities
   of every layer are then never held at once (16 x 32 MB at 99M, 4 x 512; 16 x 512 MB at
   seq 2048), and the softmax backward is one fused pass (its CPU timings, and the query
-  blocks', are in README "Sharding and speed").
+  blocks', are in README "Sharding and speed"). On a CPU, where host memory is plentiful
+  and the recomputation (a matmul and an exp pass per block) is not cheap, the sublayer
+  keeps the probabilities for its backward pass when they are small
+  (``keeps_probabilities``), computed as the backward would recompute them, so the
+  gradients are the same bits either way.
 - ``"cudnn"`` (NVIDIA GPU, bfloat16/float16): cuDNN's fused flash attention through
   ``jax.nn.dot_product_attention(implementation="cudnn")``, causal, with the same-document
   mask passed as its boolean mask (cuDNN adds it as a bias, so packed rows stay exact).
@@ -64,6 +68,9 @@ def _block_mask(segment_ids_BLq, segment_ids_BS, offset: int):
 # bounds were chosen by the sweep of block counts in README "Sharding and speed".
 MIN_QUERY_BLOCK = 32
 MAX_QUERY_BLOCKS = 8
+# At most this many float32 probabilities per layer are kept for the backward pass
+# (32 MB), and only on CPU (``keeps_probabilities``).
+KEEP_PROBABILITIES_MAX = 1 << 23
 
 
 def query_blocks(L: int) -> list[tuple[int, int]]:
@@ -76,6 +83,15 @@ def query_blocks(L: int) -> list[tuple[int, int]]:
     n = max(1, min(MAX_QUERY_BLOCKS, L // MIN_QUERY_BLOCK))
     edges = [round(i * L / n) for i in range(n + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def keeps_probabilities(batch: int, heads: int, L: int) -> bool:
+    """Whether ``attention_block`` keeps its [B, K, G, hi - lo, hi] probabilities per query
+    block for the backward pass instead of recomputing them: on CPU, when they number at
+    most ``KEEP_PROBABILITIES_MAX`` floats (the step timings are in README "Sharding and
+    speed"). Accelerators recompute them: their memory is the scarcer resource."""
+    n = batch * heads * sum((hi - lo) * hi for lo, hi in query_blocks(L))
+    return jax.default_backend() == "cpu" and n <= KEEP_PROBABILITIES_MAX
 
 
 def dot_product_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, implementation="xla"):
@@ -104,9 +120,12 @@ def _masked_scores(q_BLKGD, k_BSKD, segment_ids_BL, lo: int, hi: int):
     return jnp.where(mask, s, -jnp.inf)
 
 
-def _forward(q, k, v, segment_ids):
-    """(output [B, L, K, G, D], row log-sum-exp [B, K, G, L, 1]), block by query block."""
-    outs, lses = [], []
+def _forward(q, k, v, segment_ids, keep: bool = False):
+    """(output [B, L, K, G, D], row log-sum-exp [B, K, G, L, 1], kept probabilities),
+    block by query block. With ``keep``, the probabilities [B, K, G, hi - lo, hi] of each
+    block as ``_attention_bwd`` would recompute them (``exp(scores - lse)``, not the
+    forward's ``e / total``), else None."""
+    outs, lses, kept = [], [], []
     for lo, hi in query_blocks(q.shape[1]):
         s = _masked_scores(q, k, segment_ids, lo, hi)
         m = jnp.max(s, axis=-1, keepdims=True)  # finite: every query sees itself
@@ -115,7 +134,10 @@ def _forward(q, k, v, segment_ids):
         probs = (e / total).astype(v.dtype)
         outs.append(jnp.einsum("bkgls,bskd->blkgd", probs, v[:, :hi]))
         lses.append(m + jnp.log(total))
-    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=3)
+        if keep:
+            kept.append(jnp.exp(s - lses[-1]))
+    return (jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=3),
+            tuple(kept) if keep else None)
 
 
 @jax.custom_vjp
@@ -124,20 +146,23 @@ def _attention(q_BLKGD, k_BSKD, v_BSKD, segment_ids_BL):
 
 
 def _attention_fwd(q, k, v, segment_ids):
-    out, lse = _forward(q, k, v, segment_ids)
-    return out, (q, k, v, segment_ids, out, lse)
+    out, lse, _ = _forward(q, k, v, segment_ids)
+    return out, (q, k, v, segment_ids, out, lse, None)
 
 
 def _attention_bwd(res, d_out):
-    q, k, v, segment_ids, out, lse = res
+    """Gradients of q, k, v from the residuals; ``probs``: the forward's kept
+    probabilities per query block, or None to recompute them from the log-sum-exp."""
+    q, k, v, segment_ids, out, lse, probs = res
     L = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
     # rowsum(dP * P) = rowsum(dO * O): the softmax Jacobian without an [L, S] reduction
     delta = jnp.einsum("blkgd,blkgd->bkgl", d_out.astype(jnp.float32),
                        out.astype(jnp.float32))[..., None]
     dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for lo, hi in query_blocks(L):
-        p = jnp.exp(_masked_scores(q, k, segment_ids, lo, hi) - lse[:, :, :, lo:hi])
+    for i, (lo, hi) in enumerate(query_blocks(L)):
+        p = (probs[i] if probs is not None else
+             jnp.exp(_masked_scores(q, k, segment_ids, lo, hi) - lse[:, :, :, lo:hi]))
         do = d_out[:, lo:hi]
         dp = jnp.einsum("blkgd,bskd->bkgls", do, v[:, :hi], preferred_element_type=jnp.float32)
         ds = (p * (dp - delta[:, :, :, lo:hi]) * scale).astype(q.dtype)
@@ -188,19 +213,19 @@ def _block_fwd(x, wq, wk, wv, wo, cos, sin, segment_ids):
     k = rotate(jnp.einsum("bld,dhk->blhk", x, wk), cos, sin)
     v = jnp.einsum("bld,dhk->blhk", x, wv)
     q5 = q.reshape(B, L, K, H // K, D)
-    out5, lse = _forward(q5, k, v, segment_ids)
+    out5, lse, probs = _forward(q5, k, v, segment_ids, keeps_probabilities(B, H, L))
     y = jnp.einsum("blhk,hkd->bld", out5.reshape(B, L, H, D), wo)
-    return y, (x, q5, k, v, out5, lse, wq, wk, wv, wo, cos, sin, segment_ids)
+    return y, (x, q5, k, v, out5, lse, probs, wq, wk, wv, wo, cos, sin, segment_ids)
 
 
 def _block_bwd(res, dy_BLD):
-    x, q5, k, v, out5, lse, wq, wk, wv, wo, cos, sin, segment_ids = res
+    x, q5, k, v, out5, lse, probs, wq, wk, wv, wo, cos, sin, segment_ids = res
     B, L, D_model = x.shape
     H, K, D = wq.shape[1], wk.shape[1], wq.shape[2]
     out = out5.reshape(B, L, H, D)
     d_wo = jnp.einsum("blhk,bld->hkd", out, dy_BLD)
     d_out5 = jnp.einsum("bld,hkd->blhk", dy_BLD, wo).reshape(q5.shape)
-    dq5, dk, dv, _ = _attention_bwd((q5, k, v, segment_ids, out5, lse), d_out5)
+    dq5, dk, dv, _ = _attention_bwd((q5, k, v, segment_ids, out5, lse, probs), d_out5)
     dq = _unrotate(dq5.reshape(B, L, H, D), cos, sin)
     dk = _unrotate(dk, cos, sin)
     # the three projections as one: [B L, (H + 2K) Dh] against [D, (H + 2K) Dh]

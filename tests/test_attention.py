@@ -132,9 +132,7 @@ def test_cudnn_matches_the_reference_on_packed_rows_in_bfloat16():
                                    err_msg=f"d{name}")
 
 
-def test_attention_block_and_its_gradients_match_the_sublayer_written_plainly():
-    """Projections, rotary embedding (written per pair of dimensions), attention and output
-    projection composed from the plain pieces, differentiated by autodiff."""
+def _block_inputs():
     ks = jax.random.split(jax.random.key(7), 7)
     Dm = 12
     x = jax.random.normal(ks[0], (B, L, Dm))
@@ -144,6 +142,25 @@ def test_attention_block_and_its_gradients_match_the_sublayer_written_plainly():
     cot = jax.random.normal(ks[5], (B, L, Dm))
     pos = jnp.asarray(np.where(SEGMENTS > 0, np.arange(L)[None] % 5, 0))
     theta = pos[..., None] * (1.0 / 10000 ** (jnp.arange(D // 2) / (D // 2)))  # [B, L, D/2]
+    return (x, wq, wk, wv, wo), cot, theta
+
+
+def _block_loss(cot, theta):
+    angles = jnp.concatenate([theta, theta], axis=-1)[:, :, None]
+    cos, sin, seg = jnp.cos(angles), jnp.sin(angles), jnp.asarray(SEGMENTS)
+    return lambda *w: jnp.sum(attention.attention_block(*w, cos, sin, seg) * cot)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["probabilities_kept", "recomputed"])
+def test_attention_block_and_its_gradients_match_the_sublayer_written_plainly(
+        monkeypatch, keep):
+    """Projections, rotary embedding (written per pair of dimensions), attention and output
+    projection composed from the plain pieces, differentiated by autodiff; with the
+    backward pass on the forward's kept probabilities and on recomputed ones."""
+    monkeypatch.setattr(attention, "KEEP_PROBABILITIES_MAX", 1 << 30 if keep else 0)
+    monkeypatch.setattr(attention, "MIN_QUERY_BLOCK", 3)  # 3 blocks of 3 queries
+    assert attention.keeps_probabilities(B, H, L) == keep
+    args, cot, theta = _block_inputs()
 
     def rope_by_pairs(x):  # dimension i pairs with i + D/2, rotated by theta_i
         c, s = jnp.cos(theta)[:, :, None], jnp.sin(theta)[:, :, None]
@@ -156,13 +173,31 @@ def test_attention_block_and_its_gradients_match_the_sublayer_written_plainly():
         v = jnp.einsum("bld,dhk->blhk", x, wv)
         return jnp.sum(jnp.einsum("blhk,hkd->bld", reference(q, k, v), wo) * cot)
 
-    angles = jnp.concatenate([theta, theta], axis=-1)[:, :, None]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    seg = jnp.asarray(SEGMENTS)
-    ours = lambda *w: jnp.sum(attention.attention_block(*w, cos, sin, seg) * cot)
-    args = (x, wq, wk, wv, wo)
+    ours = _block_loss(cot, theta)
     np.testing.assert_allclose(jax.jit(ours)(*args), plain(*args), rtol=1e-5)
     g_ours = jax.jit(jax.grad(ours, argnums=range(5)))(*args)
     g_plain = jax.grad(plain, argnums=range(5))(*args)
     for name, a, b in zip(("x", "wq", "wk", "wv", "wo"), g_ours, g_plain):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5, err_msg=name)
+
+
+def test_kept_probabilities_give_the_recomputed_gradients_bit_for_bit(monkeypatch):
+    """Keeping the forward's probabilities (CPU, small) saves each query block's
+    [B, K, G, hi - lo, hi] probabilities for the backward pass and changes no bit of the
+    gradients: they are kept as the backward recomputes them. The rule: at most
+    KEEP_PROBABILITIES_MAX floats per layer, B * H * sum over blocks of (hi - lo) * hi."""
+    monkeypatch.setattr(attention, "MIN_QUERY_BLOCK", 3)  # blocks [0,3) [3,6) [6,9)
+    n = B * H * (3 * 3 + 3 * 6 + 3 * 9)
+    block_probs = {(B, K, H // K, 3, hi) for hi in (3, 6, 9)}
+    args, cot, theta = _block_inputs()
+    loss = _block_loss(cot, theta)
+    grads = {}
+    for keep, limit in ((True, n), (False, n - 1)):
+        monkeypatch.setattr(attention, "KEEP_PROBABILITIES_MAX", limit)
+        assert attention.keeps_probabilities(B, H, L) == keep
+        _, backward = jax.vjp(loss, *args)
+        saved = {tuple(r.shape) for r in jax.tree.leaves(backward)}
+        assert (block_probs <= saved) == keep, saved
+        grads[keep] = jax.jit(jax.grad(loss, argnums=range(5)))(*args)
+    for a, b in zip(grads[True], grads[False]):
+        np.testing.assert_array_equal(a, b)

@@ -57,11 +57,12 @@ def _params0():
     return jax.device_get(model_lib.init_params(TINY, jax.random.key(0)))
 
 
-def _step(tx, split_grads, microbatches=1, schedule=None, loss_fn=None, teacher=None):
-    """(step, state) from the shared parameters; with a ``loss_fn`` that has replay terms,
-    the state carries ``teacher`` (parameters) and the step points the loss to the replay
-    rows."""
-    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+def _step(tx, split_grads, microbatches=1, schedule=None, loss_fn=None, teacher=None,
+          devices=1):
+    """(step, state) from the shared parameters, on a data-parallel mesh of ``devices``;
+    with a ``loss_fn`` that has replay terms, the state carries ``teacher`` (parameters)
+    and the step points the loss to the replay rows."""
+    mesh = sharding_lib.make_mesh({"data": devices}, jax.devices()[:devices])
     rules = sharding_lib.DEFAULT_RULES
     state, shardings = create_train_state(TINY, tx, mesh, rules, None,
                                           params=jax.tree.map(jnp.array, _params0()),
@@ -265,16 +266,20 @@ def _term_setup(kind):
 @pytest.mark.parametrize("kind", ["distill", "der"])
 def test_replay_terms_take_one_pass_with_the_split_pass_gradient(kind):
     """Distillation and DER between log steps: one forward/backward pass (also in 2
-    microbatches) gives the split pass's update, the gradient of CE over all rows plus the
-    term on the replay rows only, over all loss tokens (a hand-written reference); the
-    same loss metric; and fewer dot ops than the split pass (the body runs once)."""
+    microbatches, and with the batch over 2 data-parallel devices, where the reordered
+    replay rows all sit on the last shard) gives the split pass's update, the gradient of
+    CE over all rows plus the term on the replay rows only, over all loss tokens (a
+    hand-written reference); the same loss metric; and fewer dot ops than the split pass
+    (the body runs once)."""
     loss_fn, teacher, batch, expected = _term_setup(kind)
     tx = optax.chain(replay_mix(), optax.scale(-1.0))
     got, dots, logged = {}, {}, {}
-    for name, micro, stats in (("one_pass", 1, False), ("one_pass_micro2", 2, False),
-                               ("split", 1, True)):
+    for name, micro, stats, devices in (("one_pass", 1, False, 1),
+                                        ("one_pass_micro2", 2, False, 1),
+                                        ("one_pass_data2_micro2", 2, False, 2),
+                                        ("split", 1, True, 1)):
         step, state = _step(tx, split_grads=False, microbatches=micro, loss_fn=loss_fn,
-                            teacher=teacher)
+                            teacher=teacher, devices=devices)
         compiled = step.lower(state, batch, N_REPLAY, stats=stats).compile()
         dots[name] = count_dot_ops(compiled)
         new, logged[name] = jax.device_get(compiled(state, batch))
@@ -282,8 +287,9 @@ def test_replay_terms_take_one_pass_with_the_split_pass_gradient(kind):
         np.testing.assert_allclose(got[name], expected, rtol=2e-4, atol=2e-7, err_msg=name)
     scale = np.abs(expected).max()
     assert np.abs(got["one_pass"] - got["split"]).max() < 1e-5 * scale
-    assert np.abs(got["one_pass_micro2"] - got["split"]).max() < 1e-5 * scale
-    for name in ("one_pass", "one_pass_micro2"):
+    for name in ("one_pass_micro2", "one_pass_data2_micro2"):
+        assert np.abs(got[name] - got["split"]).max() < 1e-5 * scale, name
+    for name in ("one_pass", "one_pass_micro2", "one_pass_data2_micro2"):
         np.testing.assert_allclose(logged[name]["loss"], logged["split"]["loss"], rtol=1e-6)
         assert f"{kind}_replay" not in logged[name] and "loss_replay" not in logged[name]
     assert f"{kind}_replay" in logged["split"]

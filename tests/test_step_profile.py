@@ -3,8 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from cpt_jax.eval.step_profile import hlo_instructions, profile_step
+from cpt_jax import model as model_lib
+from cpt_jax import sharding as sharding_lib
+from cpt_jax.core.state import Placement, create_train_state
+from cpt_jax.eval.step_profile import hlo_instructions, hlo_parts, layer_part, profile_step
+from cpt_jax.methods.replay import replay_mix
+from cpt_jax.train.step import make_train_step
 
 HLO = """HloModule m, entry_computation_layout={(f32[4,4]{1,0})->f32[4]{0}}
 
@@ -78,3 +84,38 @@ def test_the_peers_aten_ops_are_sorted_into_the_same_kinds():
             "elementwise", "aten::_log_softmax": "elementwise",
             "autograd::engine::evaluate_function: MmBackward0": "other"}
     assert {name: op_kind(name) for name in want} == want
+
+
+def test_layer_parts_are_read_off_the_module_path():
+    assert layer_part("jit(train_step)/jvp(Llama)/while/body/closed_call/layers/attn_norm/"
+                      "reduce_sum") == "attn_norm forward"
+    assert layer_part("jit(train_step)/transpose(jvp(Llama))/while/body/closed_call/layers/"
+                      "attn/blkgd,bskd->bkgls/dot_general") == "attn backward"
+    assert layer_part("jit(train_step)/jvp(Llama)/while/body/layers/mlp/mul") == "mlp forward"
+    assert layer_part("jit(train_step)/jvp()/cross_entropy/while/body/dot_general") == (
+        "cross_entropy")
+    assert layer_part("jit(train_step)/jvp(Llama)/while/body/jit(dynamic_update_index_in_dim)"
+                      "/dynamic_update_slice") == "layer scan"
+    assert layer_part("jit(train_step)/cond/branch_1_fun/mul") == "other"
+    assert layer_part("") == "other"
+
+
+def test_every_matmul_of_a_train_step_is_in_a_model_part():
+    """On a real train step: the forward and backward ops of attention and the MLP and
+    the fused cross-entropy are told apart, and every dot (a matmul) lands in one of the
+    model's parts, none in "other" (the optimizer and metrics have no matmul)."""
+    mcfg = model_lib.LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                 n_kv_heads=2, d_ff=64, max_seq_len=16)
+    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    tx = optax.chain(replay_mix(), optax.adamw(1e-3))  # the step hands per-source grads
+    state, shardings = create_train_state(mcfg, tx, mesh, sharding_lib.DEFAULT_RULES,
+                                          jax.random.key(0))
+    step = make_train_step(Placement(mcfg, mesh, sharding_lib.DEFAULT_RULES, shardings), tx)
+    batch = {"tokens": np.ones((4, 17), np.int32), "segment_ids": np.ones((4, 17), np.int32)}
+    text = step.lower(state, batch).compile().as_text()
+    parts, table = hlo_parts(text), hlo_instructions(text)
+    assert {"attn forward", "attn backward", "mlp forward", "mlp backward", "cross_entropy",
+            "layer scan", "other"} <= set(parts.values())
+    dots = [n for n, (opcode, _) in table.items() if opcode == "dot"]
+    assert dots and all(parts[n] != "other" for n in dots), [
+        (n, parts[n]) for n in dots if parts[n] == "other"]

@@ -46,8 +46,9 @@ def weighted_ce_sum(hidden_ND, w_DV, targets_N, weights_N, max_logits: int | Non
     hidden's), ``targets`` [N] int, ``weights`` [N] float (the loss mask). Differentiable in
     hidden, w and weights."""
     chunk = token_chunk(hidden_ND.shape[0], w_DV.shape[1], max_logits)
-    return _ce_sum(chunk, hidden_ND, w_DV, targets_N.astype(jnp.int32),
-                   weights_N.astype(jnp.float32))
+    with jax.named_scope("cross_entropy"):  # names its ops in profiles (eval.step_profile)
+        return _ce_sum(chunk, hidden_ND, w_DV, targets_N.astype(jnp.int32),
+                       weights_N.astype(jnp.float32))
 
 
 def _chunks(chunk, *arrays):

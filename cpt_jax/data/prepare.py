@@ -317,7 +317,6 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(out)
 
 
-
 def _job(d: dict, tokenizer: Tokenizer, seq_len: int, val_fraction: float, seed: int,
          val_only: bool, workers: int | None, progress: bool) -> Job:
     """The preparation of domain ``d``, with this module's unit size and pool threshold

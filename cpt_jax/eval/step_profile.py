@@ -8,6 +8,12 @@ slices and updates, broadcasts: data movement a better layout removes), ``reduce
 (reductions and the fusions built around one) and ``elementwise`` (every other fusion
 and op). A ``while`` (the scan over layers) or ``call`` is a container: the ops it runs
 are counted themselves, and its own inclusive time is reported apart (``containers``).
+Parts (``by_part``): each op is also put in the part of the model it computes, read off
+its ``op_name`` metadata, i.e. the Flax module path (``layer_part``): ``attn``, ``mlp``,
+their norms, ``final_norm``, ``embed`` and ``lm_head``, each forward or backward (the
+backward ops are JAX's transposes), the fused ``cross_entropy`` (its forward pass also
+forms its gradient), ``layer scan`` (the layer loop's own slicing and stacking) and
+``other`` (optimizer, step guard, metrics).
 ``scripts/benchmark.py --profile`` prints the result.
 
 The per-op times are the trace's durations, summed over the traced steps and divided by
@@ -34,6 +40,10 @@ _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 _MOVES = ("copy", "transpose", "concatenate", "dynamic-slice", "dynamic-update-slice",
           "broadcast", "slice", "pad", "gather", "scatter", "reshape", "bitcast")
 KINDS = ("matmul", "copy", "reduce", "elementwise")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# module names in op_name paths, most specific first (attn_norm before attn)
+PARTS = ("attn_norm", "mlp_norm", "final_norm", "attn", "mlp", "embed", "lm_head",
+         "cross_entropy")
 _CONTAINERS = ("while", "call", "conditional")
 
 
@@ -83,6 +93,33 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
             for name, (opcode, called) in instructions.items()}
 
 
+def layer_part(op_name: str) -> str:
+    """The model part an op's ``op_name`` (e.g.
+    ``jit(train_step)/transpose(jvp(Llama))/while/body/layers/mlp/dot_general``) names:
+    "mlp backward", "attn_norm forward", "cross_entropy", "layer scan" (the rest of the
+    layer loop: ``nn.scan`` slicing each layer's weights and residuals out of their
+    stacks and writing them back) or "other"."""
+    segments = set(re.split(r"[/()]", op_name))
+    part = next((p for p in PARTS if p in segments), None)
+    if part is None:  # inside the layer loop but no module's: the scan's own slicing
+        return "layer scan" if "Llama" in op_name and "/while/body/" in op_name else "other"
+    if part == "cross_entropy":
+        return part
+    return f"{part} {'backward' if 'transpose(' in op_name else 'forward'}"
+
+
+def hlo_parts(hlo_text: str) -> dict[str, str]:
+    """{instruction name: ``layer_part`` of its op_name} of an HLO module's text (a fusion
+    carries the op_name of the op it was built around)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            name = _OP_NAME.search(line)
+            out[m.group(1)] = layer_part(name.group(1) if name else "")
+    return out
+
+
 def _trace_events(trace_dir: str) -> list[dict]:
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
@@ -97,10 +134,10 @@ def profile_step(step, hlo_text: str, steps: int = 5, top: int = 15) -> dict:
     """Trace ``steps`` calls of ``step()`` (which must block until its result is ready) and
     attribute the traced op time to the instructions of ``hlo_text``.
 
-    Returns {"step_ms", "op_ms", "by_kind": {kind: ms per step}, "containers": {name: ms},
-    "top": [{"op", "opcode", "kind", "ms", "share"}]}, ``share`` being the op's fraction
-    of ``op_ms``."""
-    table = hlo_instructions(hlo_text)
+    Returns {"step_ms", "op_ms", "by_kind": {kind: ms per step}, "by_part": {part: ms per
+    step}, "containers": {name: ms}, "top": [{"op", "opcode", "kind", "part", "ms",
+    "share"}]}, ``share`` being the op's fraction of ``op_ms``."""
+    table, parts = hlo_instructions(hlo_text), hlo_parts(hlo_text)
     with tempfile.TemporaryDirectory(prefix="cpt_jax_profile_") as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         t0 = time.perf_counter()
@@ -122,8 +159,12 @@ def profile_step(step, hlo_text: str, steps: int = 5, top: int = 15) -> dict:
     by_kind = {k: 0.0 for k in KINDS}
     for name, ms in per_step.items():
         by_kind[table[name][1]] += ms
+    by_part = collections.Counter()
+    for name, ms in per_step.items():
+        by_part[parts.get(name, "other")] += ms
     ranked = sorted(per_step.items(), key=lambda kv: -kv[1])[:top]
     return {"step_ms": wall / steps * 1000.0, "op_ms": op_ms, "by_kind": by_kind,
-            "containers": containers,
-            "top": [{"op": name, "opcode": table[name][0], "kind": table[name][1], "ms": ms,
+            "by_part": dict(by_part.most_common()), "containers": containers,
+            "top": [{"op": name, "opcode": table[name][0], "kind": table[name][1],
+                     "part": parts.get(name, "other"), "ms": ms,
                      "share": ms / op_ms if op_ms else 0.0} for name, ms in ranked]}
