@@ -59,16 +59,18 @@ def test_instructions_get_their_kind_from_what_they_compute():
 
 
 def test_a_matmul_bound_step_is_attributed_to_its_matmul():
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((384, 384)), jnp.float32)
+    # 1024: each matmul (2 GFLOP) takes several times the tanh over its 1M outputs; at
+    # 384 a tanh could outlast one of the two matmuls on a loaded machine
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1024, 1024)), jnp.float32)
     f = jax.jit(lambda a: jnp.tanh(a @ a @ a) + 1.0)
     compiled = f.lower(x).compile()
     jax.block_until_ready(compiled(x))
-    out = profile_step(lambda: jax.block_until_ready(compiled(x)), compiled.as_text(), steps=3)
+    out = profile_step(lambda: jax.block_until_ready(compiled(x)), compiled.as_text(), steps=5)
     table = hlo_instructions(compiled.as_text())
     assert out["op_ms"] > 0 and out["step_ms"] > 0
     assert all(t["op"] in table for t in out["top"])
     assert abs(sum(out["by_kind"].values()) - out["op_ms"]) < 1e-6
-    # two 384^3 matmuls dominate one tanh over 384^2 elements
+    # two 1024^3 matmuls dominate one tanh over 1024^2 elements
     assert out["by_kind"]["matmul"] > out["by_kind"]["elementwise"]
     assert out["top"][0]["kind"] == "matmul"
 
