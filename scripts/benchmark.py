@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cpt_jax import atomic, cli, pretrained
+from cpt_jax import atomic, cli, methods, pretrained
 from cpt_jax import model as model_lib
 from cpt_jax.eval.decode_speed import decode_speed
 from cpt_jax.eval.step_profile import profile_step
@@ -201,7 +201,7 @@ def random_batch(config, key):
     B, L = config.global_batch, config.seq_len
     tokens = jax.random.randint(key, (B, L + 1), 0, config.model.vocab_size, jnp.int32)
     batch = {"tokens": np.asarray(tokens), "segment_ids": np.ones((B, L + 1), np.int32)}
-    if "der" in [n.strip() for n in str(config.method.name).split("+")]:
+    if "der" in [m.name for m in methods.selected(config)]:
         k = config.method.der.k
         batch.update(der_values=np.zeros((B, L, k), np.float32),
                      der_indices=np.zeros((B, L, k), np.int32), der_valid=np.ones(B, np.int32))

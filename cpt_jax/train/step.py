@@ -123,6 +123,13 @@ def take_rows(batch, idx: np.ndarray, mesh):
     return jax.tree.map(take, batch)
 
 
+def source_rows(B: int, n_replay: int) -> tuple[np.ndarray, np.ndarray]:
+    """(current rows, replay rows) of a batch of B rows with ``n_replay`` replay rows at
+    ``replay_positions``, each in increasing order (static)."""
+    rep_idx = replay_positions(B, n_replay)
+    return np.setdiff1d(np.arange(B), rep_idx), rep_idx
+
+
 def replay_last(batch, n_replay: int, microbatches: int, mesh):
     """(the batch reordered [current rows..., replay rows...], replay rows per microbatch).
 
@@ -132,8 +139,7 @@ def replay_last(batch, n_replay: int, microbatches: int, mesh):
     B = batch["tokens"].shape[0]
     check_part(B - n_replay, microbatches)
     check_part(n_replay, microbatches)
-    rep_idx = replay_positions(B, n_replay)
-    order = np.concatenate([np.setdiff1d(np.arange(B), rep_idx), rep_idx])
+    order = np.concatenate(source_rows(B, n_replay))
     return take_rows(batch, order, mesh), n_replay // microbatches
 
 
@@ -207,21 +213,19 @@ def train_step(tx, mesh, param_shardings, microbatches, lr_schedule, loss_fn,
         metrics["grad_norm_current"] = optax.tree.norm(g_cur)
         aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
         g_rep = None
-    elif not split and replay_terms:
-        # one pass, the loss's replay terms on the replay rows each microbatch ends with
-        ordered, per_micro = replay_last(batch, n_replay, microbatches, mesh)
-        g_cur, aux_c = grads_of(functools.partial(loss_fn, teacher=state.teacher,
-                                                  replay=False, replay_rows=per_micro), ordered)
-        aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
-        g_rep = None
     elif not split:
-        # one pass over the whole batch: the mixed batch's mean-loss gradient
-        g_cur, aux_c = grads_of(cur_loss, batch)
+        # one pass over the whole batch: the mixed batch's mean-loss gradient; a loss with
+        # terms on replayed rows gets them last in every microbatch, and their count
+        part, fn = batch, cur_loss
+        if replay_terms:
+            part, per_micro = replay_last(batch, n_replay, microbatches, mesh)
+            fn = functools.partial(loss_fn, teacher=state.teacher, replay=False,
+                                   replay_rows=per_micro)
+        g_cur, aux_c = grads_of(fn, part)
         aux_r = {k: jnp.zeros_like(v) for k, v in aux_c.items()}
         g_rep = None
     else:
-        rep_idx = replay_positions(B, n_replay)
-        cur_idx = np.setdiff1d(np.arange(B), rep_idx)
+        cur_idx, rep_idx = source_rows(B, n_replay)
         g_cur, aux_c = grads_of(cur_loss, take_rows(batch, cur_idx, mesh))
         g_rep, aux_r = grads_of(rep_loss, take_rows(batch, rep_idx, mesh))
         metrics.update(gradient_statistics(g_cur, g_rep))
